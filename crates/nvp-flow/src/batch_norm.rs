@@ -1,0 +1,124 @@
+//! The batch-norm bijection on coupling outputs (eq. 17–18):
+//! `y = (x − μ̃) / sqrt(σ̃² + ε)` per channel, with
+//! `log |det| = −½ · (H·W) · Σ_c log(σ̃²_c + ε)` per sample.
+//!
+//! Train mode normalises with the batch statistics (biased variance; the
+//! gradient flows through them, the log-det treats them as the layer's
+//! parameters, as in the paper) and updates the running averages; eval mode
+//! and the inverse use the running averages.
+//! [`BatchNormVariant::RunningAverage`] is Appendix E's variant: training
+//! normalises with `μ̃ = ρ·μ̃_prev + (1 − ρ)·μ̂_batch` (likewise σ̃²),
+//! gradients flowing only through the current batch's part, and stores that
+//! as the new running average (`ρ = 1 − momentum`).
+//! Buffers: `running_mean`, `running_var`; no learned affine.
+
+use candle_core::{Result, Tensor};
+use candle_nn::init::Init;
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::flow::{Flow, Mode};
+use crate::nn::{batch_stats, feature_shape, update_running};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BatchNormVariant {
+    /// Batch statistics in training, exponential running averages for eval.
+    #[default]
+    Batch,
+    /// Appendix E: normalise with the running average of recent batches.
+    RunningAverage,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct FlowBatchNormConfig {
+    pub momentum: f64,
+    pub eps: f64,
+    pub variant: BatchNormVariant,
+}
+
+impl Default for FlowBatchNormConfig {
+    fn default() -> Self {
+        Self {
+            momentum: 0.1,
+            eps: 1e-5,
+            variant: BatchNormVariant::Batch,
+        }
+    }
+}
+
+pub struct FlowBatchNorm {
+    running_mean: Tensor,
+    running_var: Tensor,
+    cfg: FlowBatchNormConfig,
+}
+
+impl FlowBatchNorm {
+    pub fn new(channels: usize, cfg: FlowBatchNormConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            running_mean: vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?,
+            running_var: vb.get_with_hints(channels, "running_var", Init::Const(1.0))?,
+            cfg,
+        })
+    }
+
+    pub fn running_mean(&self) -> &Tensor {
+        &self.running_mean
+    }
+
+    pub fn running_var(&self) -> &Tensor {
+        &self.running_var
+    }
+
+    /// Mean and variance used to normalise in `mode`, shaped `(1, C, 1, ..)`.
+    /// Updates the running statistics in train mode.
+    pub fn statistics(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
+        let fs = feature_shape(x.dim(1)?, x.rank());
+        let rm = self.running_mean.reshape(fs.clone())?;
+        let rv = self.running_var.reshape(fs)?;
+        match mode {
+            Mode::Eval => Ok((rm, rv)),
+            Mode::Train => {
+                let (mean, var) = batch_stats(x)?;
+                let m = self.cfg.momentum;
+                let (mean, var) = match self.cfg.variant {
+                    BatchNormVariant::Batch => (mean, var),
+                    BatchNormVariant::RunningAverage => (
+                        ((rm.detach() * (1.0 - m))? + (mean * m)?)?,
+                        ((rv.detach() * (1.0 - m))? + (var * m)?)?,
+                    ),
+                };
+                match self.cfg.variant {
+                    BatchNormVariant::Batch => {
+                        update_running(&self.running_mean, &mean, m)?;
+                        update_running(&self.running_var, &var, m)?;
+                    }
+                    BatchNormVariant::RunningAverage => {
+                        update_running(&self.running_mean, &mean, 1.0)?;
+                        update_running(&self.running_var, &var, 1.0)?;
+                    }
+                }
+                Ok((mean, var))
+            }
+        }
+    }
+}
+
+impl Flow for FlowBatchNorm {
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
+        let (mean, var) = self.statistics(x, mode)?;
+        let log_var = (var + self.cfg.eps)?.log()?;
+        let inv_std = (log_var.clone() * -0.5)?.exp()?;
+        let y = x.broadcast_sub(&mean)?.broadcast_mul(&inv_std)?;
+        let per_channel = x.elem_count() / (x.dim(0)? * x.dim(1)?);
+        let ld = (log_var.sum_all()? * (-0.5 * per_channel as f64))?;
+        let ld = ld.broadcast_as(x.dim(0)?)?.contiguous()?;
+        Ok((y, ld))
+    }
+
+    fn inverse(&self, y: &Tensor) -> Result<Tensor> {
+        let (mean, var) = self.statistics(y, Mode::Eval)?;
+        let std = (var + self.cfg.eps)?.sqrt()?;
+        y.broadcast_mul(&std)?.broadcast_add(&mean)
+    }
+}

@@ -1,0 +1,118 @@
+//! The s/t residual network of the image couplings (§3.7 of the paper):
+//! `WN-conv3×3(C→F)` → `n` pre-activation blocks
+//! `[BN, ReLU, WN-conv3×3, BN, ReLU, WN-conv3×3] + skip` → `BN` → `ReLU` →
+//! `WN-conv3×3(F→2C)` with a zero gain, so every coupling starts at the identity.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::Conditioner;
+use crate::flow::Mode;
+use crate::nn::{BatchNorm, BatchNormConfig, WnConv2d, WnConvConfig};
+
+/// Shape of a [`ResNet`].
+#[derive(Debug, Clone, Copy)]
+pub struct ResNetConfig {
+    /// Input channels `C`; the output has `2C`.
+    pub channels: usize,
+    /// Hidden feature maps `F`.
+    pub features: usize,
+    /// Residual blocks.
+    pub blocks: usize,
+    pub bn: BatchNormConfig,
+}
+
+impl Default for ResNetConfig {
+    fn default() -> Self {
+        Self {
+            channels: 3,
+            features: 64,
+            blocks: 8,
+            bn: BatchNormConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ResBlock {
+    bn1: BatchNorm,
+    conv1: WnConv2d,
+    bn2: BatchNorm,
+    conv2: WnConv2d,
+}
+
+impl ResBlock {
+    fn new(f: usize, bn: BatchNormConfig, vb: VarBuilder) -> Result<Self> {
+        let wn = WnConvConfig { zero_init: false };
+        Ok(Self {
+            bn1: BatchNorm::new(f, bn, vb.pp("bn1"))?,
+            conv1: WnConv2d::new(f, f, wn, vb.pp("conv1"))?,
+            bn2: BatchNorm::new(f, bn, vb.pp("bn2"))?,
+            conv2: WnConv2d::new(f, f, wn, vb.pp("conv2"))?,
+        })
+    }
+
+    fn forward(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
+        let r = self.conv1.forward(&self.bn1.forward(h, mode)?.relu()?)?;
+        let r = self.conv2.forward(&self.bn2.forward(&r, mode)?.relu()?)?;
+        h + r
+    }
+}
+
+/// The residual s/t network. Parameter names: `inp.{v,g,bias}`,
+/// `blocks.{i}.{bn1,conv1,bn2,conv2}.*`, `bn_out.*`, `out.{v,g,bias}`.
+#[derive(Debug, Clone)]
+pub struct ResNet {
+    inp: WnConv2d,
+    blocks: Vec<ResBlock>,
+    bn_out: BatchNorm,
+    out: WnConv2d,
+}
+
+impl ResNet {
+    pub fn new(cfg: ResNetConfig, vb: VarBuilder) -> Result<Self> {
+        let f = cfg.features;
+        let inp = WnConv2d::new(
+            cfg.channels,
+            f,
+            WnConvConfig { zero_init: false },
+            vb.pp("inp"),
+        )?;
+        let blocks = (0..cfg.blocks)
+            .map(|i| ResBlock::new(f, cfg.bn, vb.pp("blocks").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let bn_out = BatchNorm::new(f, cfg.bn, vb.pp("bn_out"))?;
+        let out = WnConv2d::new(
+            f,
+            2 * cfg.channels,
+            WnConvConfig { zero_init: true },
+            vb.pp("out"),
+        )?;
+        Ok(Self {
+            inp,
+            blocks,
+            bn_out,
+            out,
+        })
+    }
+}
+
+impl Conditioner for ResNet {
+    fn forward_t(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let mut h = self.inp.forward(x)?;
+        for b in &self.blocks {
+            h = b.forward(&h, mode)?;
+        }
+        self.out.forward(&self.bn_out.forward(&h, mode)?.relu()?)
+    }
+
+    fn scale_parameters(&self) -> Vec<Tensor> {
+        let mut v = vec![self.inp.gain().clone()];
+        for b in &self.blocks {
+            v.push(b.conv1.gain().clone());
+            v.push(b.conv2.gain().clone());
+        }
+        v.push(self.out.gain().clone());
+        v
+    }
+}

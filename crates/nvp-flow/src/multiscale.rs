@@ -1,0 +1,330 @@
+//! The multi-scale architecture (§3.6, eq. 13–16).
+//!
+//! Each scale but the last: checkerboard couplings (alternating parity) →
+//! squeeze → channel couplings (alternating) → factor out the second half of
+//! the channels as that scale's latent `z⁽ⁱ⁾`; the first half goes on. The
+//! final scale: checkerboard couplings only. Every coupling is followed by a
+//! [`FlowBatchNorm`]. Hidden features double at each coarser scale.
+//!
+//! Parameter names: `scale{k}.checker{i}.*`, `scale{k}.checker{i}_bn.*`,
+//! `scale{k}.channel{i}.*`, `scale{k}.channel{i}_bn.*`.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use rand::Rng;
+
+use crate::batch_norm::FlowBatchNorm;
+use crate::conditioner::ResNetConfig;
+use crate::config::RealNvpConfig;
+use crate::coupling::AffineCoupling;
+use crate::flow::{zero_logdet, Flow, Mode};
+use crate::mask::Mask;
+use crate::prior::StandardNormal;
+use crate::squeeze::{squeeze, unsqueeze};
+
+/// A coupling followed by its output batch norm.
+struct Step {
+    coupling: AffineCoupling,
+    bn: FlowBatchNorm,
+}
+
+impl Step {
+    fn new(
+        mask: Mask,
+        net: ResNetConfig,
+        cfg: &RealNvpConfig,
+        vb: &VarBuilder,
+        name: &str,
+    ) -> Result<Self> {
+        Ok(Self {
+            coupling: AffineCoupling::resnet(mask, net, vb.pp(name))?,
+            bn: FlowBatchNorm::new(net.channels, cfg.flow_bn(), vb.pp(format!("{name}_bn")))?,
+        })
+    }
+}
+
+fn run_forward(steps: &[Step], x: Tensor, ld: Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
+    let (mut h, mut ld) = (x, ld);
+    for s in steps {
+        let (y, l1) = s.coupling.forward(&h, mode)?;
+        let (y, l2) = s.bn.forward(&y, mode)?;
+        h = y;
+        ld = ((ld + l1)? + l2)?;
+    }
+    Ok((h, ld))
+}
+
+fn run_inverse(steps: &[Step], y: Tensor) -> Result<Tensor> {
+    let mut h = y;
+    for s in steps.iter().rev() {
+        h = s.bn.inverse(&h)?;
+        h = s.coupling.inverse(&h)?;
+    }
+    Ok(h)
+}
+
+struct Scale {
+    checker: Vec<Step>,
+    channel: Vec<Step>,
+    last: bool,
+}
+
+/// Real NVP: multi-scale flow plus standard normal prior.
+pub struct RealNvp {
+    cfg: RealNvpConfig,
+    scales: Vec<Scale>,
+    /// Latent shape `(C, H, W)` of each scale, in the order of [`RealNvp::encode`].
+    z_shapes: Vec<[usize; 3]>,
+    prior: StandardNormal,
+    dtype: DType,
+    device: Device,
+}
+
+impl RealNvp {
+    pub fn new(cfg: &RealNvpConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let (mut c, mut h, mut w, mut f) = (cfg.channels, cfg.height, cfg.width, cfg.features);
+        let mut scales = Vec::with_capacity(cfg.scales);
+        let mut z_shapes = Vec::with_capacity(cfg.scales);
+        for k in 0..cfg.scales {
+            let last = k + 1 == cfg.scales;
+            let svb = vb.pp(format!("scale{k}"));
+            let net = |channels| ResNetConfig {
+                channels,
+                features: f,
+                blocks: cfg.res_blocks,
+                bn: cfg.inner_bn(),
+            };
+            let n_checker = if last {
+                cfg.final_couplings
+            } else {
+                cfg.checkerboard_couplings
+            };
+            let checker = (0..n_checker)
+                .map(|i| {
+                    Step::new(
+                        Mask::checkerboard(i),
+                        net(c),
+                        cfg,
+                        &svb,
+                        &format!("checker{i}"),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let channel = if last {
+                Vec::new()
+            } else {
+                (0..cfg.channel_couplings)
+                    .map(|i| {
+                        Step::new(
+                            Mask::channel(i),
+                            net(4 * c),
+                            cfg,
+                            &svb,
+                            &format!("channel{i}"),
+                        )
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            };
+            scales.push(Scale {
+                checker,
+                channel,
+                last,
+            });
+            if last {
+                z_shapes.push([c, h, w]);
+            } else {
+                c *= 2;
+                h /= 2;
+                w /= 2;
+                f *= 2;
+                z_shapes.push([c, h, w]);
+            }
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            scales,
+            z_shapes,
+            prior: StandardNormal,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &RealNvpConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Dimensions per sample, `D = C·H·W`.
+    pub fn dims(&self) -> usize {
+        self.cfg.dims()
+    }
+
+    /// Latent shapes per scale, `(C, H, W)`.
+    pub fn latent_shapes(&self) -> &[[usize; 3]] {
+        &self.z_shapes
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        let want = [self.cfg.channels, self.cfg.height, self.cfg.width];
+        if x.rank() != 4 || x.dims()[1..] != want {
+            candle_core::bail!(
+                "input has shape {:?}, the model expects (N, {}, {}, {})",
+                x.dims(),
+                want[0],
+                want[1],
+                want[2]
+            );
+        }
+        Ok(())
+    }
+
+    /// `x` (N, C, H, W) in logit space → latents per scale and the per-sample
+    /// log-determinant of the whole flow.
+    pub fn encode(&self, x: &Tensor, mode: Mode) -> Result<(Vec<Tensor>, Tensor)> {
+        self.check_input(x)?;
+        let mut zs = Vec::with_capacity(self.scales.len());
+        let mut h = x.clone();
+        let mut ld = zero_logdet(x)?;
+        for s in &self.scales {
+            (h, ld) = run_forward(&s.checker, h, ld, mode)?;
+            if s.last {
+                zs.push(h.clone());
+                break;
+            }
+            h = squeeze(&h)?;
+            (h, ld) = run_forward(&s.channel, h, ld, mode)?;
+            let half = h.dim(1)? / 2;
+            zs.push(h.narrow(1, half, half)?.contiguous()?);
+            h = h.narrow(1, 0, half)?.contiguous()?;
+        }
+        Ok((zs, ld))
+    }
+
+    /// Latents per scale → `x` in logit space (evaluation mode).
+    pub fn decode(&self, zs: &[Tensor]) -> Result<Tensor> {
+        if zs.len() != self.scales.len() {
+            candle_core::bail!(
+                "decode needs {} latents (one per scale), got {}",
+                self.scales.len(),
+                zs.len()
+            );
+        }
+        for (k, (z, s)) in zs.iter().zip(&self.z_shapes).enumerate() {
+            if z.rank() != 4 || z.dims()[1..] != s[..] {
+                candle_core::bail!(
+                    "latent {k} has shape {:?}, expected (N, {}, {}, {})",
+                    z.dims(),
+                    s[0],
+                    s[1],
+                    s[2]
+                );
+            }
+        }
+        let mut h = zs[zs.len() - 1].clone();
+        for (k, s) in self.scales.iter().enumerate().rev() {
+            if !s.last {
+                h = Tensor::cat(&[&h, &zs[k]], 1)?;
+                h = run_inverse(&s.channel, h)?;
+                h = unsqueeze(&h)?;
+            }
+            h = run_inverse(&s.checker, h)?;
+        }
+        Ok(h)
+    }
+
+    /// Concatenate per-scale latents into `(N, D)`.
+    pub fn flatten_latents(&self, zs: &[Tensor]) -> Result<Tensor> {
+        let flat = zs
+            .iter()
+            .map(|z| z.flatten_from(1))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&flat, 1)
+    }
+
+    /// Split `(N, D)` back into per-scale latents.
+    pub fn split_latents(&self, z: &Tensor) -> Result<Vec<Tensor>> {
+        let (n, d) = z.dims2()?;
+        if d != self.dims() {
+            candle_core::bail!("latent has {d} dimensions, the model has {}", self.dims());
+        }
+        let mut off = 0;
+        self.z_shapes
+            .iter()
+            .map(|s| {
+                let len = s[0] * s[1] * s[2];
+                let part = z.narrow(1, off, len)?.reshape((n, s[0], s[1], s[2]));
+                off += len;
+                part
+            })
+            .collect()
+    }
+
+    /// `log p(x)` per sample in logit space: prior log-density of the
+    /// latents plus the flow's log-determinant (add the preprocessing log-det
+    /// for the density of the 8-bit data).
+    pub fn log_prob(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (zs, ld) = self.encode(x, mode)?;
+        let lp = zs
+            .iter()
+            .map(|z| self.prior.log_prob(z))
+            .try_fold(zero_logdet(x)?, |acc, l| acc + l?)?;
+        lp + ld
+    }
+
+    /// Draw `n` samples in logit space with latents `z ~ N(0, T² I)`.
+    pub fn sample<R: Rng + ?Sized>(
+        &self,
+        n: usize,
+        temperature: f64,
+        rng: &mut R,
+    ) -> Result<Tensor> {
+        let z = self.prior.sample(
+            &[n, self.dims()],
+            temperature,
+            rng,
+            self.dtype,
+            &self.device,
+        )?;
+        self.decode(&self.split_latents(&z)?)
+    }
+
+    /// Parameters that get the L2 penalty: all weight-norm gains and all
+    /// tanh scales.
+    pub fn scale_parameters(&self) -> Vec<Tensor> {
+        self.scales
+            .iter()
+            .flat_map(|s| s.checker.iter().chain(&s.channel))
+            .flat_map(|st| st.coupling.scale_parameters())
+            .collect()
+    }
+
+    /// Number of coupling layers.
+    pub fn num_couplings(&self) -> usize {
+        self.scales
+            .iter()
+            .map(|s| s.checker.len() + s.channel.len())
+            .sum()
+    }
+}
+
+impl Flow for RealNvp {
+    /// `x → (z flattened to (N, D), log-det)`.
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
+        let (zs, ld) = self.encode(x, mode)?;
+        Ok((self.flatten_latents(&zs)?, ld))
+    }
+
+    fn inverse(&self, z: &Tensor) -> Result<Tensor> {
+        self.decode(&self.split_latents(z)?)
+    }
+}

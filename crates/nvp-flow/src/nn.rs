@@ -1,0 +1,207 @@
+//! Network building blocks for the s/t conditioners: weight-normalised 3×3
+//! convolution, batch normalisation (inside the networks, with a learned
+//! affine), linear layers, and the batch-statistics helpers shared with the
+//! batch-norm bijection.
+
+use candle_core::{Result, Tensor, D};
+use candle_nn::init::Init;
+use candle_nn::VarBuilder;
+
+use crate::flow::Mode;
+use crate::params::as_var;
+
+/// The axes that batch statistics reduce over: all but the feature axis 1.
+pub(crate) fn stat_dims(rank: usize) -> Vec<usize> {
+    (0..rank).filter(|&d| d != 1).collect()
+}
+
+/// Shape that broadcasts a per-feature vector of length `c` against a
+/// tensor of the given rank: `(1, c, 1, ..)`.
+pub(crate) fn feature_shape(c: usize, rank: usize) -> Vec<usize> {
+    let mut s = vec![1; rank.max(2)];
+    s[1] = c;
+    s
+}
+
+/// Biased batch mean and variance over all axes but 1, kept as `(1, C, 1, ..)`.
+pub(crate) fn batch_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dims = stat_dims(x.rank());
+    let count = dims.iter().map(|&d| x.dims()[d]).product::<usize>() as f64;
+    let mean = (x.sum_keepdim(dims.clone())? / count)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = (centred.sqr()?.sum_keepdim(dims)? / count)?;
+    Ok((mean, var))
+}
+
+/// 3×3 convolution, stride 1, zero padding 1, with bias.
+pub fn conv3x3(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let y = x.conv2d(w, 1, 1, 1, 1)?;
+    y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)
+}
+
+/// Configuration of a [`WnConv2d`].
+#[derive(Debug, Clone, Copy)]
+pub struct WnConvConfig {
+    /// Start with `g = 0`, so the layer outputs its bias (zero) at first.
+    pub zero_init: bool,
+}
+
+/// A 3×3 convolution with weight normalisation (Salimans & Kingma 2016):
+/// `w = g · v / ‖v‖`, the norm per output channel. Parameters `v`, `g`, `bias`.
+#[derive(Debug, Clone)]
+pub struct WnConv2d {
+    v: Tensor,
+    g: Tensor,
+    bias: Tensor,
+}
+
+impl WnConv2d {
+    pub fn new(cin: usize, cout: usize, cfg: WnConvConfig, vb: VarBuilder) -> Result<Self> {
+        // PyTorch's default conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        let bound = 1.0 / ((cin * 9) as f64).sqrt();
+        let v = vb.get_with_hints(
+            (cout, cin, 3, 3),
+            "v",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        let fresh = !vb.contains_tensor("g");
+        let g = vb.get_with_hints(cout, "g", Init::Const(0.0))?;
+        if fresh && !cfg.zero_init {
+            as_var(&g)?.set(&v_norm(&v)?.detach())?;
+        }
+        let bias = vb.get_with_hints(cout, "bias", Init::Const(0.0))?;
+        Ok(Self { v, g, bias })
+    }
+
+    /// The effective kernel `g · v / ‖v‖`.
+    pub fn weight(&self) -> Result<Tensor> {
+        let cout = self.v.dim(0)?;
+        let scale = (&self.g / v_norm(&self.v)?)?;
+        self.v.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)
+    }
+
+    /// The weight-norm gain (gets the L2 penalty in training).
+    pub fn gain(&self) -> &Tensor {
+        &self.g
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv3x3(x, &self.weight()?, &self.bias)
+    }
+}
+
+fn v_norm(v: &Tensor) -> Result<Tensor> {
+    v.flatten_from(1)?.sqr()?.sum(D::Minus1)?.sqrt()
+}
+
+/// Configuration of a [`BatchNorm`] inside an s/t network.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchNormConfig {
+    pub momentum: f64,
+    pub eps: f64,
+}
+
+impl Default for BatchNormConfig {
+    fn default() -> Self {
+        Self {
+            momentum: 0.1,
+            eps: 1e-5,
+        }
+    }
+}
+
+/// Batch normalisation with a learned affine (`weight`, `bias`) and running
+/// statistics (`running_mean`, `running_var`), as PyTorch's `BatchNorm2d`:
+/// train mode normalises with the (differentiable) batch statistics and
+/// updates the running averages (unbiased variance); eval mode uses them.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    cfg: BatchNormConfig,
+}
+
+impl BatchNorm {
+    pub fn new(c: usize, cfg: BatchNormConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(c, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(c, "bias", Init::Const(0.0))?,
+            running_mean: vb.get_with_hints(c, "running_mean", Init::Const(0.0))?,
+            running_var: vb.get_with_hints(c, "running_var", Init::Const(1.0))?,
+            cfg,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let c = x.dim(1)?;
+        let fs = feature_shape(c, x.rank());
+        let (mean, var) = match mode {
+            Mode::Train => {
+                let (mean, var) = batch_stats(x)?;
+                let n = x.elem_count() / c;
+                let unbiased = n as f64 / (n.max(2) - 1) as f64;
+                update_running(&self.running_mean, &mean, self.cfg.momentum)?;
+                update_running(
+                    &self.running_var,
+                    &(var.detach() * unbiased)?,
+                    self.cfg.momentum,
+                )?;
+                (mean, var)
+            }
+            Mode::Eval => (
+                self.running_mean.reshape(fs.clone())?,
+                self.running_var.reshape(fs.clone())?,
+            ),
+        };
+        let inv_std = (var + self.cfg.eps)?.sqrt()?.recip()?;
+        let scale = inv_std.broadcast_mul(&self.weight.reshape(fs.clone())?)?;
+        let shift = (self.bias.reshape(fs)? - mean.broadcast_mul(&scale)?)?;
+        x.broadcast_mul(&scale)?.broadcast_add(&shift)
+    }
+}
+
+/// `running ← (1 − m)·running + m·batch`, in place, outside the graph.
+pub(crate) fn update_running(running: &Tensor, batch: &Tensor, momentum: f64) -> Result<()> {
+    let batch = batch.detach().flatten_all()?.to_dtype(running.dtype())?;
+    let new = ((running.detach() * (1.0 - momentum))? + (batch * momentum)?)?;
+    as_var(running)?.set(&new)
+}
+
+/// A dense layer `y = x Wᵀ + b` (weights `weight` (out, in), `bias` (out)).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// `zero_init` starts the layer at zero output.
+    pub fn new(din: usize, dout: usize, zero_init: bool, vb: VarBuilder) -> Result<Self> {
+        let bound = if zero_init {
+            0.0
+        } else {
+            1.0 / (din as f64).sqrt()
+        };
+        let init = if zero_init {
+            Init::Const(0.0)
+        } else {
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            }
+        };
+        Ok(Self {
+            weight: vb.get_with_hints((dout, din), "weight", init)?,
+            bias: vb.get_with_hints(dout, "bias", Init::Const(0.0))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    }
+}

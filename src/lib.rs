@@ -1,0 +1,3 @@
+//! Real NVP normalizing flows on candle: the umbrella crate.
+pub use nvp_data as data;
+pub use nvp_flow as flow;

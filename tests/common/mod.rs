@@ -1,0 +1,137 @@
+//! Helpers shared by the flow tests: seeded tensors, randomised parameters,
+//! and a brute-force Jacobian log-determinant built row by row with autograd.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use nvp::flow::ParamStore;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// A tensor of standard normal values (times `scale`), f64 then cast.
+pub fn randn(shape: &[usize], scale: f64, dtype: DType, rng: &mut StdRng) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n)
+        .map(|_| {
+            let z: f64 = StandardNormal.sample(rng);
+            z * scale
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// Give every parameter and running statistic a non-trivial random value
+/// (the identity initialisation would make the log-det checks trivial).
+pub fn randomise(store: &ParamStore, seed: u64) {
+    let mut r = rng(seed);
+    for (name, var) in store.named_vars() {
+        let n = var.elem_count();
+        let vals: Vec<f64> = (0..n)
+            .map(|_| {
+                let u: f64 = r.random_range(0.0..1.0);
+                let z: f64 = StandardNormal.sample(&mut r);
+                if name.ends_with("running_var") {
+                    0.5 + 1.5 * u
+                } else if name.ends_with("running_mean") || name.ends_with("bias") {
+                    0.2 * z
+                } else if name.ends_with(".g") {
+                    0.3 + 0.5 * u
+                } else if name.ends_with("scale") || name.ends_with("weight") {
+                    0.6 + 0.8 * u
+                } else {
+                    // conv directions `v`, linear weights
+                    0.3 * z
+                }
+            })
+            .collect();
+        let t = Tensor::from_vec(vals, var.shape(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(var.dtype())
+            .unwrap();
+        var.set(&t).unwrap();
+    }
+}
+
+/// log |det J| of `f` at `x` (any shape), J built row by row by autograd in
+/// the dtype of `x` (use f64), determinant by LU with partial pivoting.
+pub fn brute_logdet(f: impl Fn(&Tensor) -> Result<Tensor>, x: &Tensor) -> f64 {
+    let var = Var::from_tensor(x).unwrap();
+    let y = f(var.as_tensor()).unwrap().flatten_all().unwrap();
+    let d = x.elem_count();
+    assert_eq!(y.elem_count(), d, "the map must be square");
+    let mut jac = vec![0f64; d * d];
+    for i in 0..d {
+        let grads = y.get(i).unwrap().backward().unwrap();
+        let row = grads
+            .get(var.as_tensor())
+            .map(|g| {
+                g.flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            })
+            .unwrap_or_else(|| vec![0.0; d]);
+        jac[i * d..(i + 1) * d].copy_from_slice(&row);
+    }
+    log_abs_det(&mut jac, d)
+}
+
+/// log |det A| of a row-major d×d matrix (destroyed), LU with partial pivoting.
+pub fn log_abs_det(a: &mut [f64], d: usize) -> f64 {
+    let mut acc = 0.0;
+    for k in 0..d {
+        let p = (k..d)
+            .max_by(|&i, &j| a[i * d + k].abs().total_cmp(&a[j * d + k].abs()))
+            .unwrap();
+        if p != k {
+            for j in 0..d {
+                a.swap(k * d + j, p * d + j);
+            }
+        }
+        let piv = a[k * d + k];
+        assert!(piv != 0.0, "singular Jacobian");
+        acc += piv.abs().ln();
+        for i in k + 1..d {
+            let m = a[i * d + k] / piv;
+            if m != 0.0 {
+                for j in k..d {
+                    a[i * d + j] -= m * a[k * d + j];
+                }
+            }
+        }
+    }
+    acc
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+pub fn to_vec_f64(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}

@@ -1,0 +1,273 @@
+//! Exactness of each bijection: masks and squeeze on explicit tensors,
+//! inverse∘forward = id, and log-det = brute-force log|det J| in f64.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use nvp::flow::batch_norm::{FlowBatchNorm, FlowBatchNormConfig};
+use nvp::flow::conditioner::{Mlp, MlpConfig, ResNetConfig};
+use nvp::flow::nn::BatchNormConfig;
+use nvp::flow::squeeze::{squeeze, unsqueeze, Squeeze};
+use nvp::flow::{AffineCoupling, BatchNormVariant, Flow, Mask, Mode, ParamStore};
+
+const TOL: f64 = 1e-8;
+
+#[test]
+fn checkerboard_mask_pattern() {
+    let m0 = Mask::checkerboard(0).values(&[2, 2, 3]).unwrap();
+    // parity 0: b = 1 where row + col is odd
+    let plane0 = [0, 1, 0, 1, 0, 1];
+    assert_eq!(&m0[..6], &plane0);
+    assert_eq!(&m0[6..], &plane0, "same pattern in every channel");
+    let m1 = Mask::checkerboard(1).values(&[1, 2, 3]).unwrap();
+    assert_eq!(m1, vec![1, 0, 1, 0, 1, 0]);
+}
+
+#[test]
+fn channel_mask_pattern() {
+    let m0 = Mask::channel(0).values(&[4, 1, 2]).unwrap();
+    assert_eq!(m0, vec![1, 1, 1, 1, 0, 0, 0, 0]);
+    let m1 = Mask::channel(1).values(&[4, 1, 2]).unwrap();
+    assert_eq!(m1, vec![0, 0, 0, 0, 1, 1, 1, 1]);
+    let v = Mask::channel(0).values(&[2]).unwrap();
+    assert_eq!(v, vec![1, 0]);
+    assert!(Mask::channel(0).values(&[1, 2, 2]).is_err());
+    assert!(Mask::checkerboard(0).values(&[4]).is_err());
+}
+
+#[test]
+fn squeeze_channel_order_and_inverse() {
+    let (c, h, w) = (2usize, 4usize, 6usize);
+    let x = Tensor::arange(0f32, (c * h * w) as f32, &Device::Cpu)
+        .unwrap()
+        .reshape((1, c, h, w))
+        .unwrap();
+    let y = squeeze(&x).unwrap();
+    assert_eq!(y.dims(), &[1, 4 * c, h / 2, w / 2]);
+    let yv = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for di in 0..2 {
+        for dj in 0..2 {
+            for c0 in 0..c {
+                for i in 0..h / 2 {
+                    for j in 0..w / 2 {
+                        let ch = (di * 2 + dj) * c + c0;
+                        let got = yv[(ch * (h / 2) + i) * (w / 2) + j];
+                        let want = ((c0 * h + 2 * i + di) * w + 2 * j + dj) as f32;
+                        assert_eq!(got, want, "channel {ch} at ({i},{j})");
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(max_abs_diff(&unsqueeze(&y).unwrap(), &x), 0.0);
+    let (_, ld) = Squeeze.forward(&x, Mode::Train).unwrap();
+    assert_eq!(to_vec_f64(&ld), vec![0.0]);
+    assert!(squeeze(&Tensor::zeros((1, 1, 3, 4), DType::F32, &Device::Cpu).unwrap()).is_err());
+}
+
+#[test]
+fn squeeze_logdet_is_zero_by_jacobian() {
+    let x = randn(&[1, 2, 4, 4], 1.0, DType::F64, &mut rng(1));
+    let ld = brute_logdet(squeeze, &x);
+    assert!(ld.abs() < 1e-12, "squeeze log|det J| = {ld}");
+}
+
+fn resnet_coupling(store: &ParamStore, mask: Mask, channels: usize) -> AffineCoupling {
+    let vb = store.var_builder(DType::F64, &Device::Cpu);
+    let cfg = ResNetConfig {
+        channels,
+        features: 6,
+        blocks: 2,
+        bn: BatchNormConfig::default(),
+    };
+    AffineCoupling::resnet(mask, cfg, vb.pp("c")).unwrap()
+}
+
+fn check_coupling_eval(mask: Mask, channels: usize, seed: u64) {
+    let store = ParamStore::new(seed);
+    let layer = resnet_coupling(&store, mask, channels);
+    randomise(&store, seed + 100);
+    let x = randn(&[1, channels, 4, 4], 1.0, DType::F64, &mut rng(seed + 7));
+    let (y, ld) = layer.forward(&x, Mode::Eval).unwrap();
+    let ld = to_vec_f64(&ld)[0];
+    let brute = brute_logdet(|t| Ok(layer.forward(t, Mode::Eval)?.0), &x);
+    assert!(
+        ld.abs() > 0.1,
+        "randomised layer should not be volume preserving"
+    );
+    assert!((ld - brute).abs() <= TOL, "log-det {ld} vs brute {brute}");
+    let back = layer.inverse(&y).unwrap();
+    assert!(max_abs_diff(&back, &x) < 1e-12);
+}
+
+#[test]
+fn checkerboard_coupling_logdet_matches_jacobian() {
+    check_coupling_eval(Mask::checkerboard(0), 3, 1);
+    check_coupling_eval(Mask::checkerboard(1), 3, 2);
+}
+
+#[test]
+fn channel_coupling_logdet_matches_jacobian() {
+    check_coupling_eval(Mask::channel(0), 4, 3);
+    check_coupling_eval(Mask::channel(1), 6, 4);
+}
+
+#[test]
+fn coupling_train_mode_logdet_matches_whole_batch_jacobian() {
+    // With batch statistics inside s/t, sample i's output depends on the
+    // whole batch's conditioning half only, so the Jacobian over the whole
+    // batch stays triangular: log|det| = Σ_i log-det_i exactly.
+    let store = ParamStore::new(5);
+    let layer = resnet_coupling(&store, Mask::checkerboard(0), 3);
+    randomise(&store, 55);
+    let x = randn(&[2, 3, 4, 4], 1.0, DType::F64, &mut rng(9));
+    let (_, ld) = layer.forward(&x, Mode::Train).unwrap();
+    let total: f64 = to_vec_f64(&ld).iter().sum();
+    let brute = brute_logdet(|t| Ok(layer.forward(t, Mode::Train)?.0), &x);
+    assert!(
+        (total - brute).abs() <= TOL,
+        "train log-det {total} vs brute {brute}"
+    );
+    // train mode and eval mode differ (batch vs running statistics)
+    let (_, ld_eval) = layer.forward(&x, Mode::Eval).unwrap();
+    assert!(max_abs_diff(&ld, &ld_eval) > 1e-3);
+}
+
+#[test]
+fn vector_coupling_with_mlp() {
+    let store = ParamStore::new(6);
+    let vb = store.var_builder(DType::F64, &Device::Cpu);
+    let cfg = MlpConfig {
+        features: 4,
+        hidden: 16,
+        hidden_layers: 2,
+    };
+    let net = Mlp::new(cfg, vb.pp("c").pp("net")).unwrap();
+    let layer = AffineCoupling::new(Mask::channel(1), net, 4, 2, vb.pp("c")).unwrap();
+    randomise(&store, 66);
+    let x = randn(&[1, 4], 1.0, DType::F64, &mut rng(3));
+    let (y, ld) = layer.forward(&x, Mode::Eval).unwrap();
+    let brute = brute_logdet(|t| Ok(layer.forward(t, Mode::Eval)?.0), &x);
+    assert!((to_vec_f64(&ld)[0] - brute).abs() <= TOL);
+    assert!(max_abs_diff(&layer.inverse(&y).unwrap(), &x) < 1e-12);
+}
+
+#[test]
+fn coupling_starts_at_identity() {
+    let store = ParamStore::new(7);
+    let layer = resnet_coupling(&store, Mask::checkerboard(0), 3);
+    let x = randn(&[2, 3, 4, 4], 1.0, DType::F64, &mut rng(4));
+    let (y, ld) = layer.forward(&x, Mode::Train).unwrap();
+    assert_eq!(max_abs_diff(&y, &x), 0.0);
+    assert_eq!(to_vec_f64(&ld), vec![0.0, 0.0]);
+}
+
+fn flow_bn(store: &ParamStore, c: usize, variant: BatchNormVariant) -> FlowBatchNorm {
+    let vb = store.var_builder(DType::F64, &Device::Cpu);
+    let cfg = FlowBatchNormConfig {
+        momentum: 0.1,
+        eps: 1e-5,
+        variant,
+    };
+    FlowBatchNorm::new(c, cfg, vb.pp("bn")).unwrap()
+}
+
+#[test]
+fn batch_norm_eval_logdet_and_inverse() {
+    let store = ParamStore::new(8);
+    let bn = flow_bn(&store, 3, BatchNormVariant::Batch);
+    randomise(&store, 88);
+    let x = randn(&[1, 3, 4, 4], 1.0, DType::F64, &mut rng(5));
+    let (y, ld) = bn.forward(&x, Mode::Eval).unwrap();
+    let brute = brute_logdet(|t| Ok(bn.forward(t, Mode::Eval)?.0), &x);
+    let ld = to_vec_f64(&ld)[0];
+    assert!((ld - brute).abs() <= TOL, "{ld} vs {brute}");
+    // by hand: −½·H·W·Σ log(σ̃² + ε)
+    let rv = to_vec_f64(bn.running_var());
+    let hand: f64 = -0.5 * 16.0 * rv.iter().map(|v| (v + 1e-5).ln()).sum::<f64>();
+    assert!((ld - hand).abs() < 1e-12);
+    assert!(max_abs_diff(&bn.inverse(&y).unwrap(), &x) < 1e-12);
+}
+
+#[test]
+fn batch_norm_train_mode_uses_batch_statistics() {
+    let store = ParamStore::new(9);
+    let bn = flow_bn(&store, 2, BatchNormVariant::Batch);
+    let x = randn(&[3, 2, 2, 2], 2.0, DType::F64, &mut rng(6));
+    let xv = to_vec_f64(&x);
+    // batch statistics by hand, per channel over (N, H, W), biased variance
+    let mut mean = [0.0; 2];
+    let mut var = [0.0; 2];
+    for c in 0..2 {
+        let vals: Vec<f64> = (0..3)
+            .flat_map(|n| (0..4).map(move |k| (n, k)))
+            .map(|(n, k)| xv[(n * 2 + c) * 4 + k])
+            .collect();
+        mean[c] = vals.iter().sum::<f64>() / 12.0;
+        var[c] = vals.iter().map(|v| (v - mean[c]).powi(2)).sum::<f64>() / 12.0;
+    }
+    let (y, ld) = bn.forward(&x, Mode::Train).unwrap();
+    let hand_ld = -0.5 * 4.0 * (var[0] + 1e-5).ln() - 0.5 * 4.0 * (var[1] + 1e-5).ln();
+    for l in to_vec_f64(&ld) {
+        assert!((l - hand_ld).abs() < 1e-12, "{l} vs {hand_ld}");
+    }
+    let yv = to_vec_f64(&y);
+    for (i, (&a, &b)) in xv.iter().zip(&yv).enumerate() {
+        let c = (i / 4) % 2;
+        assert!((b - (a - mean[c]) / (var[c] + 1e-5).sqrt()).abs() < 1e-12);
+    }
+    // running averages moved by momentum 0.1 from (0, 1)
+    let rm = to_vec_f64(bn.running_mean());
+    let rv = to_vec_f64(bn.running_var());
+    for c in 0..2 {
+        assert!((rm[c] - 0.1 * mean[c]).abs() < 1e-12);
+        assert!((rv[c] - (0.9 + 0.1 * var[c])).abs() < 1e-12);
+    }
+    // the train-mode log-det is the Jacobian's with the statistics held fixed
+    let (m_t, v_t) = (
+        Tensor::new(&mean[..], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 1, 1))
+            .unwrap(),
+        Tensor::new(&var[..], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 1, 1))
+            .unwrap(),
+    );
+    let frozen = |t: &Tensor| {
+        t.broadcast_sub(&m_t)?
+            .broadcast_div(&(&v_t + 1e-5)?.sqrt()?)
+    };
+    let brute = brute_logdet(frozen, &x);
+    assert!((brute - 3.0 * hand_ld).abs() < 1e-10);
+    // eval mode now uses the running averages, not the batch's
+    let (_, ld_eval) = bn.forward(&x, Mode::Eval).unwrap();
+    let hand_eval = -0.5 * 4.0 * rv.iter().map(|v| (v + 1e-5).ln()).sum::<f64>();
+    assert!((to_vec_f64(&ld_eval)[0] - hand_eval).abs() < 1e-12);
+    assert_eq!(
+        to_vec_f64(bn.running_mean()),
+        rm,
+        "eval mode must not update"
+    );
+}
+
+#[test]
+fn batch_norm_running_average_variant() {
+    let store = ParamStore::new(10);
+    let bn = flow_bn(&store, 1, BatchNormVariant::RunningAverage);
+    let x = Tensor::new(&[1.0f64, 3.0, 5.0, 7.0], &Device::Cpu)
+        .unwrap()
+        .reshape((4, 1))
+        .unwrap();
+    // batch mean 4, biased var 5; running (0, 1) → μ̃ = 0.4, σ̃² = 0.9 + 0.5 = 1.4
+    let (y, ld) = bn.forward(&x, Mode::Train).unwrap();
+    let yv = to_vec_f64(&y);
+    let s = (1.4f64 + 1e-5).sqrt();
+    for (a, b) in [1.0, 3.0, 5.0, 7.0].iter().zip(&yv) {
+        assert!((b - (a - 0.4) / s).abs() < 1e-12);
+    }
+    assert!((to_vec_f64(&ld)[0] + 0.5 * (1.4f64 + 1e-5).ln()).abs() < 1e-12);
+    assert!((to_vec_f64(bn.running_mean())[0] - 0.4).abs() < 1e-12);
+    assert!((to_vec_f64(bn.running_var())[0] - 1.4).abs() < 1e-12);
+}

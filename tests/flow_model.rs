@@ -1,0 +1,289 @@
+//! The multi-scale model: exact log-det against a brute-force Jacobian,
+//! invertibility of the CIFAR-10 preset, gradients against finite
+//! differences, parameter counts against the PyTorch peer, checkpoint
+//! round trip and reproducibility.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::*;
+use nvp::flow::{BatchNormVariant, Flow, Mode, ParamStore, RealNvp, RealNvpConfig};
+use rand::Rng;
+
+fn tiny(scales: usize) -> RealNvpConfig {
+    RealNvpConfig {
+        channels: 3,
+        height: 4,
+        width: 4,
+        scales,
+        res_blocks: 1,
+        features: 4,
+        ..RealNvpConfig::cifar10()
+    }
+}
+
+fn build(cfg: &RealNvpConfig, dtype: DType, seed: u64) -> (ParamStore, RealNvp) {
+    let store = ParamStore::new(seed);
+    let model = RealNvp::new(cfg, store.var_builder(dtype, &Device::Cpu)).unwrap();
+    (store, model)
+}
+
+fn check_model_logdet(cfg: &RealNvpConfig, seed: u64) -> f64 {
+    let (store, model) = build(cfg, DType::F64, seed);
+    randomise(&store, seed + 1);
+    let x = randn(&[1, 3, 4, 4], 1.0, DType::F64, &mut rng(seed + 2));
+    let (z, ld) = model.forward(&x, Mode::Eval).unwrap();
+    let ld = to_vec_f64(&ld)[0];
+    let brute = brute_logdet(|t| Ok(model.forward(t, Mode::Eval)?.0), &x);
+    assert!(
+        ld.abs() > 1.0,
+        "randomised model should not preserve volume: {ld}"
+    );
+    let err = (ld - brute).abs();
+    assert!(
+        err <= 1e-8,
+        "model log-det {ld} vs brute force {brute}: {err:e}"
+    );
+    assert!(max_abs_diff(&model.inverse(&z).unwrap(), &x) < 1e-10);
+    err
+}
+
+#[test]
+fn two_scale_model_logdet_matches_jacobian() {
+    check_model_logdet(&tiny(2), 11);
+    check_model_logdet(&tiny(2), 12);
+}
+
+#[test]
+fn one_scale_model_logdet_matches_jacobian() {
+    check_model_logdet(&tiny(1), 13);
+}
+
+#[test]
+fn running_average_variant_logdet_matches_jacobian() {
+    let cfg = RealNvpConfig {
+        bn_variant: BatchNormVariant::RunningAverage,
+        ..tiny(2)
+    };
+    check_model_logdet(&cfg, 14);
+}
+
+#[test]
+fn latent_shapes_and_encode_decode() {
+    let (store, model) = build(&tiny(2), DType::F64, 15);
+    randomise(&store, 16);
+    assert_eq!(model.latent_shapes(), &[[6, 2, 2], [6, 2, 2]]);
+    assert_eq!(model.num_couplings(), 10);
+    let x = randn(&[3, 3, 4, 4], 1.0, DType::F64, &mut rng(17));
+    let (zs, _) = model.encode(&x, Mode::Eval).unwrap();
+    assert_eq!(zs[0].dims(), &[3, 6, 2, 2]);
+    let back = model.decode(&zs).unwrap();
+    assert!(max_abs_diff(&back, &x) < 1e-10);
+    let flat = model.flatten_latents(&zs).unwrap();
+    let again = model.split_latents(&flat).unwrap();
+    for (a, b) in zs.iter().zip(&again) {
+        assert_eq!(max_abs_diff(a, b), 0.0);
+    }
+    // wrong input shape is an error naming both shapes
+    let bad = Tensor::zeros((1, 3, 8, 8), DType::F64, &Device::Cpu).unwrap();
+    let err = model.forward(&bad, Mode::Eval).unwrap_err().to_string();
+    assert!(
+        err.contains("[1, 3, 8, 8]") && err.contains("(N, 3, 4, 4)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn log_prob_is_prior_plus_logdet() {
+    let (store, model) = build(&tiny(2), DType::F64, 18);
+    randomise(&store, 19);
+    let x = randn(&[2, 3, 4, 4], 1.0, DType::F64, &mut rng(20));
+    let (z, ld) = model.forward(&x, Mode::Eval).unwrap();
+    let lp = to_vec_f64(&model.log_prob(&x, Mode::Eval).unwrap());
+    let zv = to_vec_f64(&z);
+    let ldv = to_vec_f64(&ld);
+    for i in 0..2 {
+        let zz: f64 = zv[i * 48..(i + 1) * 48].iter().map(|v| v * v).sum();
+        let hand = -0.5 * zz - 24.0 * (2.0 * std::f64::consts::PI).ln() + ldv[i];
+        assert!((lp[i] - hand).abs() < 1e-10);
+    }
+}
+
+#[test]
+fn cifar10_preset_inverts_in_f32() {
+    // The paper's CIFAR-10 architecture in f32, eval mode, with randomised
+    // gains/scales/biases and running statistics measured on data.
+    let cfg = RealNvpConfig {
+        bn_momentum: 0.5,
+        ..RealNvpConfig::cifar10()
+    };
+    let (store, model) = build(&cfg, DType::F32, 21);
+    // As the PyTorch peer's `check`: random output-conv gains N(0, 1),
+    // conv biases N(0, 0.1), tanh scales U(0.5, 1.5).
+    let mut r = rng(22);
+    for (name, var) in store.trainable_vars() {
+        let conv_bias = ["inp.bias", "conv1.bias", "conv2.bias", "out.bias"]
+            .iter()
+            .any(|s| name.ends_with(s));
+        let n = var.elem_count();
+        let v: Vec<f64> = if name.ends_with("out.g") {
+            randn(&[n], 1.0, DType::F64, &mut r).to_vec1().unwrap()
+        } else if conv_bias {
+            randn(&[n], 0.1, DType::F64, &mut r).to_vec1().unwrap()
+        } else if name.ends_with("scale") {
+            (0..n).map(|_| r.random_range(0.5..1.5)).collect()
+        } else {
+            continue;
+        };
+        let t = Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap();
+        var.set(&t.to_dtype(DType::F32).unwrap()).unwrap();
+    }
+    let logit = |r: &mut rand::rngs::StdRng, n: usize| -> Tensor {
+        let v: Vec<f32> = (0..n * 3072)
+            .map(|_| {
+                let p: f32 = 0.05 + 0.9 * r.random_range(0.0f32..1.0);
+                (p / (1.0 - p)).ln()
+            })
+            .collect();
+        Tensor::from_vec(v, (n, 3, 32, 32), &Device::Cpu).unwrap()
+    };
+    // three train-mode passes with momentum 0.5: the running statistics are
+    // 7/8 data, 1/8 initial values (as 20 passes at PyTorch's 0.1 would be)
+    for _ in 0..3 {
+        model.forward(&logit(&mut r, 8), Mode::Train).unwrap();
+    }
+    let x = logit(&mut r, 2);
+    let (z, ld) = model.forward(&x, Mode::Eval).unwrap();
+    let back = model.inverse(&z).unwrap();
+    let err = max_abs_diff(&back, &x);
+    let ldv = to_vec_f64(&ld);
+    assert!(
+        ldv.iter().all(|l| l.is_finite() && l.abs() > 10.0),
+        "{ldv:?}"
+    );
+    assert!(err <= 1e-4, "inverse error {err:e}");
+    eprintln!(
+        "cifar10 preset f32 inverse max error {err:e}, log-dets {ldv:?}, max |z| {}",
+        max_abs_diff(&z, &z.zeros_like().unwrap())
+    );
+}
+
+#[test]
+fn nll_gradients_match_finite_differences() {
+    let (store, model) = build(&tiny(2), DType::F64, 23);
+    randomise(&store, 24);
+    let x = randn(&[2, 3, 4, 4], 1.0, DType::F64, &mut rng(25));
+    let nll = |m: &RealNvp| -> Tensor {
+        m.log_prob(&x, Mode::Train)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .neg()
+            .unwrap()
+    };
+    let loss = nll(&model);
+    let grads = loss.backward().unwrap();
+    let vars: HashMap<String, Var> = store.named_vars().into_iter().collect();
+    let probes = [
+        ("scale0.checker0.net.out.g", 1),
+        ("scale0.checker1.scale", 2),
+        ("scale0.channel2.net.blocks.0.conv1.v", 17),
+        ("scale0.channel0.net.bn_out.weight", 3),
+        ("scale1.checker3.net.out.bias", 0),
+        ("scale1.checker0.net.blocks.0.bn2.bias", 2),
+    ];
+    for (name, idx) in probes {
+        let var = vars
+            .get(name)
+            .unwrap_or_else(|| panic!("no parameter {name}"));
+        let g = to_vec_f64(grads.get(var.as_tensor()).expect("gradient"))[idx];
+        let orig = to_vec_f64(var.as_tensor());
+        let h = 1e-6;
+        let eval_at = |delta: f64| -> f64 {
+            let mut v = orig.clone();
+            v[idx] += delta;
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            to_vec_f64(&nll(&model))[0]
+        };
+        let fd = (eval_at(h) - eval_at(-h)) / (2.0 * h);
+        eval_at(0.0);
+        let err = (g - fd).abs();
+        assert!(
+            err <= 1e-6 * (1.0 + fd.abs()),
+            "{name}[{idx}]: autograd {g} vs finite difference {fd}"
+        );
+        assert!(g.abs() > 1e-8, "{name}[{idx}] gradient should not vanish");
+    }
+}
+
+#[test]
+fn parameter_counts_match_pytorch_peer() {
+    // ../shared/reference/README.md: 13,198,105 ('paper') and 1,718,841
+    // ('small') trainable parameters; 30,772 and 8,292 batch-norm buffers.
+    for (cfg, params, buffers) in [
+        (RealNvpConfig::cifar10(), 13_198_105, 30_772),
+        (RealNvpConfig::cifar10_small(), 1_718_841, 8_292),
+    ] {
+        let (store, _model) = build(&cfg, DType::F32, 0);
+        assert_eq!(store.num_trainable(), params);
+        // PyTorch also counts one `num_batches_tracked` per BatchNorm2d.
+        let n_bn_inner = 10 * (2 * cfg.res_blocks + 1);
+        assert_eq!(store.num_buffers() + n_bn_inner, buffers);
+    }
+}
+
+#[test]
+fn checkpoint_round_trip_through_safetensors() {
+    let (store, model) = build(&tiny(2), DType::F32, 26);
+    randomise(&store, 27);
+    let x = randn(&[2, 3, 4, 4], 1.0, DType::F32, &mut rng(28));
+    let lp = model.log_prob(&x, Mode::Eval).unwrap();
+    let dir = std::env::temp_dir().join(format!("nvp-flow-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.safetensors");
+    candle_core::safetensors::save(&store.tensors(), &path).unwrap();
+    let (store2, model2) = build(&tiny(2), DType::F32, 999);
+    let loaded = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    store2.load_tensors(&loaded).unwrap();
+    assert_eq!(
+        max_abs_diff(&model2.log_prob(&x, Mode::Eval).unwrap(), &lp),
+        0.0
+    );
+    // a checkpoint of another architecture names the tensor and both shapes
+    let (store3, _) = build(
+        &RealNvpConfig {
+            features: 8,
+            ..tiny(2)
+        },
+        DType::F32,
+        0,
+    );
+    let err = store3.load_tensors(&loaded).unwrap_err().to_string();
+    assert!(
+        err.contains("tensor `scale") && err.contains("shape"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn seeded_init_and_sampling_are_reproducible() {
+    let (s1, m1) = build(&tiny(2), DType::F32, 42);
+    let (s2, m2) = build(&tiny(2), DType::F32, 42);
+    let (s3, _) = build(&tiny(2), DType::F32, 43);
+    let t1 = s1.tensors();
+    let t2 = s2.tensors();
+    let t3 = s3.tensors();
+    let key = "scale0.checker0.net.inp.v";
+    assert_eq!(max_abs_diff(&t1[key], &t2[key]), 0.0);
+    assert!(max_abs_diff(&t1[key], &t3[key]) > 0.0);
+    let a = m1.sample(4, 0.7, &mut rng(1)).unwrap();
+    let b = m2.sample(4, 0.7, &mut rng(1)).unwrap();
+    let c = m2.sample(4, 0.7, &mut rng(2)).unwrap();
+    assert_eq!(a.dims(), &[4, 3, 4, 4]);
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    assert!(max_abs_diff(&a, &c) > 0.0);
+}
