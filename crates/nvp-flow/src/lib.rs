@@ -24,6 +24,7 @@ pub mod flow;
 pub mod mask;
 pub mod multiscale;
 pub mod nn;
+pub mod optim;
 pub mod params;
 pub mod prior;
 pub mod squeeze;
@@ -34,6 +35,7 @@ pub use coupling::AffineCoupling;
 pub use flow::{Flow, Mode, Sequential};
 pub use mask::{Mask, MaskKind};
 pub use multiscale::RealNvp;
+pub use optim::{Adam, AdamConfig};
 pub use params::ParamStore;
 pub use prior::StandardNormal;
 

@@ -1,0 +1,175 @@
+//! Checkpoints: a folder holding the weights and batch-norm statistics
+//! (`model.safetensors`, loadable with Python's `safetensors`), the Adam
+//! moments (`optimizer.safetensors`), the run state (`state.toml`: step,
+//! epoch, batch, …) and the resolved config (`config.toml`).
+//!
+//! Written atomically: everything goes into a temporary folder which then
+//! replaces the old checkpoint by rename (`last` → `last.old`, tmp → `last`,
+//! remove `last.old`); a checkpoint with any non-finite tensor is refused.
+//! A run folder keeps `last/` and `best/` (lowest test bits/dim).
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use nvp_flow::{ParamStore, RealNvp};
+use serde::{Deserialize, Serialize};
+
+use crate::settings::Settings;
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIM_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "state.toml";
+pub const CONFIG_FILE: &str = "config.toml";
+
+/// Where a training run stands.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RunState {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Epoch and batch index of the next training batch.
+    pub epoch: u64,
+    pub batch: u64,
+    /// Steps skipped because the loss or a gradient was not finite.
+    pub skipped_steps: u64,
+    /// Lowest test bits/dim seen at an evaluation.
+    pub best_test_bpd: Option<f64>,
+    /// Training seconds so far (across resumes).
+    pub elapsed_secs: f64,
+}
+
+/// Everything a checkpoint holds.
+pub struct Checkpoint<'a> {
+    pub store: &'a ParamStore,
+    pub optimizer: HashMap<String, Tensor>,
+    pub state: &'a RunState,
+    pub settings: &'a Settings,
+}
+
+fn check_finite(kind: &str, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let mut names: Vec<_> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let v = tensors[name].flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            bail!("refusing to write a checkpoint: {kind} tensor `{name}` has a non-finite value ({}) at index {i}", v[i]);
+        }
+    }
+    Ok(())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn save_tensors(path: &Path, t: &HashMap<String, Tensor>) -> Result<()> {
+    candle_core::safetensors::save(t, path).with_context(|| format!("cannot write {}", path.display()))?;
+    fs::File::open(path)?.sync_all()?;
+    Ok(())
+}
+
+/// Write `ckpt` as `run_dir/name/`, atomically.
+pub fn save(run_dir: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf> {
+    let model = ckpt.store.tensors();
+    check_finite("model", &model)?;
+    check_finite("optimizer", &ckpt.optimizer)?;
+    let final_dir = run_dir.join(name);
+    let tmp = run_dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp)?;
+    }
+    fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    save_tensors(&tmp.join(MODEL_FILE), &model)?;
+    save_tensors(&tmp.join(OPTIM_FILE), &ckpt.optimizer)?;
+    write_synced(&tmp.join(STATE_FILE), toml::to_string_pretty(ckpt.state)?.as_bytes())?;
+    write_synced(&tmp.join(CONFIG_FILE), ckpt.settings.to_toml()?.as_bytes())?;
+    let old = run_dir.join(format!("{name}.old"));
+    if old.exists() {
+        fs::remove_dir_all(&old)?;
+    }
+    if final_dir.exists() {
+        fs::rename(&final_dir, &old)?;
+    }
+    fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("cannot move the checkpoint into {}", final_dir.display()))?;
+    if old.exists() {
+        fs::remove_dir_all(&old)?;
+    }
+    if let Ok(d) = fs::File::open(run_dir) {
+        d.sync_all().ok();
+    }
+    Ok(final_dir)
+}
+
+/// The checkpoint folder behind `path`: a checkpoint folder, a file inside
+/// one, or a run folder (its `last/`, or `last.old/` if a save was cut off).
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if !path.exists() {
+        bail!("checkpoint {} does not exist", path.display());
+    }
+    if path.is_file() {
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        if dir.join(MODEL_FILE).is_file() {
+            return Ok(dir);
+        }
+        bail!("{} is not inside a checkpoint folder (no {MODEL_FILE} beside it)", path.display());
+    }
+    if path.join(MODEL_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    for sub in ["last", "last.old"] {
+        if path.join(sub).join(MODEL_FILE).is_file() {
+            return Ok(path.join(sub));
+        }
+    }
+    bail!(
+        "{} holds no checkpoint (expected {MODEL_FILE}, or a last/ folder from `nvp train`)",
+        path.display()
+    )
+}
+
+/// The resolved settings saved with a checkpoint.
+pub fn load_settings(ckpt_dir: &Path) -> Result<Settings> {
+    let p = ckpt_dir.join(CONFIG_FILE);
+    if !p.is_file() {
+        bail!("{} is missing: the checkpoint has no config beside it", p.display());
+    }
+    Settings::load(&p)
+}
+
+pub fn load_state(ckpt_dir: &Path) -> Result<RunState> {
+    let p = ckpt_dir.join(STATE_FILE);
+    let text = fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    toml::from_str(&text).with_context(|| format!("{} is not a valid run state", p.display()))
+}
+
+fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    if !path.is_file() {
+        bail!("{} is missing", path.display());
+    }
+    candle_core::safetensors::load(path, device)
+        .with_context(|| format!("cannot read {} as safetensors", path.display()))
+}
+
+/// Build the model of `settings` on `device` and load the weights of `ckpt_dir`.
+pub fn load_model(ckpt_dir: &Path, settings: &Settings, device: &Device) -> Result<(ParamStore, RealNvp)> {
+    let (store, model) = crate::model::build(settings, device)?;
+    let path = ckpt_dir.join(MODEL_FILE);
+    let tensors = load_tensors(&path, device)?;
+    store
+        .load_tensors(&tensors)
+        .with_context(|| format!("{} does not fit the model of its config", path.display()))?;
+    Ok((store, model))
+}
+
+/// The Adam moments of a checkpoint.
+pub fn load_optimizer(ckpt_dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    load_tensors(&ckpt_dir.join(OPTIM_FILE), device)
+}

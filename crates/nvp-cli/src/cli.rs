@@ -1,0 +1,167 @@
+//! Command-line interface (clap derive; the doc comments are the help).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Real NVP normalizing flows: train, evaluate, sample and walk latent manifolds.
+#[derive(Debug, Parser)]
+#[command(name = "nvp", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a model (with no --config: the embedded demo on procedural images).
+    Train(TrainArgs),
+    /// Bits/dim of a checkpoint on a dataset split, in evaluation mode.
+    Eval(EvalArgs),
+    /// Draw samples from a checkpoint into a PNG grid.
+    Sample(SampleArgs),
+    /// Decode the latent manifold spanned by four images (paper eq. 19).
+    Interpolate(InterpolateArgs),
+    /// Training, evaluation and sampling throughput and peak memory of a config's model.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// TOML config (default: the embedded configs/demo.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Dataset folder (for CIFAR-10: the folder holding the .bin batches).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Run folder for checkpoints, samples and metrics (default: runs/<name>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Stop after this many optimizer steps.
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Stop after this many minutes of training.
+    #[arg(long)]
+    pub minutes: Option<f64>,
+    /// Seed of initialisation, shuffling, flips and dequantisation.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// `cpu` or `cuda` (`cuda:N`).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Images per training batch.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Checkpoint: a run folder, a checkpoint folder or a file inside one.
+    #[arg(long)]
+    pub ckpt: PathBuf,
+    /// Dataset folder (default: the one in the checkpoint's config).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// `test` or `train`.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Evaluate only the first N images.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Images per batch.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// Seed of the dequantisation noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// `cpu` or `cuda`.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    #[arg(long)]
+    pub ckpt: PathBuf,
+    /// Number of samples.
+    #[arg(long, default_value_t = 64)]
+    pub n: usize,
+    /// Prior temperature T: z ~ N(0, T² I).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output PNG grid.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also write one PNG per sample into this folder.
+    #[arg(long)]
+    pub each: Option<PathBuf>,
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InterpolateArgs {
+    #[arg(long)]
+    pub ckpt: PathBuf,
+    /// Four image files (PNG/JPEG) of the model's size.
+    #[arg(long, num_args = 4, conflicts_with_all = ["data", "indices"])]
+    pub images: Option<Vec<PathBuf>>,
+    /// Dataset folder to take the four images from (with --indices).
+    #[arg(long, requires = "indices")]
+    pub data: Option<PathBuf>,
+    /// Four comma-separated image indices into --split of the dataset.
+    #[arg(long, value_delimiter = ',', num_args = 1)]
+    pub indices: Option<Vec<usize>>,
+    /// Split the indices refer to.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Grid side: steps × steps images.
+    #[arg(long, default_value_t = 8)]
+    pub steps: usize,
+    /// Output PNG.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// TOML config whose model is measured (default: the embedded demo).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Training batch size.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Timed training steps (after the warm-up).
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Untimed warm-up training steps.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Evaluation batch size.
+    #[arg(long, default_value_t = 256)]
+    pub eval_batch: usize,
+    /// Timed evaluation batches.
+    #[arg(long, default_value_t = 3)]
+    pub eval_reps: usize,
+    /// Samples per timed sampling call.
+    #[arg(long, default_value_t = 64)]
+    pub sample_n: usize,
+    /// Timed sampling calls.
+    #[arg(long, default_value_t = 3)]
+    pub sample_reps: usize,
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}

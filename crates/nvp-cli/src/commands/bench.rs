@@ -1,0 +1,183 @@
+//! `nvp bench`: training, evaluation and sampling throughput and peak RSS of
+//! a config's model, timed as the PyTorch peer's `bench` does: a training
+//! step runs from a u8 batch through flips, dequantisation, logit, forward,
+//! loss + L2, backward, clipping and Adam; evaluation is dequantise + logit +
+//! forward + bits/dim in eval mode; sampling is z → inverse → u8 pixels.
+//! Medians over the timed repetitions.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use nvp_data::augment::RandomFlip;
+use nvp_data::{Batch, Dequantize};
+use nvp_flow::Mode;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::cli::BenchArgs;
+use crate::engine::{self, Trainer};
+use crate::settings::{open_device, Settings};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Peak resident set size of this process (VmHWM), MiB.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// A batch made in the timed region from u8 pixels.
+fn make_batch(pixels: &[u8], n: usize, s: &Settings, flip: bool, rng: &mut StdRng, device: &candle_core::Device) -> Result<Batch> {
+    let m = &s.model;
+    let d = m.dims();
+    let mut px = pixels.to_vec();
+    let flipper = RandomFlip::new(0.5)?;
+    let mut flipped = vec![false; n];
+    if flip {
+        for (i, f) in flipped.iter_mut().enumerate() {
+            *f = flipper.apply(&mut px[i * d..(i + 1) * d], m.channels, m.height, m.width, rng)?;
+        }
+    }
+    let deq = Dequantize::new(s.data.alpha)?;
+    let mut y = vec![0f32; n * d];
+    let mut ld = Vec::with_capacity(n);
+    for i in 0..n {
+        ld.push(deq.apply(&px[i * d..(i + 1) * d], rng, &mut y[i * d..(i + 1) * d])?);
+    }
+    Ok(Batch {
+        epoch: 0,
+        index: 0,
+        pixels: px,
+        labels: None,
+        y: Tensor::from_vec(y, (n, m.channels, m.height, m.width), device)?,
+        ld_pre: ld,
+        indices: (0..n).collect(),
+        flipped,
+    })
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    if a.batch == 0 || a.steps == 0 || a.eval_batch == 0 || a.sample_n == 0 {
+        bail!("--batch, --steps, --eval-batch and --sample-n must be at least 1");
+    }
+    let mut s = match &a.config {
+        Some(p) => Settings::load(p)?,
+        None => Settings::demo(),
+    };
+    if let Some(d) = &a.device {
+        s.train.device = d.clone();
+    }
+    s.train.batch_size = a.batch;
+    s.validate().or_else(|e| {
+        // The dataset is not read: a missing data path does not matter here.
+        if e.to_string().contains("data.path") { Ok(()) } else { Err(e) }
+    })?;
+    let device = open_device(&s.train.device)?;
+    let (store, model) = crate::model::build(&s, &device)?;
+    let params = store.num_trainable();
+    let mut trainer = Trainer::new(store, model, &s)?;
+    let d = s.model.dims();
+    let mut rng = StdRng::seed_from_u64(0);
+    let random_pixels = |n: usize, rng: &mut StdRng| -> Vec<u8> { (0..n * d).map(|_| rng.random::<u8>()).collect() };
+    let rss_before = peak_rss_mib();
+
+    // Training.
+    let px = random_pixels(a.batch, &mut rng);
+    let mut times = Vec::new();
+    let mut skipped = 0;
+    for i in 0..a.warmup + a.steps {
+        let t0 = Instant::now();
+        let b = make_batch(&px, a.batch, &s, s.data.flip, &mut rng, &device)?;
+        let o = trainer.step(&b)?;
+        device_sync(&device)?;
+        if o.skipped {
+            skipped += 1;
+        }
+        if i >= a.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let train_step_s = median(times);
+    let peak_train = peak_rss_mib();
+
+    // Evaluation.
+    let px = random_pixels(a.eval_batch, &mut rng);
+    let mut times = Vec::new();
+    for i in 0..a.eval_reps + 1 {
+        let t0 = Instant::now();
+        let b = make_batch(&px, a.eval_batch, &s, false, &mut rng, &device)?;
+        let lp = trainer.model.log_prob(&b.y, Mode::Eval)?.to_vec1::<f32>()?;
+        let lp: Vec<f64> = lp.into_iter().map(f64::from).collect();
+        let bpd = engine::mean_bpd(&lp, &b.ld_pre, d);
+        std::hint::black_box(bpd);
+        if i > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let eval_s = median(times);
+
+    // Sampling.
+    let mut times = Vec::new();
+    for i in 0..a.sample_reps + 1 {
+        let t0 = Instant::now();
+        let px = engine::sample_pixels(&trainer.model, a.sample_n, 1.0, s.data.alpha, &mut rng)?;
+        std::hint::black_box(px);
+        if i > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let sample_s = median(times);
+    let peak = peak_rss_mib();
+
+    let train_ips = a.batch as f64 / train_step_s;
+    let eval_ips = a.eval_batch as f64 / eval_s;
+    let sample_ips = a.sample_n as f64 / sample_s;
+    if a.json {
+        println!(
+            "{{\"config\":\"{}\",\"device\":\"{}\",\"params\":{params},\"batch\":{},\"train_step_s\":{train_step_s:.4},\"train_img_per_s\":{train_ips:.3},\"eval_batch\":{},\"eval_img_per_s\":{eval_ips:.3},\"sample_n\":{},\"sample_img_per_s\":{sample_ips:.3},\"peak_rss_mib\":{peak:.1},\"peak_rss_train_mib\":{peak_train:.1},\"rss_before_train_mib\":{rss_before:.1},\"skipped_steps\":{skipped},\"threads\":{}}}",
+            s.name,
+            s.train.device,
+            a.batch,
+            a.eval_batch,
+            a.sample_n,
+            rayon_threads()
+        );
+    } else {
+        println!("config {} on {}: {params} parameters", s.name, s.train.device);
+        println!("train   batch {:>4}: {train_ips:8.2} img/s (median step {:.3} s over {} steps)", a.batch, train_step_s, a.steps);
+        println!("eval    batch {:>4}: {eval_ips:8.2} img/s", a.eval_batch);
+        println!("sample  n     {:>4}: {sample_ips:8.2} img/s", a.sample_n);
+        println!("peak RSS: {peak:.0} MiB (after training steps: {peak_train:.0} MiB; before: {rss_before:.0} MiB)");
+    }
+    Ok(())
+}
+
+fn device_sync(d: &candle_core::Device) -> Result<()> {
+    Ok(d.synchronize()?)
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}

@@ -1,0 +1,53 @@
+//! `nvp eval`: bits/dim of a checkpoint on a split, in evaluation mode, with
+//! its standard error (the paper's Table 1 metric).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use nvp_data::{Loader, LoaderConfig};
+
+use crate::cli::EvalArgs;
+use crate::engine;
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let split = super::parse_split(&a.split)?;
+    let mut l = super::load(&a.ckpt, a.device.as_deref())?;
+    if let Some(d) = &a.data {
+        l.settings.data.path = Some(d.clone());
+    }
+    let mut set = crate::data::open(&l.settings, split)?;
+    if let Some(n) = a.limit {
+        if n == 0 {
+            bail!("--limit must be at least 1");
+        }
+        set = set.take(n);
+    }
+    let n = set.len();
+    let mut cfg = LoaderConfig::eval(a.batch, a.seed);
+    cfg.alpha = l.settings.data.alpha;
+    cfg.device = l.device.clone();
+    let loader = Loader::new(Arc::new(set), cfg)?;
+    let t0 = Instant::now();
+    let bpd = engine::evaluate(&l.model, loader.eval_batches()?)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let (mean, se) = nvp_flow::bits::mean_and_stderr(&bpd);
+    if a.json {
+        println!(
+            "{{\"split\":\"{}\",\"images\":{n},\"bpd\":{mean},\"stderr\":{},\"seconds\":{secs:.3},\"img_per_s\":{:.3}}}",
+            a.split,
+            if se.is_finite() { se.to_string() } else { "null".into() },
+            n as f64 / secs
+        );
+    } else {
+        println!(
+            "{} bits/dim: {mean:.5} ± {se:.5} (standard error, {n} images, {:.1} img/s)",
+            a.split,
+            n as f64 / secs
+        );
+    }
+    Ok(())
+}

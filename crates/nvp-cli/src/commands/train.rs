@@ -1,0 +1,278 @@
+//! `nvp train`: the training loop with periodic evaluation, samples,
+//! metrics, checkpoints (last and best), exact resume and the non-finite
+//! guard.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use nvp_data::{Loader, LoaderConfig, Split};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::checkpoint::{self, Checkpoint, RunState};
+use crate::cli::TrainArgs;
+use crate::engine::{self, Trainer};
+use crate::report::{self, MetricsRow};
+use crate::settings::{open_device, Overrides, Settings};
+
+/// Seed stream of the periodic sample grids (the same latents every time,
+/// so the grids show the model improving).
+const SAMPLE_SEED: u64 = 0x5a4d_91e5;
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let overrides = Overrides {
+        data: a.data.clone(),
+        max_steps: a.max_steps,
+        minutes: a.minutes,
+        seed: a.seed,
+        device: a.device.clone(),
+        batch_size: a.batch_size,
+    };
+    let mut settings = match &a.config {
+        Some(p) => Settings::load(p)?,
+        None => Settings::demo(),
+    };
+    let out: PathBuf = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(&settings.name));
+    let mut state = RunState::default();
+    let resume_dir = if a.resume {
+        let dir = checkpoint::resolve(&out)
+            .with_context(|| format!("--resume: no checkpoint to resume in {}", out.display()))?;
+        // The run continues with the settings it was started with.
+        settings = checkpoint::load_settings(&dir)?;
+        state = checkpoint::load_state(&dir)?;
+        Some(dir)
+    } else {
+        if out.join("last").exists() || out.join("last.old").exists() {
+            bail!(
+                "{} already holds a training run: pass --resume to continue it, or choose another --out",
+                out.display()
+            );
+        }
+        None
+    };
+    if a.resume && (a.seed.is_some() || a.batch_size.is_some() || a.config.is_some()) {
+        bail!("--resume continues the run with its saved config: --config, --seed and --batch-size cannot change it");
+    }
+    settings.apply(&overrides);
+    settings.validate()?;
+    let device = open_device(&settings.train.device)?;
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    std::fs::write(out.join("config.toml"), settings.to_toml()?)
+        .with_context(|| format!("cannot write {}", out.join("config.toml").display()))?;
+
+    let train_set = Arc::new(crate::data::open(&settings, Split::Train)?);
+    let mut test_set = crate::data::open(&settings, Split::Test)?;
+    if settings.data.test_limit > 0 {
+        test_set = test_set.take(settings.data.test_limit);
+    }
+    let test_set = Arc::new(test_set);
+
+    let (store, model) = crate::model::build(&settings, &device)?;
+    let mut trainer = Trainer::new(store, model, &settings)?;
+    if let Some(dir) = &resume_dir {
+        let (loaded, _) = checkpoint::load_model(dir, &settings, &device)?;
+        trainer.store.load_tensors(&loaded.tensors())?;
+        let opt = checkpoint::load_optimizer(dir, &device)?;
+        trainer
+            .adam
+            .load_state(&opt, state.step)
+            .with_context(|| format!("{} does not fit the model", dir.join(checkpoint::OPTIM_FILE).display()))?;
+        report::truncate_metrics(&out.join("metrics.csv"), state.step)?;
+    }
+
+    let t = &settings.train;
+    let mut lcfg = LoaderConfig::train(t.batch_size, t.seed);
+    lcfg.flip = settings.data.flip;
+    lcfg.alpha = settings.data.alpha;
+    lcfg.workers = t.workers;
+    lcfg.device = device.clone();
+    let loader = Loader::new(train_set.clone(), lcfg)?;
+    if loader.batches_per_epoch() == 0 {
+        bail!(
+            "the training split has {} images, fewer than one batch of {}",
+            train_set.len(),
+            t.batch_size
+        );
+    }
+    let mut ecfg = LoaderConfig::eval(t.eval_batch_size, 0);
+    ecfg.alpha = settings.data.alpha;
+    ecfg.device = device.clone();
+    let eval_loader = Loader::new(test_set.clone(), ecfg)?;
+
+    eprintln!(
+        "nvp train: {} — {} parameters, {} training / {} test images of {}×{}×{}, batch {}, device {}; run folder {}",
+        settings.name,
+        trainer.store.num_trainable(),
+        train_set.len(),
+        test_set.len(),
+        settings.model.channels,
+        settings.model.height,
+        settings.model.width,
+        t.batch_size,
+        t.device,
+        out.display()
+    );
+    if resume_dir.is_some() {
+        eprintln!("resuming at step {} (epoch {}, batch {})", state.step, state.epoch, state.batch);
+    }
+
+    let started = Instant::now();
+    let elapsed_before = state.elapsed_secs;
+    let limit_secs = t.minutes * 60.0;
+    let pb = report::progress(t.max_steps, state.step);
+    let mut stream = loader.stream(state.epoch as usize, state.batch as usize)?;
+    let (mut bpd_sum, mut bpd_n, mut imgs) = (0.0f64, 0usize, 0usize);
+    let mut window = Instant::now();
+    let mut bad_in_row = 0u32;
+    let mut last_eval_step = state.step;
+    let mut ema_bpd = f64::NAN;
+
+    while state.step < t.max_steps {
+        if limit_secs > 0.0 && started.elapsed().as_secs_f64() >= limit_secs {
+            break;
+        }
+        let batch = stream
+            .next()
+            .context("the training loader stopped")?
+            .context("loading a training batch")?;
+        // Position of the next batch.
+        state.batch = batch.index as u64 + 1;
+        state.epoch = batch.epoch as u64;
+        if state.batch as usize >= loader.batches_per_epoch() {
+            state.batch = 0;
+            state.epoch += 1;
+        }
+        let o = trainer.step(&batch)?;
+        if o.skipped {
+            state.skipped_steps += 1;
+            bad_in_row += 1;
+            say(&pb, format!(
+                "warning: step {} skipped: non-finite {} ({} in a row)",
+                state.step + 1,
+                if o.bpd.is_finite() { "gradient" } else { "loss" },
+                bad_in_row
+            ));
+            if bad_in_row >= t.max_bad_steps {
+                pb.abandon();
+                bail!(
+                    "stopping: {bad_in_row} non-finite steps in a row after step {}; the last good checkpoint in {} is intact (try a lower train.lr or train.clip)",
+                    state.step,
+                    out.display()
+                );
+            }
+            continue;
+        }
+        bad_in_row = 0;
+        state.step += 1;
+        bpd_sum += o.bpd;
+        bpd_n += 1;
+        imgs += batch.len();
+        ema_bpd = if ema_bpd.is_nan() { o.bpd } else { 0.9 * ema_bpd + 0.1 * o.bpd };
+        pb.set_position(state.step);
+        let rate = imgs as f64 / window.elapsed().as_secs_f64().max(1e-9);
+        pb.set_message(format!("bpd {ema_bpd:.3} | grad norm {:.2} | {rate:.1} img/s", o.grad_norm));
+
+        if state.step % t.eval_every == 0 || state.step == t.max_steps {
+            let row = periodic(&mut trainer, &settings, &eval_loader, &out, &mut state, elapsed_before + started.elapsed().as_secs_f64(), bpd_sum / bpd_n.max(1) as f64, rate)?;
+            say(&pb, format!(
+                "step {:>6}  train bpd {:.4}  test bpd {:.4} ± {:.4}  {:.1} img/s",
+                row.step, row.train_bpd, row.test_bpd, row.test_bpd_stderr, row.img_per_s
+            ));
+            last_eval_step = state.step;
+            (bpd_sum, bpd_n, imgs) = (0.0, 0, 0);
+            window = Instant::now();
+        }
+    }
+    drop(stream);
+    if state.step > last_eval_step || (resume_dir.is_none() && state.step == 0) {
+        let rate = imgs as f64 / window.elapsed().as_secs_f64().max(1e-9);
+        let train_bpd = if bpd_n > 0 { bpd_sum / bpd_n as f64 } else { f64::NAN };
+        let row = periodic(&mut trainer, &settings, &eval_loader, &out, &mut state, elapsed_before + started.elapsed().as_secs_f64(), train_bpd, rate)?;
+        say(&pb, format!(
+            "step {:>6}  train bpd {:.4}  test bpd {:.4} ± {:.4}  {:.1} img/s",
+            row.step, row.train_bpd, row.test_bpd, row.test_bpd_stderr, row.img_per_s
+        ));
+    }
+    pb.finish_and_clear();
+    eprintln!(
+        "done: {} steps in {:.0} s ({} skipped); best test bpd {:.4}; checkpoints in {}/last and {}/best, samples in {}/samples",
+        state.step,
+        elapsed_before + started.elapsed().as_secs_f64(),
+        state.skipped_steps,
+        state.best_test_bpd.unwrap_or(f64::NAN),
+        out.display(),
+        out.display(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// Test bits/dim, a sample grid, checkpoints (last, and best when improved),
+/// a metrics row and the curve.
+#[allow(clippy::too_many_arguments)]
+fn periodic(
+    trainer: &mut Trainer,
+    s: &Settings,
+    eval_loader: &Loader,
+    out: &std::path::Path,
+    state: &mut RunState,
+    elapsed: f64,
+    train_bpd: f64,
+    rate: f64,
+) -> Result<MetricsRow> {
+    let bpd = engine::evaluate(&trainer.model, eval_loader.eval_batches()?)?;
+    let (test_bpd, stderr) = nvp_flow::bits::mean_and_stderr(&bpd);
+    let n = s.train.samples;
+    if n > 0 {
+        let mut rng = StdRng::seed_from_u64(s.train.seed ^ SAMPLE_SEED);
+        let px = engine::sample_pixels(&trainer.model, n, s.train.temperature, s.data.alpha, &mut rng)?;
+        let m = &s.model;
+        let cols = (n as f64).sqrt().ceil() as usize;
+        let img = report::grid(&px, n, m.channels, m.height, m.width, cols, report::auto_zoom(m.width, cols));
+        report::save_png(&img, &out.join("samples").join(format!("step-{:07}.png", state.step)))?;
+        report::save_png(&img, &out.join("samples").join("latest.png"))?;
+    }
+    state.elapsed_secs = elapsed;
+    let improved = test_bpd.is_finite() && state.best_test_bpd.is_none_or(|b| test_bpd < b);
+    if improved {
+        state.best_test_bpd = Some(test_bpd);
+    }
+    let ckpt = Checkpoint {
+        store: &trainer.store,
+        optimizer: trainer.adam.state(),
+        state,
+        settings: s,
+    };
+    checkpoint::save(out, "last", &ckpt)?;
+    if improved {
+        checkpoint::save(out, "best", &ckpt)?;
+    }
+    let row = MetricsRow {
+        step: state.step,
+        epoch: state.epoch,
+        elapsed_s: elapsed,
+        train_bpd,
+        test_bpd,
+        test_bpd_stderr: stderr,
+        img_per_s: rate,
+        skipped_steps: state.skipped_steps,
+    };
+    let csv = out.join("metrics.csv");
+    report::append_metrics(&csv, &row)?;
+    report::plot_bpd(&report::read_metrics(&csv)?, &out.join("bpd.png"))?;
+    Ok(row)
+}
+
+/// A line above the progress bar, or on stderr when the bar is hidden.
+fn say(pb: &indicatif::ProgressBar, msg: String) {
+    if pb.is_hidden() {
+        eprintln!("{msg}");
+    } else {
+        pb.println(msg);
+    }
+}

@@ -1,0 +1,105 @@
+//! Opening the configured dataset as u8 images.
+
+use anyhow::{bail, Context, Result};
+use nvp_data::folder::{read_folder, FolderOptions, OnError, Preprocess};
+use nvp_data::imagenet::{read_imagenet, ImagenetOptions};
+use nvp_data::{ImageSet, Procedural, ProceduralConfig, Split};
+
+use crate::settings::{DatasetKind, FolderPreprocess, Settings};
+
+/// Seed stream of the procedural test split (distinct from the train split).
+const PROCEDURAL_TEST_SEED: u64 = 0x7e57;
+
+/// Read `split` of the configured dataset and check it fits the model.
+pub fn open(s: &Settings, split: Split) -> Result<ImageSet> {
+    let d = &s.data;
+    let set = match d.dataset {
+        DatasetKind::Procedural => {
+            let gen = Procedural::new(ProceduralConfig {
+                size: s.model.height,
+                classes: d.classes,
+            });
+            match split {
+                Split::Train => gen.generate(d.train_size, s.train.seed),
+                Split::Test => gen.generate(d.test_size, s.train.seed ^ PROCEDURAL_TEST_SEED),
+            }
+        }
+        DatasetKind::Cifar10 => {
+            let p = path(s)?;
+            nvp_data::cifar::read_cifar10(p, split)
+                .with_context(|| format!("reading CIFAR-10 from {}", p.display()))?
+        }
+        DatasetKind::Imagenet => {
+            let p = path(s)?;
+            let opts = ImagenetOptions {
+                size: Some(s.model.height),
+                ..ImagenetOptions::default()
+            };
+            read_imagenet(p, split, &opts)
+                .with_context(|| format!("reading ImageNet from {}", p.display()))?
+        }
+        DatasetKind::Folder => {
+            let p = path(s)?;
+            let preprocess = match d.preprocess {
+                FolderPreprocess::AsIs => Preprocess::AsIs,
+                FolderPreprocess::Celeba => Preprocess::CelebA,
+                FolderPreprocess::Lsun => Preprocess::Lsun {
+                    train: split == Split::Train,
+                },
+                FolderPreprocess::Resize => Preprocess::ResizeCrop {
+                    size: s.model.height as u32,
+                },
+            };
+            let opts = FolderOptions {
+                preprocess,
+                on_error: if d.skip_bad_images {
+                    OnError::Skip
+                } else {
+                    OnError::Fail
+                },
+                class_subfolders: d.class_subfolders,
+                holdout_fraction: d.holdout,
+                split_seed: s.train.seed,
+                crop_seed: s.train.seed,
+                threads: 0,
+            };
+            let fs = read_folder(p, split, &opts)
+                .with_context(|| format!("reading images from {}", p.display()))?;
+            if fs.skipped > 0 {
+                eprintln!(
+                    "warning: skipped {} unreadable image(s) in {}",
+                    fs.skipped,
+                    p.display()
+                );
+            }
+            fs.images
+        }
+    };
+    check_fits(s, &set, split)?;
+    Ok(set)
+}
+
+fn path(s: &Settings) -> Result<&std::path::Path> {
+    match &s.data.path {
+        Some(p) => Ok(p.as_path()),
+        None => bail!("data.path is not set: give the dataset with --data DIR"),
+    }
+}
+
+/// The images must have the model's shape.
+pub fn check_fits(s: &Settings, set: &ImageSet, split: Split) -> Result<()> {
+    let m = &s.model;
+    let (c, h, w) = set.shape();
+    if (c, h, w) != (m.channels, m.height, m.width) {
+        bail!(
+            "the {split:?} images are {c}×{h}×{w} (C×H×W) but the model expects {}×{}×{}",
+            m.channels,
+            m.height,
+            m.width
+        );
+    }
+    if set.is_empty() {
+        bail!("the {split:?} split of the dataset is empty");
+    }
+    Ok(())
+}

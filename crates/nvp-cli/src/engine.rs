@@ -1,0 +1,149 @@
+//! The computations shared by the subcommands: one training step (with L2,
+//! clipping and the non-finite guard), evaluation in bits/dim, and sampling
+//! to 8-bit pixels.
+
+use std::f64::consts::LN_2;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor};
+use nvp_data::{Batch, Logit};
+use nvp_flow::{Adam, AdamConfig, Mode, ParamStore, RealNvp};
+use rand::Rng;
+
+use crate::settings::Settings;
+
+/// A model with its optimizer.
+pub struct Trainer {
+    pub store: ParamStore,
+    pub model: RealNvp,
+    pub adam: Adam,
+    l2: f64,
+    clip: f64,
+    scale_params: Vec<Tensor>,
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOutcome {
+    /// Mean training bits/dim of the batch (before the update).
+    pub bpd: f64,
+    pub grad_norm: f64,
+    /// The loss or a gradient was not finite: nothing was changed.
+    pub skipped: bool,
+}
+
+impl Trainer {
+    pub fn new(store: ParamStore, model: RealNvp, s: &Settings) -> Result<Self> {
+        let adam = Adam::new(
+            store.trainable_vars(),
+            AdamConfig {
+                lr: s.train.lr,
+                ..AdamConfig::default()
+            },
+        )?;
+        let scale_params = model.scale_parameters();
+        Ok(Self {
+            store,
+            model,
+            adam,
+            l2: s.train.l2,
+            clip: s.train.clip,
+            scale_params,
+        })
+    }
+
+    /// Flip/dequantise/logit were done by the loader; here: forward, loss =
+    /// mean bits/dim + L2 · Σ (scale parameters)², backward, clip, Adam.
+    pub fn step(&mut self, batch: &Batch) -> Result<StepOutcome> {
+        let dims = self.model.dims();
+        let buffers: Vec<_> = self
+            .store
+            .named_vars()
+            .into_iter()
+            .filter(|(n, _)| nvp_flow::params::is_buffer(n))
+            .map(|(_, v)| {
+                let saved = v.as_tensor().copy()?;
+                Ok((v, saved))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let log_p = self.model.log_prob(&batch.y, Mode::Train)?;
+        let nats = log_p.mean_all()?;
+        let mut loss = (nats * (-1.0 / (dims as f64 * LN_2)))?;
+        if self.l2 > 0.0 {
+            let mut reg = Tensor::zeros((), log_p.dtype(), log_p.device())?;
+            for p in &self.scale_params {
+                reg = (reg + p.sqr()?.sum_all()?)?;
+            }
+            loss = (loss + (reg * self.l2)?)?;
+        }
+        let lp: Vec<f64> = log_p.to_dtype(DType::F64)?.to_vec1()?;
+        let bpd = mean_bpd(&lp, &batch.ld_pre, dims);
+        let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let restore = |buffers: &[(candle_core::Var, Tensor)]| -> Result<()> {
+            for (v, t) in buffers {
+                v.set(t)?;
+            }
+            Ok(())
+        };
+        if !loss_v.is_finite() || !bpd.is_finite() {
+            restore(&buffers)?;
+            return Ok(StepOutcome { bpd, grad_norm: f64::NAN, skipped: true });
+        }
+        let grads = loss.backward()?;
+        let grad_norm = self.adam.grad_norm(&grads)?;
+        if !grad_norm.is_finite() {
+            restore(&buffers)?;
+            return Ok(StepOutcome { bpd, grad_norm, skipped: true });
+        }
+        let scale = if self.clip > 0.0 && grad_norm > self.clip {
+            self.clip / grad_norm
+        } else {
+            1.0
+        };
+        self.adam.step(&grads, scale)?;
+        Ok(StepOutcome { bpd, grad_norm, skipped: false })
+    }
+}
+
+/// Mean bits/dim of a batch from the model's logit-space log-densities and
+/// the preprocessing log-dets.
+pub fn mean_bpd(log_p_y: &[f64], ld_pre: &[f64], dims: usize) -> f64 {
+    let v = per_image_bpd(log_p_y, ld_pre, dims);
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+pub fn per_image_bpd(log_p_y: &[f64], ld_pre: &[f64], dims: usize) -> Vec<f64> {
+    log_p_y
+        .iter()
+        .zip(ld_pre)
+        .map(|(a, b)| -(a + b) / (dims as f64 * LN_2))
+        .collect()
+}
+
+/// Bits/dim of each image of `batches` in evaluation mode.
+pub fn evaluate<I>(model: &RealNvp, batches: I) -> Result<Vec<f64>>
+where
+    I: IntoIterator<Item = nvp_data::Result<Batch>>,
+{
+    let dims = model.dims();
+    let mut out = Vec::new();
+    for b in batches {
+        let b = b.context("loading an evaluation batch")?;
+        let lp: Vec<f64> = model.log_prob(&b.y, Mode::Eval)?.to_dtype(DType::F64)?.to_vec1()?;
+        out.extend(per_image_bpd(&lp, &b.ld_pre, dims));
+    }
+    Ok(out)
+}
+
+/// `n` samples at `temperature` as planar u8 pixels.
+pub fn sample_pixels<R: Rng>(model: &RealNvp, n: usize, temperature: f64, alpha: f64, rng: &mut R) -> Result<Vec<u8>> {
+    let y = model.sample(n, temperature, rng)?;
+    to_pixels(&y, alpha)
+}
+
+/// Logit-space images to planar u8 pixels (sigmoid, undo the affine map,
+/// ×256, floor, clamp).
+pub fn to_pixels(y: &Tensor, alpha: f64) -> Result<Vec<u8>> {
+    let v: Vec<f32> = y.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+    Ok(Logit::new(alpha)?.to_pixels(&v))
+}
