@@ -1,0 +1,244 @@
+//! End-to-end tests of the `nvp` binary on tiny configs and fixtures the
+//! tests write themselves: train → checkpoint → resume → eval → sample →
+//! interpolate, exact resume, clear errors on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn nvp(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nvp"))
+        .args(args)
+        .output()
+        .expect("run nvp")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = nvp(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "nvp {args:?} failed: {err}");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs `args`, expects a clean failure (exit 1, one `error:` line, no
+/// panic) and returns stderr.
+fn fails(args: &[&str]) -> String {
+    let o = nvp(args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "nvp {args:?} should fail");
+    assert!(!err.contains("panicked"), "nvp {args:?} panicked: {err}");
+    assert!(err.contains("error"), "{err}");
+    err
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("nvp-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+const TINY: &str = r#"
+name = "tiny"
+[data]
+dataset = "procedural"
+train-size = 48
+test-size = 12
+[model]
+height = 8
+width = 8
+scales = 2
+res-blocks = 1
+features = 4
+[train]
+batch-size = 8
+max-steps = 4
+eval-every = 2
+samples = 4
+seed = 3
+"#;
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn png_size(p: &Path) -> (u32, u32) {
+    let img = image::open(p).unwrap_or_else(|e| panic!("{} does not decode: {e}", p.display()));
+    (img.width(), img.height())
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn train_resume_eval_sample_interpolate() {
+    let d = tmp("e2e");
+    let cfg = write(&d, "tiny.toml", TINY);
+    let full = d.join("full");
+    let split = d.join("split");
+    ok(&["train", "--config", s(&cfg), "--out", s(&full)]);
+    for f in ["model.safetensors", "optimizer.safetensors", "state.toml", "config.toml"] {
+        assert!(full.join("last").join(f).is_file(), "missing last/{f}");
+        assert!(full.join("best").join(f).is_file(), "missing best/{f}");
+    }
+    let csv = std::fs::read_to_string(full.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "header + rows at steps 2 and 4: {csv}");
+    assert!(full.join("bpd.png").is_file() && full.join("samples/step-0000004.png").is_file());
+
+    // Stop after the checkpoint at step 2, then resume to step 4: the same
+    // parameters and optimizer state, bit for bit, as the uninterrupted run.
+    ok(&["train", "--config", s(&cfg), "--out", s(&split), "--max-steps", "2"]);
+    let err = fails(&["train", "--config", s(&cfg), "--out", s(&split)]);
+    assert!(err.contains("--resume"), "{err}");
+    ok(&["train", "--out", s(&split), "--resume", "--max-steps", "4"]);
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        let a = std::fs::read(full.join("last").join(f)).unwrap();
+        let b = std::fs::read(split.join("last").join(f)).unwrap();
+        assert!(a == b, "{f} differs after resume");
+    }
+    let state = std::fs::read_to_string(split.join("last/state.toml")).unwrap();
+    assert!(state.contains("step = 4"), "{state}");
+
+    // eval: JSON with a finite bits/dim and its standard error
+    let out = ok(&["eval", "--ckpt", s(&full), "--json"]);
+    assert!(out.contains("\"images\":12"), "{out}");
+    let bpd: f64 = out.split("\"bpd\":").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    assert!(bpd.is_finite() && bpd > 0.0 && bpd < 16.0, "{out}");
+    let text = ok(&["eval", "--ckpt", s(&full.join("last/model.safetensors")), "--limit", "5"]);
+    assert!(text.contains("5 images") && text.contains('±'), "{text}");
+
+    // sample: a grid PNG and one PNG per sample of the model's size
+    let grid = d.join("grid.png");
+    let each = d.join("each");
+    ok(&["sample", "--ckpt", s(&full), "--n", "4", "--temperature", "0.7", "--out", s(&grid), "--each", s(&each)]);
+    let (gw, gh) = png_size(&grid);
+    assert!(gw >= 16 && gh >= 16);
+    assert_eq!(png_size(&each.join("sample-00003.png")), (8, 8));
+
+    // interpolate: from dataset indices and from image files
+    let ip = d.join("manifold.png");
+    ok(&["interpolate", "--ckpt", s(&full), "--indices", "0,1,2,3", "--steps", "3", "--out", s(&ip)]);
+    let (w, h) = png_size(&ip);
+    assert_eq!(w, h, "a square steps × steps grid");
+    let imgs: Vec<String> = (0..4).map(|i| s(&each.join(format!("sample-{i:05}.png"))).to_string()).collect();
+    let ip2 = d.join("manifold2.png");
+    let mut args = vec!["interpolate", "--ckpt", s(&full), "--steps", "3", "--out", s(&ip2), "--images"];
+    args.extend(imgs.iter().map(String::as_str));
+    ok(&args);
+    assert_eq!(png_size(&ip2), (w, h));
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn misspelt_config_key_names_the_key() {
+    let d = tmp("typo");
+    let cfg = write(&d, "bad.toml", &TINY.replace("batch-size = 8", "bacth-size = 8"));
+    let err = fails(&["train", "--config", s(&cfg), "--out", s(&d.join("run"))]);
+    assert!(err.contains("bacth-size") && err.contains("batch-size"), "{err}");
+    assert!(err.contains("bad.toml"), "names the file: {err}");
+    let cfg = write(&d, "bad2.toml", &TINY.replace("features = 4", "featurs = 4"));
+    let err = fails(&["train", "--config", s(&cfg), "--out", s(&d.join("run"))]);
+    assert!(err.contains("featurs") && err.contains("features"), "{err}");
+    let cfg = write(&d, "bad3.toml", &TINY.replace("scales = 2", "scales = 4"));
+    let err = fails(&["train", "--config", s(&cfg), "--out", s(&d.join("run"))]);
+    assert!(err.contains("model.scales"), "{err}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn non_finite_steps_stop_the_run_and_spare_the_checkpoint() {
+    let d = tmp("nan");
+    let cfg = TINY
+        .replace("lr = 1e-3\n", "")
+        .replace("[train]\n", "[train]\nlr = 1e30\nclip = 0.0\nmax-bad-steps = 3\n")
+        .replace("max-steps = 4", "max-steps = 40")
+        .replace("eval-every = 2", "eval-every = 1");
+    let cfg = write(&d, "nan.toml", &cfg);
+    let run = d.join("run");
+    let err = fails(&["train", "--config", s(&cfg), "--out", s(&run)]);
+    assert!(err.contains("non-finite steps in a row"), "{err}");
+    // whatever was checkpointed is complete, finite and usable
+    let out = ok(&["eval", "--ckpt", s(&run), "--json"]);
+    assert!(out.contains("\"bpd\":"), "{out}");
+    let st = std::fs::read_to_string(run.join("last/state.toml")).unwrap();
+    assert!(st.contains("skipped-steps = 0"), "checkpoints are written only after good steps: {st}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn bad_checkpoints_and_flags_give_clear_errors() {
+    let d = tmp("errs");
+    let cfg = write(&d, "tiny.toml", TINY);
+    let run = d.join("run");
+    ok(&["train", "--config", s(&cfg), "--out", s(&run), "--max-steps", "2"]);
+
+    let err = fails(&["eval", "--ckpt", s(&d.join("nope"))]);
+    assert!(err.contains("does not exist"), "{err}");
+    let err = fails(&["sample", "--ckpt", s(&d), "--out", s(&d.join("x.png"))]);
+    assert!(err.contains("holds no checkpoint"), "{err}");
+    let err = fails(&["eval", "--ckpt", s(&run), "--split", "validation"]);
+    assert!(err.contains("--split"), "{err}");
+    let err = fails(&["train", "--config", s(&cfg), "--out", s(&d.join("r2")), "--device", "gpu"]);
+    assert!(err.contains("unknown device `gpu`"), "{err}");
+    let err = fails(&["sample", "--ckpt", s(&run), "--out", s(&d.join("x.png")), "--temperature=-1"]);
+    assert!(err.contains("--temperature"), "{err}");
+
+    // a checkpoint that does not fit its config names the tensor and both shapes
+    let c = run.join("last/config.toml");
+    let text = std::fs::read_to_string(&c).unwrap();
+    std::fs::write(&c, text.replace("features = 4", "features = 6")).unwrap();
+    let err = fails(&["eval", "--ckpt", s(&run)]);
+    assert!(err.contains("tensor `scale") && err.contains("shape"), "{err}");
+    std::fs::write(&c, text).unwrap();
+
+    // an image of the wrong size for interpolate
+    let small = d.join("small.png");
+    image::RgbImage::new(5, 5).save(&small).unwrap();
+    let p = s(&small);
+    let err = fails(&["interpolate", "--ckpt", s(&run), "--images", p, p, p, p, "--out", s(&d.join("i.png"))]);
+    assert!(err.contains("5×5") && err.contains("small.png"), "{err}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn trains_on_cifar_format_files() {
+    let d = tmp("cifar");
+    let data = d.join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut state = 12345u64;
+    let mut rec = |n: usize| -> Vec<u8> {
+        let mut v = Vec::with_capacity(n * 3073);
+        for i in 0..n {
+            v.push((i % 10) as u8);
+            for _ in 0..3072 {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                v.push((state >> 56) as u8);
+            }
+        }
+        v
+    };
+    std::fs::write(data.join("data_batch_1.bin"), rec(16)).unwrap();
+    std::fs::write(data.join("test_batch.bin"), rec(6)).unwrap();
+    let cfg = write(
+        &d,
+        "c.toml",
+        "name = \"c\"\n[data]\ndataset = \"cifar10\"\n[model]\nres-blocks = 1\nfeatures = 2\n[train]\nbatch-size = 4\nmax-steps = 2\neval-every = 2\nsamples = 1\n",
+    );
+    let run = d.join("run");
+    let err = fails(&["train", "--config", s(&cfg), "--out", s(&run)]);
+    assert!(err.contains("data.path"), "{err}");
+    ok(&["train", "--config", s(&cfg), "--out", s(&run), "--data", s(&data)]);
+    let out = ok(&["eval", "--ckpt", s(&run), "--json"]);
+    assert!(out.contains("\"images\":6"), "{out}");
+    // noise images cost about 8 bits/dim, and never fewer than 0
+    let bpd: f64 = out.split("\"bpd\":").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    assert!(bpd > 5.0 && bpd < 12.0, "{out}");
+    // a truncated batch file is an error naming the file
+    let bytes = std::fs::read(data.join("test_batch.bin")).unwrap();
+    std::fs::write(data.join("test_batch.bin"), &bytes[..bytes.len() - 100]).unwrap();
+    let err = fails(&["eval", "--ckpt", s(&run), "--data", s(&data)]);
+    assert!(err.contains("test_batch.bin"), "{err}");
+    std::fs::remove_dir_all(&d).ok();
+}
