@@ -1,0 +1,352 @@
+//! Downsampled-ImageNet `.npz` reader. The archives are written here byte by byte (NumPy's
+//! `.npy` v1.0 format inside a stored zip, as `np.savez` makes them), independently of the
+//! reader's own npz library.
+
+use nvp::data::imagenet::{read_imagenet, read_imagenet_file, ImagenetOptions};
+use nvp::data::{Error, Split};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A fresh folder under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let p = std::env::temp_dir().join(format!(
+            "nvp-data-{tag}-{}-{}-{nanos}",
+            std::process::id(),
+            COUNT.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A `.npy` v1.0 file: `descr` like `|u1` or `<i8`, `shape` like `(3, 48)` or `(3,)`.
+fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// A zip archive with stored (uncompressed) entries.
+fn zip_stored(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut central = Vec::new();
+    for (name, data) in entries {
+        let offset = out.len() as u32;
+        let crc = crc32(data);
+        let size = data.len() as u32;
+        let mut common = Vec::new();
+        common.extend_from_slice(&20u16.to_le_bytes()); // version needed
+        common.extend_from_slice(&0u16.to_le_bytes()); // flags
+        common.extend_from_slice(&0u16.to_le_bytes()); // stored
+        common.extend_from_slice(&0u16.to_le_bytes()); // time
+        common.extend_from_slice(&0x21u16.to_le_bytes()); // date 1980-01-01
+        common.extend_from_slice(&crc.to_le_bytes());
+        common.extend_from_slice(&size.to_le_bytes());
+        common.extend_from_slice(&size.to_le_bytes());
+        common.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        common.extend_from_slice(&0u16.to_le_bytes()); // extra length
+        out.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
+        out.extend_from_slice(&common);
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(data);
+
+        central.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
+        central.extend_from_slice(&20u16.to_le_bytes()); // made by
+        central.extend_from_slice(&common);
+        central.extend_from_slice(&0u16.to_le_bytes()); // comment length
+        central.extend_from_slice(&0u16.to_le_bytes()); // disk
+        central.extend_from_slice(&0u16.to_le_bytes()); // internal attributes
+        central.extend_from_slice(&0u32.to_le_bytes()); // external attributes
+        central.extend_from_slice(&offset.to_le_bytes());
+        central.extend_from_slice(name.as_bytes());
+    }
+    let cd_offset = out.len() as u32;
+    out.extend_from_slice(&central);
+    out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(central.len() as u32).to_le_bytes());
+    out.extend_from_slice(&cd_offset.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out
+}
+
+/// `n` images of side `s`: byte `k` of image `i` is `(first + i) * 13 + k`.
+fn data_array(n: usize, s: usize, first: usize) -> (Vec<u8>, String) {
+    let row = 3 * s * s;
+    let bytes = (0..n * row)
+        .map(|k| ((first + k / row) * 13 + k % row) as u8)
+        .collect();
+    (bytes, format!("({n}, {row})"))
+}
+
+fn labels_i64(labels: &[i64]) -> Vec<u8> {
+    npy(
+        "<i8",
+        &format!("({},)", labels.len()),
+        &labels
+            .iter()
+            .flat_map(|l| l.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+}
+
+fn archive(n: usize, s: usize, first: usize, labels: &[i64]) -> Vec<u8> {
+    let (d, shape) = data_array(n, s, first);
+    let mean = npy("<f4", "(4,)", &[0u8; 16]);
+    zip_stored(&[
+        ("data.npy", npy("|u1", &shape, &d)),
+        ("labels.npy", labels_i64(labels)),
+        ("mean.npy", mean),
+    ])
+}
+
+#[test]
+fn reads_a_folder_in_numeric_batch_order_with_zero_based_labels() {
+    let dir = TempDir::new("imagenet-ok");
+    let s = 8;
+    std::fs::write(
+        dir.path().join("train_data_batch_10.npz"),
+        archive(1, s, 20, &[1000]),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("train_data_batch_2.npz"),
+        archive(2, s, 10, &[3, 4]),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("train_data_batch_1.npz"),
+        archive(2, s, 0, &[1, 2]),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("val_data.npz"),
+        archive(3, s, 50, &[7, 8, 9]),
+    )
+    .unwrap();
+
+    let opts = ImagenetOptions::default();
+    let train = read_imagenet(dir.path(), Split::Train, &opts).unwrap();
+    assert_eq!(train.shape(), (3, 8, 8));
+    assert_eq!(train.len(), 5);
+    assert_eq!(train.labels, Some(vec![0, 1, 2, 3, 999]));
+    // channel-planar rows are stored as they are
+    assert_eq!(train.image(2)[0], (10 * 13) as u8);
+    assert_eq!(train.image(4)[100], (20 * 13 + 100) as u8);
+
+    let val = read_imagenet(dir.path(), Split::Test, &opts).unwrap();
+    assert_eq!(val.len(), 3);
+    assert_eq!(val.labels, Some(vec![6, 7, 8]));
+
+    // a single file
+    let one = read_imagenet(
+        dir.path().join("train_data_batch_2.npz"),
+        Split::Train,
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(one.len(), 2);
+    // stated size agrees
+    let sized = ImagenetOptions {
+        size: Some(8),
+        ..opts
+    };
+    assert_eq!(read_imagenet(dir.path(), Split::Test, &sized).unwrap(), val);
+}
+
+#[test]
+fn int32_labels_and_zero_based_option() {
+    let dir = TempDir::new("imagenet-i4");
+    let (d, shape) = data_array(2, 4, 0);
+    let labels: Vec<u8> = [0i32, 9].iter().flat_map(|l| l.to_le_bytes()).collect();
+    let path = dir.path().join("x.npz");
+    std::fs::write(
+        &path,
+        zip_stored(&[
+            ("data.npy", npy("|u1", &shape, &d)),
+            ("labels.npy", npy("<i4", "(2,)", &labels)),
+        ]),
+    )
+    .unwrap();
+    let zero_based = ImagenetOptions {
+        labels_one_based: false,
+        num_classes: 10,
+        ..ImagenetOptions::default()
+    };
+    let set = read_imagenet_file(&path, &zero_based).unwrap();
+    assert_eq!(set.labels, Some(vec![0, 9]));
+    // with the official 1-based convention, label 0 is out of range: named by record
+    let err = read_imagenet_file(&path, &ImagenetOptions::default()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LabelOutOfRange {
+                record: 0,
+                label: 0,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("x.npz"), "{err}");
+}
+
+#[test]
+fn missing_arrays_are_named() {
+    let dir = TempDir::new("imagenet-missing");
+    let (d, shape) = data_array(2, 4, 0);
+    let no_data = dir.path().join("no_data.npz");
+    std::fs::write(&no_data, zip_stored(&[("labels.npy", labels_i64(&[1, 2]))])).unwrap();
+    let err = read_imagenet_file(&no_data, &ImagenetOptions::default()).unwrap_err();
+    match &err {
+        Error::NpzMissingArray { path, array, .. } => {
+            assert_eq!(path, &no_data);
+            assert_eq!(array, "data");
+        }
+        e => panic!("unexpected {e}"),
+    }
+    assert!(err.to_string().contains("no_data.npz") && err.to_string().contains("`data`"));
+
+    let no_labels = dir.path().join("no_labels.npz");
+    std::fs::write(
+        &no_labels,
+        zip_stored(&[("data.npy", npy("|u1", &shape, &d))]),
+    )
+    .unwrap();
+    let err = read_imagenet_file(&no_labels, &ImagenetOptions::default()).unwrap_err();
+    assert!(
+        matches!(&err, Error::NpzMissingArray { array, .. } if array == "labels"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("no_labels.npz"), "{err}");
+}
+
+#[test]
+fn wrong_shapes_and_types_are_errors() {
+    let dir = TempDir::new("imagenet-shape");
+    let opts = ImagenetOptions::default();
+    // row of 100 values: not 3·S·S
+    let bad_row = dir.path().join("row.npz");
+    std::fs::write(
+        &bad_row,
+        zip_stored(&[
+            ("data.npy", npy("|u1", "(2, 100)", &[0u8; 200])),
+            ("labels.npy", labels_i64(&[1, 2])),
+        ]),
+    )
+    .unwrap();
+    let err = read_imagenet_file(&bad_row, &opts).unwrap_err();
+    assert!(matches!(err, Error::NpzArray { .. }), "{err}");
+    assert!(
+        err.to_string().contains("row.npz") && err.to_string().contains("100"),
+        "{err}"
+    );
+
+    // 8×8 data where 32×32 is expected
+    let small = dir.path().join("small.npz");
+    std::fs::write(&small, archive(2, 8, 0, &[1, 2])).unwrap();
+    let err = read_imagenet_file(
+        &small,
+        &ImagenetOptions {
+            size: Some(32),
+            ..opts
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("3072"), "{err}");
+
+    // label count differs from image count
+    let count = dir.path().join("count.npz");
+    std::fs::write(&count, archive(2, 4, 0, &[1, 2, 3])).unwrap();
+    let err = read_imagenet_file(&count, &opts).unwrap_err();
+    assert!(
+        err.to_string().contains("count.npz") && err.to_string().contains("`labels`"),
+        "{err}"
+    );
+
+    // 1-D data
+    let flat = dir.path().join("flat.npz");
+    std::fs::write(
+        &flat,
+        zip_stored(&[
+            ("data.npy", npy("|u1", "(48,)", &[0u8; 48])),
+            ("labels.npy", labels_i64(&[1])),
+        ]),
+    )
+    .unwrap();
+    let err = read_imagenet_file(&flat, &opts).unwrap_err();
+    assert!(matches!(err, Error::NpzArray { .. }), "{err}");
+
+    // float labels
+    let fl = dir.path().join("floatlabels.npz");
+    let (d, shape) = data_array(1, 4, 0);
+    std::fs::write(
+        &fl,
+        zip_stored(&[
+            ("data.npy", npy("|u1", &shape, &d)),
+            ("labels.npy", npy("<f8", "(1,)", &1.0f64.to_le_bytes())),
+        ]),
+    )
+    .unwrap();
+    let err = read_imagenet_file(&fl, &opts).unwrap_err();
+    assert!(err.to_string().contains("floatlabels.npz"), "{err}");
+}
+
+#[test]
+fn not_a_zip_and_missing_files_are_errors() {
+    let dir = TempDir::new("imagenet-bad");
+    let junk = dir.path().join("val_data.npz");
+    std::fs::write(&junk, b"definitely not a zip archive").unwrap();
+    let err = read_imagenet(dir.path(), Split::Test, &ImagenetOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::Npz { .. }), "{err}");
+    assert!(err.to_string().contains("val_data.npz"), "{err}");
+
+    let err = read_imagenet(dir.path(), Split::Train, &ImagenetOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::MissingFiles { .. }), "{err}");
+    assert!(err.to_string().contains("train_data_batch_"), "{err}");
+
+    let empty = TempDir::new("imagenet-empty");
+    let err = read_imagenet(empty.path(), Split::Test, &ImagenetOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("val_data.npz"), "{err}");
+}
