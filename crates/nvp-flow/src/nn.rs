@@ -33,10 +33,11 @@ pub(crate) fn batch_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((mean, var))
 }
 
-/// 3×3 convolution, stride 1, zero padding 1, with bias.
+/// 3×3 convolution, stride 1, zero padding 1, with bias: the fast CPU
+/// kernels of `nvp-kernels` for f32 on the CPU, candle's own `conv2d`
+/// elsewhere (and when `nvp_kernels::set_fast_cpu(false)`).
 pub fn conv3x3(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let y = x.conv2d(w, 1, 1, 1, 1)?;
-    y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)
+    nvp_kernels::conv2d_3x3(x, w, Some(b))
 }
 
 /// Configuration of a [`WnConv2d`].

@@ -1,0 +1,270 @@
+//! The 3×3 convolution as candle custom ops.
+//!
+//! [`conv2d_3x3`] dispatches: f32 on the CPU (with the fast path enabled) goes through
+//! [`Conv3x3`] (x, w) or [`Conv3x3Bias`] (x, w, b), whose backward passes are further
+//! custom ops ([`Conv3x3GradInput`], [`Conv3x3GradWeight`], [`BiasGrad`]); everything
+//! else uses candle's own `conv2d` plus a broadcast bias add.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
+
+use crate::kernels::{self, ConvDims};
+
+/// Borrows the contiguous f32 data of a CPU storage.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        other => bail!("nvp-kernels: {what} must be f32, got {:?}", other.dtype()),
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("nvp-kernels: {what} must be contiguous"),
+    }
+}
+
+/// Sizes of `x (n, c, h, w)` against `w (k, c, 3, 3)`, validated.
+fn dims_of(x: &Shape, w: &Shape) -> Result<ConvDims> {
+    let (n, c, h, wd) = x.dims4()?;
+    let (k, cw, kh, kw) = w.dims4()?;
+    if cw != c || kh != 3 || kw != 3 {
+        bail!("conv2d_3x3: weight shape {w:?} does not fit input {x:?} (want (Cout, {c}, 3, 3))");
+    }
+    Ok(ConvDims { n, c, k, h, w: wd })
+}
+
+/// Forward 3×3 convolution (stride 1, zero padding 1) without bias: inputs `x`, `w`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Conv3x3;
+
+/// Forward 3×3 convolution with bias: inputs `x`, `w`, `b`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Conv3x3Bias;
+
+/// Input gradient of [`Conv3x3`]: inputs `dy (n, k, h, w)`, `w (k, c, 3, 3)`; output
+/// `(n, c, h, w)`. Not differentiable itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Conv3x3GradInput;
+
+/// Weight gradient of [`Conv3x3`]: inputs `x (n, c, h, w)`, `dy (n, k, h, w)`; output
+/// `(k, c, 3, 3)`. Not differentiable itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Conv3x3GradWeight;
+
+/// Bias gradient: input `dy (n, k, h, w)`; output `(k)`, the sums over n, h, w.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BiasGrad;
+
+/// Gradients of x and w for the convolution, skipping arguments that carry no graph.
+fn conv_grads(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let dy = dy.contiguous()?;
+    let gx = if x.track_op() {
+        Some(dy.apply_op2_no_bwd(w, &Conv3x3GradInput)?)
+    } else {
+        None
+    };
+    let gw = if w.track_op() {
+        Some(x.apply_op2_no_bwd(&dy, &Conv3x3GradWeight)?)
+    } else {
+        None
+    };
+    Ok((gx, gw))
+}
+
+impl CustomOp2 for Conv3x3 {
+    fn name(&self) -> &'static str {
+        "nvp-conv3x3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = dims_of(l1.shape(), l2.shape())?;
+        let x = f32_slice(s1, l1, "x")?;
+        let w = f32_slice(s2, l2, "w")?;
+        let y = kernels::conv3x3_fwd(x, w, None, d);
+        Ok((CpuStorage::F32(y), Shape::from((d.n, d.k, d.h, d.w))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        conv_grads(x, w, dy)
+    }
+}
+
+impl CustomOp3 for Conv3x3Bias {
+    fn name(&self) -> &'static str {
+        "nvp-conv3x3-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = dims_of(l1.shape(), l2.shape())?;
+        if l3.shape().dims() != [d.k] {
+            bail!("conv2d_3x3: bias shape {:?}, want ({},)", l3.shape(), d.k);
+        }
+        let x = f32_slice(s1, l1, "x")?;
+        let w = f32_slice(s2, l2, "w")?;
+        let b = f32_slice(s3, l3, "b")?;
+        let y = kernels::conv3x3_fwd(x, w, Some(b), d);
+        Ok((CpuStorage::F32(y), Shape::from((d.n, d.k, d.h, d.w))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (gx, gw) = conv_grads(x, w, &dy)?;
+        let gb = if b.track_op() {
+            Some(dy.apply_op1_no_bwd(&BiasGrad)?)
+        } else {
+            None
+        };
+        Ok((gx, gw, gb))
+    }
+}
+
+impl CustomOp2 for Conv3x3GradInput {
+    fn name(&self) -> &'static str {
+        "nvp-conv3x3-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, k, h, wd) = l1.shape().dims4()?;
+        let (kw, c, a, b) = l2.shape().dims4()?;
+        if kw != k || a != 3 || b != 3 {
+            bail!(
+                "conv3x3 grad-input: dy {:?} vs w {:?}",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let d = ConvDims { n, c, k, h, w: wd };
+        let dy = f32_slice(s1, l1, "dy")?;
+        let w = f32_slice(s2, l2, "w")?;
+        let dx = kernels::conv3x3_grad_input(dy, w, d);
+        Ok((CpuStorage::F32(dx), Shape::from((n, c, h, wd))))
+    }
+}
+
+impl CustomOp2 for Conv3x3GradWeight {
+    fn name(&self) -> &'static str {
+        "nvp-conv3x3-grad-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, wd) = l1.shape().dims4()?;
+        let (n2, k, h2, w2) = l2.shape().dims4()?;
+        if (n2, h2, w2) != (n, h, wd) {
+            bail!(
+                "conv3x3 grad-weight: x {:?} vs dy {:?}",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let d = ConvDims { n, c, k, h, w: wd };
+        let x = f32_slice(s1, l1, "x")?;
+        let dy = f32_slice(s2, l2, "dy")?;
+        let dw = kernels::conv3x3_grad_weight(x, dy, d);
+        Ok((CpuStorage::F32(dw), Shape::from((k, c, 3, 3))))
+    }
+}
+
+impl CustomOp1 for BiasGrad {
+    fn name(&self) -> &'static str {
+        "nvp-conv-bias-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, k, h, w) = l.shape().dims4()?;
+        let dy = f32_slice(s, l, "dy")?;
+        Ok((
+            CpuStorage::F32(kernels::bias_grad(dy, n, k, h * w)),
+            Shape::from(k),
+        ))
+    }
+}
+
+/// Whether `conv2d_3x3` would take the fast CPU path for these arguments.
+pub fn uses_fast_path(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
+    crate::fast_cpu_enabled()
+        && x.device().is_cpu()
+        && w.device().is_cpu()
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && b.is_none_or(|b| b.device().is_cpu() && b.dtype() == DType::F32)
+}
+
+/// 3×3 convolution, stride 1, zero padding 1, on NCHW tensors.
+///
+/// `x`: `(N, Cin, H, W)`, `w`: `(Cout, Cin, 3, 3)`, `b`: `(Cout)`; returns
+/// `(N, Cout, H, W)`. Differentiable with respect to all three.
+///
+/// f32 tensors on the CPU use the im2col + GEMM custom ops of this crate (unless
+/// disabled with [`crate::set_fast_cpu`]); any other device or dtype uses candle's
+/// `conv2d` followed by a broadcast bias add.
+pub fn conv2d_3x3(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let d = dims_of(x.shape(), w.shape())?;
+    if let Some(b) = b {
+        if b.dims() != [d.k] {
+            bail!("conv2d_3x3: bias shape {:?}, want ({},)", b.shape(), d.k);
+        }
+    }
+    if uses_fast_path(x, w, b) {
+        let x = x.contiguous()?;
+        let w = w.contiguous()?;
+        match b {
+            Some(b) => x.apply_op3(&w, &b.contiguous()?, Conv3x3Bias),
+            None => x.apply_op2(&w, Conv3x3),
+        }
+    } else {
+        conv2d_3x3_reference(x, w, b)
+    }
+}
+
+/// The reference path: candle's own `conv2d(w, padding 1, stride 1, dilation 1,
+/// groups 1)` plus a broadcast bias add. Works on every device and dtype.
+pub fn conv2d_3x3_reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.conv2d(w, 1, 1, 1, 1)?;
+    match b {
+        Some(b) => {
+            let k = b.dim(0)?;
+            y.broadcast_add(&b.reshape((1, k, 1, 1))?)
+        }
+        None => Ok(y),
+    }
+}

@@ -1,0 +1,309 @@
+//! Correctness of the fast f32 CPU path of `conv2d_3x3` against candle's own `conv2d`
+//! (values and gradients through candle's autograd), with an f64 ground truth.
+//!
+//! Tolerances (max absolute difference over all elements, relative to the largest
+//! magnitude of the reference tensor):
+//! - fast f32 vs candle f32: `REL_TOL_F32` = 1e-5 for the output and the x, w and b
+//!   gradients (observed at most 4e-6, on the bias gradient, where candle's own f32
+//!   sum over 65 536 terms is the less accurate side; 1e-6 elsewhere).
+//! - fast f32 vs candle f64 (ground truth, same inputs widened): the same bound.
+//!
+//! Set `NVP_TEST_VERBOSE=1` (with `--nocapture`) to print every measured error.
+//! - f64 inputs take the reference path and must match candle bit for bit.
+
+use candle_core::{DType, Device, Tensor, Var};
+use nvp_kernels::{conv2d_3x3, conv2d_3x3_reference, uses_fast_path};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const REL_TOL_F32: f32 = 1e-5;
+
+fn rand_vec(rng: &mut StdRng, len: usize) -> Vec<f32> {
+    (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn rand_tensor(rng: &mut StdRng, dims: &[usize]) -> Tensor {
+    let len = dims.iter().product();
+    Tensor::from_vec(rand_vec(rng, len), dims, &Device::Cpu).unwrap()
+}
+
+/// Max |a − b| / max |want|, as f32 (inputs of any float dtype, same shape).
+fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims(), "shape mismatch");
+    let g: Vec<f64> = got
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let w: Vec<f64> = want
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let scale = w.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+    let diff = g
+        .iter()
+        .zip(&w)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    (diff / scale) as f32
+}
+
+fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
+    let e = rel_err(got, want);
+    if std::env::var("NVP_TEST_VERBOSE").is_ok() {
+        println!("{what}: {e:.2e}");
+    }
+    assert!(e <= tol, "{what}: relative error {e:e} > {tol:e}");
+}
+
+struct Out {
+    y: Tensor,
+    gx: Tensor,
+    gw: Tensor,
+    gb: Option<Tensor>,
+}
+
+/// Forward + backward of `sum(conv(x, w, b) · r)` through candle's autograd.
+fn run(
+    conv: fn(&Tensor, &Tensor, Option<&Tensor>) -> candle_core::Result<Tensor>,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    r: &Tensor,
+    dtype: DType,
+) -> Out {
+    let xv = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+    let wv = Var::from_tensor(&w.to_dtype(dtype).unwrap()).unwrap();
+    let bv = b.map(|b| Var::from_tensor(&b.to_dtype(dtype).unwrap()).unwrap());
+    let y = conv(
+        xv.as_tensor(),
+        wv.as_tensor(),
+        bv.as_ref().map(|b| b.as_tensor()),
+    )
+    .unwrap();
+    let loss = (&y * r.to_dtype(dtype).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    Out {
+        y,
+        gx: grads.get(xv.as_tensor()).expect("no grad for x").clone(),
+        gw: grads.get(wv.as_tensor()).expect("no grad for w").clone(),
+        gb: bv.map(|b| grads.get(b.as_tensor()).expect("no grad for b").clone()),
+    }
+}
+
+/// Checks one shape, with and without bias: fast f32 against candle f32 and f64.
+fn check_case(n: usize, c: usize, k: usize, h: usize, w: usize, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let x = rand_tensor(&mut rng, &[n, c, h, w]);
+    let wt = rand_tensor(&mut rng, &[k, c, 3, 3]);
+    let b = rand_tensor(&mut rng, &[k]);
+    let r = rand_tensor(&mut rng, &[n, k, h, w]);
+    assert!(uses_fast_path(&x, &wt, Some(&b)));
+    for bias in [Some(&b), None] {
+        let tag = format!(
+            "(n={n}, c={c}, k={k}, h={h}, w={w}, bias={})",
+            bias.is_some()
+        );
+        let fast = run(conv2d_3x3, &x, &wt, bias, &r, DType::F32);
+        assert_eq!(fast.y.dtype(), DType::F32);
+        assert_eq!(fast.y.dims(), &[n, k, h, w]);
+        for (refname, dtype) in [("candle f32", DType::F32), ("candle f64", DType::F64)] {
+            let want = run(conv2d_3x3_reference, &x, &wt, bias, &r, dtype);
+            assert_close(
+                &format!("{tag} y vs {refname}"),
+                &fast.y,
+                &want.y,
+                REL_TOL_F32,
+            );
+            assert_close(
+                &format!("{tag} dx vs {refname}"),
+                &fast.gx,
+                &want.gx,
+                REL_TOL_F32,
+            );
+            assert_close(
+                &format!("{tag} dw vs {refname}"),
+                &fast.gw,
+                &want.gw,
+                REL_TOL_F32,
+            );
+            if let (Some(g), Some(e)) = (&fast.gb, &want.gb) {
+                assert_close(&format!("{tag} db vs {refname}"), g, e, REL_TOL_F32);
+            }
+        }
+    }
+}
+
+#[test]
+fn odd_sizes() {
+    check_case(2, 3, 5, 5, 7, 1);
+    check_case(3, 5, 3, 7, 5, 2);
+}
+
+#[test]
+fn batch_one() {
+    // n = 1 is smaller than the thread pool: exercises the parallel-GEMM branch.
+    check_case(1, 4, 6, 8, 8, 3);
+    check_case(1, 3, 2, 5, 7, 4);
+}
+
+#[test]
+fn tiny_and_degenerate_spatial() {
+    check_case(2, 1, 1, 1, 1, 5);
+    check_case(3, 2, 3, 1, 9, 6);
+    check_case(2, 2, 2, 9, 1, 7);
+    check_case(1, 1, 1, 2, 2, 8);
+}
+
+#[test]
+fn random_shapes() {
+    let mut rng = StdRng::seed_from_u64(42);
+    for i in 0..12 {
+        let n = rng.random_range(1..=6);
+        let c = rng.random_range(1..=9);
+        let k = rng.random_range(1..=9);
+        let h = rng.random_range(1..=12);
+        let w = rng.random_range(1..=12);
+        check_case(n, c, k, h, w, 100 + i);
+    }
+}
+
+/// Batch of the real model in release builds; a few images in debug builds, where
+/// candle's reference convolution is very slow.
+fn real_batch() -> usize {
+    if cfg!(debug_assertions) {
+        2
+    } else {
+        64
+    }
+}
+
+#[test]
+fn real_shape_32_to_64_channels() {
+    check_case(real_batch(), 32, 64, 32, 32, 9);
+}
+
+#[test]
+fn real_shape_128_channels_16x16() {
+    check_case(real_batch() / 2, 128, 128, 16, 16, 10);
+}
+
+#[test]
+fn non_contiguous_inputs() {
+    let mut rng = StdRng::seed_from_u64(11);
+    // x stored as (n, h, w, c) and permuted to NCHW; w stored transposed.
+    let x_nhwc = Var::from_tensor(&rand_tensor(&mut rng, &[3, 6, 5, 4])).unwrap();
+    let w_t = Var::from_tensor(&rand_tensor(&mut rng, &[4, 7, 3, 3])).unwrap();
+    let r = rand_tensor(&mut rng, &[3, 7, 6, 5]);
+    let x = x_nhwc.as_tensor().permute((0, 3, 1, 2)).unwrap();
+    let w = w_t.as_tensor().transpose(0, 1).unwrap();
+    assert!(!x.is_contiguous() && !w.is_contiguous());
+    let mut results = Vec::new();
+    for conv in [conv2d_3x3, conv2d_3x3_reference] {
+        let y = conv(&x, &w, None).unwrap();
+        let loss = (&y * &r).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        results.push((
+            y,
+            g.get(x_nhwc.as_tensor()).unwrap().clone(),
+            g.get(w_t.as_tensor()).unwrap().clone(),
+        ));
+    }
+    let (f, e) = (&results[0], &results[1]);
+    assert_close("y", &f.0, &e.0, REL_TOL_F32);
+    assert_close("dx", &f.1, &e.1, REL_TOL_F32);
+    assert_close("dw", &f.2, &e.2, REL_TOL_F32);
+}
+
+#[test]
+fn grad_only_for_weight_and_accumulation() {
+    // x is a constant; the convolution is used twice so gradients accumulate.
+    let mut rng = StdRng::seed_from_u64(12);
+    let x = rand_tensor(&mut rng, &[2, 3, 6, 6]);
+    let w = Var::from_tensor(&rand_tensor(&mut rng, &[3, 3, 3, 3])).unwrap();
+    let b = Var::from_tensor(&rand_tensor(&mut rng, &[3])).unwrap();
+    let mut grads = Vec::new();
+    for (i, conv) in [conv2d_3x3, conv2d_3x3_reference].into_iter().enumerate() {
+        let y1 = conv(&x, w.as_tensor(), Some(b.as_tensor())).unwrap();
+        let y2 = conv(&y1, w.as_tensor(), Some(b.as_tensor())).unwrap();
+        let loss = y2.sqr().unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        if i == 0 {
+            // The fast path skips the gradient of arguments that carry no graph.
+            assert!(g.get(&x).is_none());
+        }
+        grads.push((
+            g.get(w.as_tensor()).unwrap().clone(),
+            g.get(b.as_tensor()).unwrap().clone(),
+        ));
+    }
+    assert_close("dw", &grads[0].0, &grads[1].0, REL_TOL_F32);
+    assert_close("db", &grads[0].1, &grads[1].1, REL_TOL_F32);
+}
+
+#[test]
+fn f64_uses_reference_path_exactly() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let x = rand_tensor(&mut rng, &[2, 3, 5, 4])
+        .to_dtype(DType::F64)
+        .unwrap();
+    let w = rand_tensor(&mut rng, &[2, 3, 3, 3])
+        .to_dtype(DType::F64)
+        .unwrap();
+    let b = rand_tensor(&mut rng, &[2]).to_dtype(DType::F64).unwrap();
+    assert!(!uses_fast_path(&x, &w, Some(&b)));
+    let y = conv2d_3x3(&x, &w, Some(&b)).unwrap();
+    let e = conv2d_3x3_reference(&x, &w, Some(&b)).unwrap();
+    assert_eq!(y.dtype(), DType::F64);
+    let d = (y - e)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert_eq!(d, 0.0);
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let mut rng = StdRng::seed_from_u64(14);
+    let x = rand_tensor(&mut rng, &[2, 3, 5, 5]);
+    let w_bad_c = rand_tensor(&mut rng, &[4, 2, 3, 3]);
+    let w_5x5 = rand_tensor(&mut rng, &[4, 3, 5, 5]);
+    let w = rand_tensor(&mut rng, &[4, 3, 3, 3]);
+    let b_bad = rand_tensor(&mut rng, &[5]);
+    assert!(conv2d_3x3(&x, &w_bad_c, None).is_err());
+    assert!(conv2d_3x3(&x, &w_5x5, None).is_err());
+    assert!(conv2d_3x3(&x, &w, Some(&b_bad)).is_err());
+    assert!(conv2d_3x3(&x.flatten_all().unwrap(), &w, None).is_err());
+}
+
+/// The comparison can fail: a kernel flipped in one spatial direction (a classic
+/// im2col bug) is far outside the tolerance.
+#[test]
+fn comparison_detects_a_wrong_kernel() {
+    let mut rng = StdRng::seed_from_u64(15);
+    let x = rand_tensor(&mut rng, &[2, 3, 6, 7]);
+    let w = rand_tensor(&mut rng, &[4, 3, 3, 3]);
+    let w_flipped = Tensor::cat(
+        &[
+            w.narrow(3, 2, 1).unwrap(),
+            w.narrow(3, 1, 1).unwrap(),
+            w.narrow(3, 0, 1).unwrap(),
+        ],
+        3,
+    )
+    .unwrap();
+    let y = conv2d_3x3(&x, &w, None).unwrap();
+    let wrong = conv2d_3x3_reference(&x, &w_flipped, None).unwrap();
+    assert!(rel_err(&y, &wrong) > 1e-2);
+}
