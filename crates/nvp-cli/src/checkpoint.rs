@@ -53,7 +53,10 @@ fn check_finite(kind: &str, tensors: &HashMap<String, Tensor>) -> Result<()> {
     let mut names: Vec<_> = tensors.keys().collect();
     names.sort();
     for name in names {
-        let v = tensors[name].flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let v = tensors[name]
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
             bail!("refusing to write a checkpoint: {kind} tensor `{name}` has a non-finite value ({}) at index {i}", v[i]);
         }
@@ -63,14 +66,16 @@ fn check_finite(kind: &str, tensors: &HashMap<String, Tensor>) -> Result<()> {
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let mut f = fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut f =
+        fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     f.write_all(bytes)
         .and_then(|_| f.sync_all())
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn save_tensors(path: &Path, t: &HashMap<String, Tensor>) -> Result<()> {
-    candle_core::safetensors::save(t, path).with_context(|| format!("cannot write {}", path.display()))?;
+    candle_core::safetensors::save(t, path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     fs::File::open(path)?.sync_all()?;
     Ok(())
 }
@@ -88,7 +93,10 @@ pub fn save(run_dir: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf> {
     fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     save_tensors(&tmp.join(MODEL_FILE), &model)?;
     save_tensors(&tmp.join(OPTIM_FILE), &ckpt.optimizer)?;
-    write_synced(&tmp.join(STATE_FILE), toml::to_string_pretty(ckpt.state)?.as_bytes())?;
+    write_synced(
+        &tmp.join(STATE_FILE),
+        toml::to_string_pretty(ckpt.state)?.as_bytes(),
+    )?;
     write_synced(&tmp.join(CONFIG_FILE), ckpt.settings.to_toml()?.as_bytes())?;
     let old = run_dir.join(format!("{name}.old"));
     if old.exists() {
@@ -119,7 +127,10 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
         if dir.join(MODEL_FILE).is_file() {
             return Ok(dir);
         }
-        bail!("{} is not inside a checkpoint folder (no {MODEL_FILE} beside it)", path.display());
+        bail!(
+            "{} is not inside a checkpoint folder (no {MODEL_FILE} beside it)",
+            path.display()
+        );
     }
     if path.join(MODEL_FILE).is_file() {
         return Ok(path.to_path_buf());
@@ -139,7 +150,10 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
 pub fn load_settings(ckpt_dir: &Path) -> Result<Settings> {
     let p = ckpt_dir.join(CONFIG_FILE);
     if !p.is_file() {
-        bail!("{} is missing: the checkpoint has no config beside it", p.display());
+        bail!(
+            "{} is missing: the checkpoint has no config beside it",
+            p.display()
+        );
     }
     Settings::load(&p)
 }
@@ -159,7 +173,11 @@ fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>>
 }
 
 /// Build the model of `settings` on `device` and load the weights of `ckpt_dir`.
-pub fn load_model(ckpt_dir: &Path, settings: &Settings, device: &Device) -> Result<(ParamStore, RealNvp)> {
+pub fn load_model(
+    ckpt_dir: &Path,
+    settings: &Settings,
+    device: &Device,
+) -> Result<(ParamStore, RealNvp)> {
     let (store, model) = crate::model::build(settings, device)?;
     let path = ckpt_dir.join(MODEL_FILE);
     let tensors = load_tensors(&path, device)?;

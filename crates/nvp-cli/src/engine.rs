@@ -87,13 +87,21 @@ impl Trainer {
         };
         if !loss_v.is_finite() || !bpd.is_finite() {
             restore(&buffers)?;
-            return Ok(StepOutcome { bpd, grad_norm: f64::NAN, skipped: true });
+            return Ok(StepOutcome {
+                bpd,
+                grad_norm: f64::NAN,
+                skipped: true,
+            });
         }
         let grads = loss.backward()?;
         let grad_norm = self.adam.grad_norm(&grads)?;
         if !grad_norm.is_finite() {
             restore(&buffers)?;
-            return Ok(StepOutcome { bpd, grad_norm, skipped: true });
+            return Ok(StepOutcome {
+                bpd,
+                grad_norm,
+                skipped: true,
+            });
         }
         let scale = if self.clip > 0.0 && grad_norm > self.clip {
             self.clip / grad_norm
@@ -101,7 +109,11 @@ impl Trainer {
             1.0
         };
         self.adam.step(&grads, scale)?;
-        Ok(StepOutcome { bpd, grad_norm, skipped: false })
+        Ok(StepOutcome {
+            bpd,
+            grad_norm,
+            skipped: false,
+        })
     }
 }
 
@@ -129,14 +141,23 @@ where
     let mut out = Vec::new();
     for b in batches {
         let b = b.context("loading an evaluation batch")?;
-        let lp: Vec<f64> = model.log_prob(&b.y, Mode::Eval)?.to_dtype(DType::F64)?.to_vec1()?;
+        let lp: Vec<f64> = model
+            .log_prob(&b.y, Mode::Eval)?
+            .to_dtype(DType::F64)?
+            .to_vec1()?;
         out.extend(per_image_bpd(&lp, &b.ld_pre, dims));
     }
     Ok(out)
 }
 
 /// `n` samples at `temperature` as planar u8 pixels.
-pub fn sample_pixels<R: Rng>(model: &RealNvp, n: usize, temperature: f64, alpha: f64, rng: &mut R) -> Result<Vec<u8>> {
+pub fn sample_pixels<R: Rng>(
+    model: &RealNvp,
+    n: usize,
+    temperature: f64,
+    alpha: f64,
+    rng: &mut R,
+) -> Result<Vec<u8>> {
     let y = model.sample(n, temperature, rng)?;
     to_pixels(&y, alpha)
 }

@@ -53,7 +53,14 @@ pub fn append_metrics(path: &Path, r: &MetricsRow) -> Result<()> {
     writeln!(
         f,
         "{},{},{:.1},{:.5},{:.5},{:.5},{:.2},{}",
-        r.step, r.epoch, r.elapsed_s, r.train_bpd, r.test_bpd, r.test_bpd_stderr, r.img_per_s, r.skipped_steps
+        r.step,
+        r.epoch,
+        r.elapsed_s,
+        r.train_bpd,
+        r.test_bpd,
+        r.test_bpd_stderr,
+        r.img_per_s,
+        r.skipped_steps
     )?;
     Ok(())
 }
@@ -106,7 +113,15 @@ pub fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
 
 /// Planar u8 images (`n · C · H · W`, C = 1 or 3) as one grid image with
 /// `cols` columns, 2-pixel gaps, each image scaled up `zoom` times.
-pub fn grid(pixels: &[u8], n: usize, c: usize, h: usize, w: usize, cols: usize, zoom: usize) -> RgbImage {
+pub fn grid(
+    pixels: &[u8],
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    cols: usize,
+    zoom: usize,
+) -> RgbImage {
     let cols = cols.max(1).min(n.max(1));
     let rows = n.div_ceil(cols).max(1);
     let (pad, z) = (2usize, zoom.max(1));
@@ -137,7 +152,8 @@ pub fn auto_zoom(w: usize, cols: usize) -> usize {
 pub fn frame(img: &mut RgbImage, x0: u32, y0: u32, w: u32, h: u32, thick: u32, color: Rgb<u8>) {
     for y in y0..(y0 + h).min(img.height()) {
         for x in x0..(x0 + w).min(img.width()) {
-            let edge = x < x0 + thick || y < y0 + thick || x + thick >= x0 + w || y + thick >= y0 + h;
+            let edge =
+                x < x0 + thick || y < y0 + thick || x + thick >= x0 + w || y + thick >= y0 + h;
             if edge {
                 img.put_pixel(x, y, color);
             }
@@ -151,7 +167,8 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
             fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
         }
     }
-    img.save(path).with_context(|| format!("cannot write {}", path.display()))
+    img.save(path)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Train (blue) and test (red) bits/dim against step as a PNG line plot,
@@ -168,17 +185,33 @@ pub fn plot_bpd(rows: &[MetricsRow], path: &Path) -> Result<()> {
         return save_png(&img, path);
     }
     let xmax = pts.iter().map(|p| p.0).fold(1.0, f64::max);
-    let vals = pts.iter().flat_map(|p| [p.1, p.2]).filter(|v| v.is_finite());
+    let vals = pts
+        .iter()
+        .flat_map(|p| [p.1, p.2])
+        .filter(|v| v.is_finite());
     let (lo, hi) = vals.fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
-    let (lo, hi) = ((lo - 0.05 * (hi - lo).max(0.1)).floor(), (hi + 0.05 * (hi - lo).max(0.1)).ceil());
+    let (lo, hi) = (
+        (lo - 0.05 * (hi - lo).max(0.1)).floor(),
+        (hi + 0.05 * (hi - lo).max(0.1)).ceil(),
+    );
     let tx = |x: f64| m + ((x / xmax) * (w as i64 - 2 * m) as f64) as i64;
     let ty = |y: f64| h as i64 - m - (((y - lo) / (hi - lo)) * (h as i64 - 2 * m) as f64) as i64;
     let mut y = lo;
     while y <= hi {
-        line(&mut img, (m, ty(y)), (w as i64 - m, ty(y)), Rgb([225, 225, 225]));
+        line(
+            &mut img,
+            (m, ty(y)),
+            (w as i64 - m, ty(y)),
+            Rgb([225, 225, 225]),
+        );
         y += 1.0;
     }
-    line(&mut img, (m, h as i64 - m), (w as i64 - m, h as i64 - m), Rgb([0, 0, 0]));
+    line(
+        &mut img,
+        (m, h as i64 - m),
+        (w as i64 - m, h as i64 - m),
+        Rgb([0, 0, 0]),
+    );
     line(&mut img, (m, m), (m, h as i64 - m), Rgb([0, 0, 0]));
     for (sel, color) in [(1usize, Rgb([30, 90, 220])), (2, Rgb([220, 50, 40]))] {
         let series: Vec<(i64, i64)> = pts

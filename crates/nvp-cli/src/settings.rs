@@ -165,7 +165,10 @@ impl Settings {
     /// Parse TOML text; `origin` names the file in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
         let s: Settings = toml::from_str(text).map_err(|e| {
-            anyhow::anyhow!("{origin}: {}", e.to_string().trim_end().replace('\n', "\n  "))
+            anyhow::anyhow!(
+                "{origin}: {}",
+                e.to_string().trim_end().replace('\n', "\n  ")
+            )
         })?;
         Ok(s)
     }

@@ -79,17 +79,34 @@ fn train_resume_eval_sample_interpolate() {
     let full = d.join("full");
     let split = d.join("split");
     ok(&["train", "--config", s(&cfg), "--out", s(&full)]);
-    for f in ["model.safetensors", "optimizer.safetensors", "state.toml", "config.toml"] {
+    for f in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "state.toml",
+        "config.toml",
+    ] {
         assert!(full.join("last").join(f).is_file(), "missing last/{f}");
         assert!(full.join("best").join(f).is_file(), "missing best/{f}");
     }
     let csv = std::fs::read_to_string(full.join("metrics.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 3, "header + rows at steps 2 and 4: {csv}");
+    assert_eq!(
+        csv.lines().count(),
+        3,
+        "header + rows at steps 2 and 4: {csv}"
+    );
     assert!(full.join("bpd.png").is_file() && full.join("samples/step-0000004.png").is_file());
 
     // Stop after the checkpoint at step 2, then resume to step 4: the same
     // parameters and optimizer state, bit for bit, as the uninterrupted run.
-    ok(&["train", "--config", s(&cfg), "--out", s(&split), "--max-steps", "2"]);
+    ok(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&split),
+        "--max-steps",
+        "2",
+    ]);
     let err = fails(&["train", "--config", s(&cfg), "--out", s(&split)]);
     assert!(err.contains("--resume"), "{err}");
     ok(&["train", "--out", s(&split), "--resume", "--max-steps", "4"]);
@@ -104,27 +121,74 @@ fn train_resume_eval_sample_interpolate() {
     // eval: JSON with a finite bits/dim and its standard error
     let out = ok(&["eval", "--ckpt", s(&full), "--json"]);
     assert!(out.contains("\"images\":12"), "{out}");
-    let bpd: f64 = out.split("\"bpd\":").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    let bpd: f64 = out
+        .split("\"bpd\":")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(bpd.is_finite() && bpd > 0.0 && bpd < 16.0, "{out}");
-    let text = ok(&["eval", "--ckpt", s(&full.join("last/model.safetensors")), "--limit", "5"]);
+    let text = ok(&[
+        "eval",
+        "--ckpt",
+        s(&full.join("last/model.safetensors")),
+        "--limit",
+        "5",
+    ]);
     assert!(text.contains("5 images") && text.contains('±'), "{text}");
 
     // sample: a grid PNG and one PNG per sample of the model's size
     let grid = d.join("grid.png");
     let each = d.join("each");
-    ok(&["sample", "--ckpt", s(&full), "--n", "4", "--temperature", "0.7", "--out", s(&grid), "--each", s(&each)]);
+    ok(&[
+        "sample",
+        "--ckpt",
+        s(&full),
+        "--n",
+        "4",
+        "--temperature",
+        "0.7",
+        "--out",
+        s(&grid),
+        "--each",
+        s(&each),
+    ]);
     let (gw, gh) = png_size(&grid);
     assert!(gw >= 16 && gh >= 16);
     assert_eq!(png_size(&each.join("sample-00003.png")), (8, 8));
 
     // interpolate: from dataset indices and from image files
     let ip = d.join("manifold.png");
-    ok(&["interpolate", "--ckpt", s(&full), "--indices", "0,1,2,3", "--steps", "3", "--out", s(&ip)]);
+    ok(&[
+        "interpolate",
+        "--ckpt",
+        s(&full),
+        "--indices",
+        "0,1,2,3",
+        "--steps",
+        "3",
+        "--out",
+        s(&ip),
+    ]);
     let (w, h) = png_size(&ip);
     assert_eq!(w, h, "a square steps × steps grid");
-    let imgs: Vec<String> = (0..4).map(|i| s(&each.join(format!("sample-{i:05}.png"))).to_string()).collect();
+    let imgs: Vec<String> = (0..4)
+        .map(|i| s(&each.join(format!("sample-{i:05}.png"))).to_string())
+        .collect();
     let ip2 = d.join("manifold2.png");
-    let mut args = vec!["interpolate", "--ckpt", s(&full), "--steps", "3", "--out", s(&ip2), "--images"];
+    let mut args = vec![
+        "interpolate",
+        "--ckpt",
+        s(&full),
+        "--steps",
+        "3",
+        "--out",
+        s(&ip2),
+        "--images",
+    ];
     args.extend(imgs.iter().map(String::as_str));
     ok(&args);
     assert_eq!(png_size(&ip2), (w, h));
@@ -134,11 +198,22 @@ fn train_resume_eval_sample_interpolate() {
 #[test]
 fn misspelt_config_key_names_the_key() {
     let d = tmp("typo");
-    let cfg = write(&d, "bad.toml", &TINY.replace("batch-size = 8", "bacth-size = 8"));
+    let cfg = write(
+        &d,
+        "bad.toml",
+        &TINY.replace("batch-size = 8", "bacth-size = 8"),
+    );
     let err = fails(&["train", "--config", s(&cfg), "--out", s(&d.join("run"))]);
-    assert!(err.contains("bacth-size") && err.contains("batch-size"), "{err}");
+    assert!(
+        err.contains("bacth-size") && err.contains("batch-size"),
+        "{err}"
+    );
     assert!(err.contains("bad.toml"), "names the file: {err}");
-    let cfg = write(&d, "bad2.toml", &TINY.replace("features = 4", "featurs = 4"));
+    let cfg = write(
+        &d,
+        "bad2.toml",
+        &TINY.replace("features = 4", "featurs = 4"),
+    );
     let err = fails(&["train", "--config", s(&cfg), "--out", s(&d.join("run"))]);
     assert!(err.contains("featurs") && err.contains("features"), "{err}");
     let cfg = write(&d, "bad3.toml", &TINY.replace("scales = 2", "scales = 4"));
@@ -152,7 +227,10 @@ fn non_finite_steps_stop_the_run_and_spare_the_checkpoint() {
     let d = tmp("nan");
     let cfg = TINY
         .replace("lr = 1e-3\n", "")
-        .replace("[train]\n", "[train]\nlr = 1e30\nclip = 0.0\nmax-bad-steps = 3\n")
+        .replace(
+            "[train]\n",
+            "[train]\nlr = 1e30\nclip = 0.0\nmax-bad-steps = 3\n",
+        )
         .replace("max-steps = 4", "max-steps = 40")
         .replace("eval-every = 2", "eval-every = 1");
     let cfg = write(&d, "nan.toml", &cfg);
@@ -163,7 +241,10 @@ fn non_finite_steps_stop_the_run_and_spare_the_checkpoint() {
     let out = ok(&["eval", "--ckpt", s(&run), "--json"]);
     assert!(out.contains("\"bpd\":"), "{out}");
     let st = std::fs::read_to_string(run.join("last/state.toml")).unwrap();
-    assert!(st.contains("skipped-steps = 0"), "checkpoints are written only after good steps: {st}");
+    assert!(
+        st.contains("skipped-steps = 0"),
+        "checkpoints are written only after good steps: {st}"
+    );
     std::fs::remove_dir_all(&d).ok();
 }
 
@@ -172,7 +253,15 @@ fn bad_checkpoints_and_flags_give_clear_errors() {
     let d = tmp("errs");
     let cfg = write(&d, "tiny.toml", TINY);
     let run = d.join("run");
-    ok(&["train", "--config", s(&cfg), "--out", s(&run), "--max-steps", "2"]);
+    ok(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&run),
+        "--max-steps",
+        "2",
+    ]);
 
     let err = fails(&["eval", "--ckpt", s(&d.join("nope"))]);
     assert!(err.contains("does not exist"), "{err}");
@@ -180,9 +269,24 @@ fn bad_checkpoints_and_flags_give_clear_errors() {
     assert!(err.contains("holds no checkpoint"), "{err}");
     let err = fails(&["eval", "--ckpt", s(&run), "--split", "validation"]);
     assert!(err.contains("--split"), "{err}");
-    let err = fails(&["train", "--config", s(&cfg), "--out", s(&d.join("r2")), "--device", "gpu"]);
+    let err = fails(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&d.join("r2")),
+        "--device",
+        "gpu",
+    ]);
     assert!(err.contains("unknown device `gpu`"), "{err}");
-    let err = fails(&["sample", "--ckpt", s(&run), "--out", s(&d.join("x.png")), "--temperature=-1"]);
+    let err = fails(&[
+        "sample",
+        "--ckpt",
+        s(&run),
+        "--out",
+        s(&d.join("x.png")),
+        "--temperature=-1",
+    ]);
     assert!(err.contains("--temperature"), "{err}");
 
     // a checkpoint that does not fit its config names the tensor and both shapes
@@ -190,14 +294,28 @@ fn bad_checkpoints_and_flags_give_clear_errors() {
     let text = std::fs::read_to_string(&c).unwrap();
     std::fs::write(&c, text.replace("features = 4", "features = 6")).unwrap();
     let err = fails(&["eval", "--ckpt", s(&run)]);
-    assert!(err.contains("tensor `scale") && err.contains("shape"), "{err}");
+    assert!(
+        err.contains("tensor `scale") && err.contains("shape"),
+        "{err}"
+    );
     std::fs::write(&c, text).unwrap();
 
     // an image of the wrong size for interpolate
     let small = d.join("small.png");
     image::RgbImage::new(5, 5).save(&small).unwrap();
     let p = s(&small);
-    let err = fails(&["interpolate", "--ckpt", s(&run), "--images", p, p, p, p, "--out", s(&d.join("i.png"))]);
+    let err = fails(&[
+        "interpolate",
+        "--ckpt",
+        s(&run),
+        "--images",
+        p,
+        p,
+        p,
+        p,
+        "--out",
+        s(&d.join("i.png")),
+    ]);
     assert!(err.contains("5×5") && err.contains("small.png"), "{err}");
     std::fs::remove_dir_all(&d).ok();
 }
@@ -213,7 +331,9 @@ fn trains_on_cifar_format_files() {
         for i in 0..n {
             v.push((i % 10) as u8);
             for _ in 0..3072 {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 v.push((state >> 56) as u8);
             }
         }
@@ -229,11 +349,27 @@ fn trains_on_cifar_format_files() {
     let run = d.join("run");
     let err = fails(&["train", "--config", s(&cfg), "--out", s(&run)]);
     assert!(err.contains("data.path"), "{err}");
-    ok(&["train", "--config", s(&cfg), "--out", s(&run), "--data", s(&data)]);
+    ok(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&run),
+        "--data",
+        s(&data),
+    ]);
     let out = ok(&["eval", "--ckpt", s(&run), "--json"]);
     assert!(out.contains("\"images\":6"), "{out}");
     // noise images cost about 8 bits/dim, and never fewer than 0
-    let bpd: f64 = out.split("\"bpd\":").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    let bpd: f64 = out
+        .split("\"bpd\":")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(bpd > 5.0 && bpd < 12.0, "{out}");
     // a truncated batch file is an error naming the file
     let bytes = std::fs::read(data.join("test_batch.bin")).unwrap();

@@ -37,16 +37,25 @@ pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
 }
 
 /// A batch made in the timed region from u8 pixels.
-fn make_batch(pixels: &[u8], n: usize, s: &Settings, flip: bool, rng: &mut StdRng, device: &candle_core::Device) -> Result<Batch> {
+fn make_batch(
+    pixels: &[u8],
+    n: usize,
+    s: &Settings,
+    flip: bool,
+    rng: &mut StdRng,
+    device: &candle_core::Device,
+) -> Result<Batch> {
     let m = &s.model;
     let d = m.dims();
     let mut px = pixels.to_vec();
@@ -54,7 +63,13 @@ fn make_batch(pixels: &[u8], n: usize, s: &Settings, flip: bool, rng: &mut StdRn
     let mut flipped = vec![false; n];
     if flip {
         for (i, f) in flipped.iter_mut().enumerate() {
-            *f = flipper.apply(&mut px[i * d..(i + 1) * d], m.channels, m.height, m.width, rng)?;
+            *f = flipper.apply(
+                &mut px[i * d..(i + 1) * d],
+                m.channels,
+                m.height,
+                m.width,
+                rng,
+            )?;
         }
     }
     let deq = Dequantize::new(s.data.alpha)?;
@@ -89,7 +104,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     s.train.batch_size = a.batch;
     s.validate().or_else(|e| {
         // The dataset is not read: a missing data path does not matter here.
-        if e.to_string().contains("data.path") { Ok(()) } else { Err(e) }
+        if e.to_string().contains("data.path") {
+            Ok(())
+        } else {
+            Err(e)
+        }
     })?;
     let device = open_device(&s.train.device)?;
     let (store, model) = crate::model::build(&s, &device)?;
@@ -97,7 +116,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut trainer = Trainer::new(store, model, &s)?;
     let d = s.model.dims();
     let mut rng = StdRng::seed_from_u64(0);
-    let random_pixels = |n: usize, rng: &mut StdRng| -> Vec<u8> { (0..n * d).map(|_| rng.random::<u8>()).collect() };
+    let random_pixels = |n: usize, rng: &mut StdRng| -> Vec<u8> {
+        (0..n * d).map(|_| rng.random::<u8>()).collect()
+    };
     let rss_before = peak_rss_mib();
 
     // Training.
@@ -162,8 +183,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
             rayon_threads()
         );
     } else {
-        println!("config {} on {}: {params} parameters", s.name, s.train.device);
-        println!("train   batch {:>4}: {train_ips:8.2} img/s (median step {:.3} s over {} steps)", a.batch, train_step_s, a.steps);
+        println!(
+            "config {} on {}: {params} parameters",
+            s.name, s.train.device
+        );
+        println!(
+            "train   batch {:>4}: {train_ips:8.2} img/s (median step {:.3} s over {} steps)",
+            a.batch, train_step_s, a.steps
+        );
         println!("eval    batch {:>4}: {eval_ips:8.2} img/s", a.eval_batch);
         println!("sample  n     {:>4}: {sample_ips:8.2} img/s", a.sample_n);
         println!("peak RSS: {peak:.0} MiB (after training steps: {peak_train:.0} MiB; before: {rss_before:.0} MiB)");
@@ -179,5 +206,9 @@ fn rayon_threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
 }

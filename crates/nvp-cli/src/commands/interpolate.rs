@@ -26,8 +26,11 @@ pub fn run(a: InterpolateArgs) -> Result<()> {
         (Some(files), _) => {
             let mut v = Vec::with_capacity(4 * d);
             for f in files {
-                let img = nvp_data::folder::decode_rgb(f).with_context(|| format!("cannot read image {}", f.display()))?;
-                if (img.height() as usize, img.width() as usize) != (m.height, m.width) || m.channels != 3 {
+                let img = nvp_data::folder::decode_rgb(f)
+                    .with_context(|| format!("cannot read image {}", f.display()))?;
+                if (img.height() as usize, img.width() as usize) != (m.height, m.width)
+                    || m.channels != 3
+                {
                     bail!(
                         "image {} is {}×{} but the model takes {}×{}×{} (C×H×W)",
                         f.display(),
@@ -52,20 +55,30 @@ pub fn run(a: InterpolateArgs) -> Result<()> {
             let set: ImageSet = crate::data::open(&l.settings, super::parse_split(&a.split)?)?;
             let mut v = Vec::with_capacity(4 * d);
             for &i in idx {
-                let img = set
-                    .get(i)
-                    .with_context(|| format!("--indices: image {i} is out of range (the {} split has {} images)", a.split, set.len()))?;
+                let img = set.get(i).with_context(|| {
+                    format!(
+                        "--indices: image {i} is out of range (the {} split has {} images)",
+                        a.split,
+                        set.len()
+                    )
+                })?;
                 v.extend_from_slice(img);
             }
             v
         }
-        (None, None) => bail!("give four images with --images A B C D, or --data DIR --indices I,J,K,L"),
+        (None, None) => {
+            bail!("give four images with --images A B C D, or --data DIR --indices I,J,K,L")
+        }
     };
     // Encode with the midpoint dequantisation (u = 0.5): deterministic.
     let deq = Dequantize::new(l.settings.data.alpha)?;
     let mut y = vec![0f32; 4 * d];
     for k in 0..4 {
-        deq.apply_with_noise(&pixels[k * d..(k + 1) * d], &vec![0.5; d], &mut y[k * d..(k + 1) * d])?;
+        deq.apply_with_noise(
+            &pixels[k * d..(k + 1) * d],
+            &vec![0.5; d],
+            &mut y[k * d..(k + 1) * d],
+        )?;
     }
     let y = Tensor::from_vec(y, (4, m.channels, m.height, m.width), &l.device)?;
     let (z, _) = l.model.forward(&y, Mode::Eval)?;
@@ -77,8 +90,14 @@ pub fn run(a: InterpolateArgs) -> Result<()> {
         let phi = FRAC_PI_2 * i as f64 / (s - 1) as f64;
         for j in 0..s {
             let psi = FRAC_PI_2 * j as f64 / (s - 1) as f64;
-            let (a1, a2) = ((phi.cos() * psi.cos()) as f32, (phi.cos() * psi.sin()) as f32);
-            let (a3, a4) = ((phi.sin() * psi.cos()) as f32, (phi.sin() * psi.sin()) as f32);
+            let (a1, a2) = (
+                (phi.cos() * psi.cos()) as f32,
+                (phi.cos() * psi.sin()) as f32,
+            );
+            let (a3, a4) = (
+                (phi.sin() * psi.cos()) as f32,
+                (phi.sin() * psi.sin()) as f32,
+            );
             for t in 0..d {
                 grid_z.push(a1 * zk(0)[t] + a2 * zk(1)[t] + a3 * zk(2)[t] + a4 * zk(3)[t]);
             }
@@ -88,14 +107,25 @@ pub fn run(a: InterpolateArgs) -> Result<()> {
     for chunk in grid_z.chunks(64 * d) {
         let n = chunk.len() / d;
         let zt = Tensor::from_vec(chunk.to_vec(), (n, d), &l.device)?;
-        px.extend(engine::to_pixels(&l.model.inverse(&zt)?, l.settings.data.alpha)?);
+        px.extend(engine::to_pixels(
+            &l.model.inverse(&zt)?,
+            l.settings.data.alpha,
+        )?);
     }
     let zoom = report::auto_zoom(m.width, s);
     let mut img = report::grid(&px, s * s, m.channels, m.height, m.width, s, zoom);
     let cell = (m.width * zoom + 2) as u32;
     let cell_h = (m.height * zoom + 2) as u32;
     for (r, c) in [(0, 0), (0, s - 1), (s - 1, 0), (s - 1, s - 1)] {
-        report::frame(&mut img, c as u32 * cell, r as u32 * cell_h, cell + 2, cell_h + 2, 2, Rgb([230, 30, 30]));
+        report::frame(
+            &mut img,
+            c as u32 * cell,
+            r as u32 * cell_h,
+            cell + 2,
+            cell_h + 2,
+            2,
+            Rgb([230, 30, 30]),
+        );
     }
     report::save_png(&img, &a.out)?;
     eprintln!("wrote a {s}×{s} latent manifold to {}", a.out.display());

@@ -40,7 +40,12 @@ pub(crate) fn load(ckpt: &Path, device: Option<&str>) -> Result<Loaded> {
     let settings = crate::checkpoint::load_settings(&dir)?;
     let device = open_device(device.unwrap_or("cpu"))?;
     let (store, model) = crate::checkpoint::load_model(&dir, &settings, &device)?;
-    Ok(Loaded { settings, device, store, model })
+    Ok(Loaded {
+        settings,
+        device,
+        store,
+        model,
+    })
 }
 
 pub(crate) fn parse_split(s: &str) -> Result<Split> {

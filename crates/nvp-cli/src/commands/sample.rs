@@ -22,22 +22,50 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let mut left = a.n;
     while left > 0 {
         let k = left.min(256);
-        px.extend(engine::sample_pixels(&l.model, k, a.temperature, l.settings.data.alpha, &mut rng)?);
+        px.extend(engine::sample_pixels(
+            &l.model,
+            k,
+            a.temperature,
+            l.settings.data.alpha,
+            &mut rng,
+        )?);
         left -= k;
     }
     let cols = (a.n as f64).sqrt().ceil() as usize;
-    let img = report::grid(&px, a.n, m.channels, m.height, m.width, cols, report::auto_zoom(m.width, cols));
+    let img = report::grid(
+        &px,
+        a.n,
+        m.channels,
+        m.height,
+        m.width,
+        cols,
+        report::auto_zoom(m.width, cols),
+    );
     report::save_png(&img, &a.out)?;
     if let Some(dir) = &a.each {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let d = m.dims();
         for i in 0..a.n {
-            let one = report::grid(&px[i * d..(i + 1) * d], 1, m.channels, m.height, m.width, 1, 1);
+            let one = report::grid(
+                &px[i * d..(i + 1) * d],
+                1,
+                m.channels,
+                m.height,
+                m.width,
+                1,
+                1,
+            );
             // grid() pads by 2 px; crop back to the image itself
-            let one = image::imageops::crop_imm(&one, 2, 2, m.width as u32, m.height as u32).to_image();
+            let one =
+                image::imageops::crop_imm(&one, 2, 2, m.width as u32, m.height as u32).to_image();
             report::save_png(&one, &dir.join(format!("sample-{i:05}.png")))?;
         }
     }
-    eprintln!("wrote {} samples (T = {}) to {}", a.n, a.temperature, a.out.display());
+    eprintln!(
+        "wrote {} samples (T = {}) to {}",
+        a.n,
+        a.temperature,
+        a.out.display()
+    );
     Ok(())
 }

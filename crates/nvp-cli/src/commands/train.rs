@@ -78,10 +78,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let (loaded, _) = checkpoint::load_model(dir, &settings, &device)?;
         trainer.store.load_tensors(&loaded.tensors())?;
         let opt = checkpoint::load_optimizer(dir, &device)?;
-        trainer
-            .adam
-            .load_state(&opt, state.step)
-            .with_context(|| format!("{} does not fit the model", dir.join(checkpoint::OPTIM_FILE).display()))?;
+        trainer.adam.load_state(&opt, state.step).with_context(|| {
+            format!(
+                "{} does not fit the model",
+                dir.join(checkpoint::OPTIM_FILE).display()
+            )
+        })?;
         report::truncate_metrics(&out.join("metrics.csv"), state.step)?;
     }
 
@@ -118,7 +120,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         out.display()
     );
     if resume_dir.is_some() {
-        eprintln!("resuming at step {} (epoch {}, batch {})", state.step, state.epoch, state.batch);
+        eprintln!(
+            "resuming at step {} (epoch {}, batch {})",
+            state.step, state.epoch, state.batch
+        );
     }
 
     let started = Instant::now();
@@ -151,12 +156,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
         if o.skipped {
             state.skipped_steps += 1;
             bad_in_row += 1;
-            say(&pb, format!(
-                "warning: step {} skipped: non-finite {} ({} in a row)",
-                state.step + 1,
-                if o.bpd.is_finite() { "gradient" } else { "loss" },
-                bad_in_row
-            ));
+            say(
+                &pb,
+                format!(
+                    "warning: step {} skipped: non-finite {} ({} in a row)",
+                    state.step + 1,
+                    if o.bpd.is_finite() {
+                        "gradient"
+                    } else {
+                        "loss"
+                    },
+                    bad_in_row
+                ),
+            );
             if bad_in_row >= t.max_bad_steps {
                 pb.abandon();
                 bail!(
@@ -172,17 +184,36 @@ pub fn run(a: TrainArgs) -> Result<()> {
         bpd_sum += o.bpd;
         bpd_n += 1;
         imgs += batch.len();
-        ema_bpd = if ema_bpd.is_nan() { o.bpd } else { 0.9 * ema_bpd + 0.1 * o.bpd };
+        ema_bpd = if ema_bpd.is_nan() {
+            o.bpd
+        } else {
+            0.9 * ema_bpd + 0.1 * o.bpd
+        };
         pb.set_position(state.step);
         let rate = imgs as f64 / window.elapsed().as_secs_f64().max(1e-9);
-        pb.set_message(format!("bpd {ema_bpd:.3} | grad norm {:.2} | {rate:.1} img/s", o.grad_norm));
+        pb.set_message(format!(
+            "bpd {ema_bpd:.3} | grad norm {:.2} | {rate:.1} img/s",
+            o.grad_norm
+        ));
 
         if state.step % t.eval_every == 0 || state.step == t.max_steps {
-            let row = periodic(&mut trainer, &settings, &eval_loader, &out, &mut state, elapsed_before + started.elapsed().as_secs_f64(), bpd_sum / bpd_n.max(1) as f64, rate)?;
-            say(&pb, format!(
-                "step {:>6}  train bpd {:.4}  test bpd {:.4} ± {:.4}  {:.1} img/s",
-                row.step, row.train_bpd, row.test_bpd, row.test_bpd_stderr, row.img_per_s
-            ));
+            let row = periodic(
+                &mut trainer,
+                &settings,
+                &eval_loader,
+                &out,
+                &mut state,
+                elapsed_before + started.elapsed().as_secs_f64(),
+                bpd_sum / bpd_n.max(1) as f64,
+                rate,
+            )?;
+            say(
+                &pb,
+                format!(
+                    "step {:>6}  train bpd {:.4}  test bpd {:.4} ± {:.4}  {:.1} img/s",
+                    row.step, row.train_bpd, row.test_bpd, row.test_bpd_stderr, row.img_per_s
+                ),
+            );
             last_eval_step = state.step;
             (bpd_sum, bpd_n, imgs) = (0.0, 0, 0);
             window = Instant::now();
@@ -191,12 +222,28 @@ pub fn run(a: TrainArgs) -> Result<()> {
     drop(stream);
     if state.step > last_eval_step || (resume_dir.is_none() && state.step == 0) {
         let rate = imgs as f64 / window.elapsed().as_secs_f64().max(1e-9);
-        let train_bpd = if bpd_n > 0 { bpd_sum / bpd_n as f64 } else { f64::NAN };
-        let row = periodic(&mut trainer, &settings, &eval_loader, &out, &mut state, elapsed_before + started.elapsed().as_secs_f64(), train_bpd, rate)?;
-        say(&pb, format!(
-            "step {:>6}  train bpd {:.4}  test bpd {:.4} ± {:.4}  {:.1} img/s",
-            row.step, row.train_bpd, row.test_bpd, row.test_bpd_stderr, row.img_per_s
-        ));
+        let train_bpd = if bpd_n > 0 {
+            bpd_sum / bpd_n as f64
+        } else {
+            f64::NAN
+        };
+        let row = periodic(
+            &mut trainer,
+            &settings,
+            &eval_loader,
+            &out,
+            &mut state,
+            elapsed_before + started.elapsed().as_secs_f64(),
+            train_bpd,
+            rate,
+        )?;
+        say(
+            &pb,
+            format!(
+                "step {:>6}  train bpd {:.4}  test bpd {:.4} ± {:.4}  {:.1} img/s",
+                row.step, row.train_bpd, row.test_bpd, row.test_bpd_stderr, row.img_per_s
+            ),
+        );
     }
     pb.finish_and_clear();
     eprintln!(
@@ -230,11 +277,29 @@ fn periodic(
     let n = s.train.samples;
     if n > 0 {
         let mut rng = StdRng::seed_from_u64(s.train.seed ^ SAMPLE_SEED);
-        let px = engine::sample_pixels(&trainer.model, n, s.train.temperature, s.data.alpha, &mut rng)?;
+        let px = engine::sample_pixels(
+            &trainer.model,
+            n,
+            s.train.temperature,
+            s.data.alpha,
+            &mut rng,
+        )?;
         let m = &s.model;
         let cols = (n as f64).sqrt().ceil() as usize;
-        let img = report::grid(&px, n, m.channels, m.height, m.width, cols, report::auto_zoom(m.width, cols));
-        report::save_png(&img, &out.join("samples").join(format!("step-{:07}.png", state.step)))?;
+        let img = report::grid(
+            &px,
+            n,
+            m.channels,
+            m.height,
+            m.width,
+            cols,
+            report::auto_zoom(m.width, cols),
+        );
+        report::save_png(
+            &img,
+            &out.join("samples")
+                .join(format!("step-{:07}.png", state.step)),
+        )?;
         report::save_png(&img, &out.join("samples").join("latest.png"))?;
     }
     state.elapsed_secs = elapsed;
