@@ -133,7 +133,10 @@ impl Adam {
     /// Restore the moments and the step count saved by [`Adam::state`].
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>, steps: u64) -> Result<()> {
         for s in &self.slots {
-            for (key, var) in [(format!("m.{}", s.name), &s.m), (format!("v.{}", s.name), &s.v)] {
+            for (key, var) in [
+                (format!("m.{}", s.name), &s.m),
+                (format!("v.{}", s.name), &s.v),
+            ] {
                 let t = state.get(&key).ok_or_else(|| {
                     candle_core::Error::Msg(format!("optimizer state `{key}` is missing"))
                 })?;
