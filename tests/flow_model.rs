@@ -287,3 +287,37 @@ fn seeded_init_and_sampling_are_reproducible() {
     assert_eq!(max_abs_diff(&a, &b), 0.0);
     assert!(max_abs_diff(&a, &c) > 0.0);
 }
+
+#[test]
+fn fast_f32_path_matches_f64_reference_in_both_modes() {
+    // f32 on the CPU runs the fused kernels (nvp-kernels); f64 runs candle's
+    // own ops. Same parameters, same input: log-dets and latents agree to
+    // f32 rounding, in eval mode and in train mode (batch statistics).
+    let cfg = RealNvpConfig {
+        features: 8,
+        ..tiny(2)
+    };
+    let (s64, m64) = build(&cfg, DType::F64, 30);
+    randomise(&s64, 31);
+    let (s32, m32) = build(&cfg, DType::F32, 0);
+    s32.load_tensors(&s64.tensors()).unwrap();
+    let x64 = randn(&[4, 3, 4, 4], 1.0, DType::F64, &mut rng(32));
+    let x32 = x64.to_dtype(DType::F32).unwrap();
+    for mode in [Mode::Eval, Mode::Train] {
+        let (z64, ld64) = m64.forward(&x64, mode).unwrap();
+        let (z32, ld32) = m32.forward(&x32, mode).unwrap();
+        let dz = max_abs_diff(&z32.to_dtype(DType::F64).unwrap(), &z64);
+        let dld = max_abs_diff(&ld32.to_dtype(DType::F64).unwrap(), &ld64);
+        assert!(dz < 1e-4, "{mode:?}: latents differ by {dz:e}");
+        assert!(
+            dld < 1e-3,
+            "{mode:?}: log-dets differ by {dld:e} (|ld| ≈ {:?})",
+            to_vec_f64(&ld64)
+        );
+    }
+    // the train-mode passes updated the running statistics identically
+    let (a, b) = (s64.tensors(), s32.tensors());
+    let key = "scale0.checker0_bn.running_var";
+    let d = max_abs_diff(&a[key], &b[key].to_dtype(DType::F64).unwrap());
+    assert!(d < 1e-5, "running statistics differ by {d:e}");
+}

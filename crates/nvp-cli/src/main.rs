@@ -16,7 +16,26 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `purge_delay` option (mimalloc 2.x option index).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Process-wide performance settings, before any candle op runs: keep freed
+/// memory instead of returning it to the kernel (a training step reuses the
+/// same buffer sizes; returned pages cost page faults and zeroing), and let
+/// candle's idle worker threads park soon instead of spinning on the 2nd core.
+fn tune_runtime() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets a global mimalloc option; no allocation invariant depends on it.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // Single-threaded at this point: no other thread reads the environment.
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+    }
+}
+
 fn main() {
+    tune_runtime();
     let cli = cli::Cli::parse();
     if let Err(e) = commands::run(cli.command) {
         eprintln!("error: {e:#}");

@@ -104,8 +104,49 @@ impl FlowBatchNorm {
     }
 }
 
+impl FlowBatchNorm {
+    /// Whether the fused f32 CPU ops of `nvp_kernels` apply (the `Batch`
+    /// variant in training; every variant in eval mode and the inverse).
+    fn fast(&self, x: &Tensor, mode: Mode) -> bool {
+        (mode == Mode::Eval || self.cfg.variant == BatchNormVariant::Batch)
+            && nvp_kernels::batch_norm_uses_fast_path(x, &[&self.running_mean, &self.running_var])
+    }
+
+    /// `−½ · (H·W) · Σ_c log(var_c + ε)`, broadcast to the batch.
+    fn log_det(&self, x: &Tensor, var: &Tensor) -> Result<Tensor> {
+        let per_channel = x.elem_count() / (x.dim(0)? * x.dim(1)?).max(1);
+        let ld = ((var + self.cfg.eps)?.log()?.sum_all()? * (-0.5 * per_channel as f64))?;
+        ld.broadcast_as(x.dim(0)?)?.contiguous()
+    }
+
+    /// The fused path: one op for the statistics and the normalisation, the
+    /// batch variance as a differentiable `(C)` output for the log-det.
+    fn forward_fast(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
+        let eps = self.cfg.eps;
+        match mode {
+            Mode::Train => {
+                let out = nvp_kernels::batch_norm(x, None, None, eps, false, true)?;
+                let m = self.cfg.momentum;
+                update_running(&self.running_mean, &out.mean, m)?;
+                update_running(&self.running_var, &out.var, m)?;
+                let ld = self.log_det(x, &out.var)?;
+                Ok((out.y, ld))
+            }
+            Mode::Eval => {
+                let running = Some((&self.running_mean, &self.running_var));
+                let out = nvp_kernels::batch_norm(x, None, running, eps, false, false)?;
+                let ld = self.log_det(x, &self.running_var)?;
+                Ok((out.y, ld))
+            }
+        }
+    }
+}
+
 impl Flow for FlowBatchNorm {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
+        if self.fast(x, mode) {
+            return self.forward_fast(x, mode);
+        }
         let (mean, var) = self.statistics(x, mode)?;
         let log_var = (var + self.cfg.eps)?.log()?;
         let inv_std = (log_var.clone() * -0.5)?.exp()?;
@@ -117,6 +158,10 @@ impl Flow for FlowBatchNorm {
     }
 
     fn inverse(&self, y: &Tensor) -> Result<Tensor> {
+        if self.fast(y, Mode::Eval) {
+            let eps = self.cfg.eps;
+            return nvp_kernels::batch_norm_inverse(y, &self.running_mean, &self.running_var, eps);
+        }
         let (mean, var) = self.statistics(y, Mode::Eval)?;
         let std = (var + self.cfg.eps)?.sqrt()?;
         y.broadcast_mul(&std)?.broadcast_add(&mean)

@@ -50,7 +50,12 @@ impl<N: Conditioner> AffineCoupling<N> {
     /// `(s, t)` from the masked input, both zero where `b = 1`.
     fn s_t(&self, xb: &Tensor, b: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
         let h = self.net.forward_t(xb, mode)?;
-        let c = xb.dim(1)?;
+        self.s_t_of(&h, b)
+    }
+
+    /// `(s, t)` from the conditioner output `h = (raw_s, t)`.
+    fn s_t_of(&self, h: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+        let c = h.dim(1)? / 2;
         let raw_s = h.narrow(1, 0, c)?;
         let t = h.narrow(1, c, c)?;
         let inv_b = b.affine(-1.0, 1.0)?;
@@ -66,6 +71,16 @@ impl<N: Conditioner> AffineCoupling<N> {
 impl<N: Conditioner> Flow for AffineCoupling<N> {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
         let b = self.mask.for_input(x)?;
+        if nvp_kernels::coupling_uses_fast_path(&[x, &b, &self.scale]) {
+            // Fused f32 CPU path: the same arithmetic in two ops (mask, coupling).
+            let h = self.net.forward_t(&nvp_kernels::mask_mul(x, &b)?, mode)?;
+            if nvp_kernels::coupling_uses_fast_path(&[&h]) {
+                return nvp_kernels::coupling(x, &h, &self.scale, &b);
+            }
+            let (s, t) = self.s_t_of(&h, &b)?;
+            let y = ((x * s.exp()?)? + t)?;
+            return Ok((y, s.flatten_from(1)?.sum(1)?));
+        }
         let (s, t) = self.s_t(&x.broadcast_mul(&b)?, &b, mode)?;
         // Where b = 1, s = t = 0, so this equals b⊙x + (1−b)⊙(x⊙exp(s) + t).
         let y = ((x * s.exp()?)? + t)?;
@@ -76,6 +91,16 @@ impl<N: Conditioner> Flow for AffineCoupling<N> {
     fn inverse(&self, y: &Tensor) -> Result<Tensor> {
         let b = self.mask.for_input(y)?;
         // b ⊙ y = b ⊙ x, so the conditioner sees the same input as in forward.
+        if nvp_kernels::coupling_uses_fast_path(&[y, &b, &self.scale]) {
+            let h = self
+                .net
+                .forward_t(&nvp_kernels::mask_mul(y, &b)?, Mode::Eval)?;
+            if nvp_kernels::coupling_uses_fast_path(&[&h]) {
+                return nvp_kernels::coupling_inverse(y, &h, &self.scale, &b);
+            }
+            let (s, t) = self.s_t_of(&h, &b)?;
+            return (y - t)? * s.neg()?.exp()?;
+        }
         let (s, t) = self.s_t(&y.broadcast_mul(&b)?, &b, Mode::Eval)?;
         (y - t)? * s.neg()?.exp()?
     }

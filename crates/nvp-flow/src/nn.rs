@@ -139,6 +139,54 @@ impl BatchNorm {
     }
 
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.forward_act(x, mode, false)
+    }
+
+    /// `relu(self.forward(x, mode))`, fused into one op on the fast CPU path.
+    pub fn forward_relu(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.forward_act(x, mode, true)
+    }
+
+    fn forward_act(&self, x: &Tensor, mode: Mode, relu: bool) -> Result<Tensor> {
+        let params = [
+            &self.weight,
+            &self.bias,
+            &self.running_mean,
+            &self.running_var,
+        ];
+        if nvp_kernels::batch_norm_uses_fast_path(x, &params) {
+            return self.forward_fast(x, mode, relu);
+        }
+        let y = self.forward_reference(x, mode)?;
+        if relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// The fused f32 CPU path (`nvp_kernels::batch_norm`): the same statistics,
+    /// normalisation, affine and running-average update as the reference.
+    fn forward_fast(&self, x: &Tensor, mode: Mode, relu: bool) -> Result<Tensor> {
+        let affine = Some((&self.weight, &self.bias));
+        match mode {
+            Mode::Train => {
+                let out = nvp_kernels::batch_norm(x, affine, None, self.cfg.eps, relu, false)?;
+                let n = x.elem_count() / x.dim(1)?.max(1);
+                let unbiased = n as f64 / (n.max(2) - 1) as f64;
+                update_running(&self.running_mean, &out.mean, self.cfg.momentum)?;
+                update_running(&self.running_var, &(out.var * unbiased)?, self.cfg.momentum)?;
+                Ok(out.y)
+            }
+            Mode::Eval => {
+                let running = Some((&self.running_mean, &self.running_var));
+                Ok(nvp_kernels::batch_norm(x, affine, running, self.cfg.eps, relu, false)?.y)
+            }
+        }
+    }
+
+    /// The candle-op reference path (every device and dtype).
+    fn forward_reference(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let c = x.dim(1)?;
         let fs = feature_shape(c, x.rank());
         let (mean, var) = match mode {

@@ -5,24 +5,12 @@
 //! custom ops ([`Conv3x3GradInput`], [`Conv3x3GradWeight`], [`BiasGrad`]); everything
 //! else uses candle's own `conv2d` plus a broadcast bias add.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 
 use crate::kernels::{self, ConvDims};
-
-/// Borrows the contiguous f32 data of a CPU storage.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        other => bail!("nvp-kernels: {what} must be f32, got {:?}", other.dtype()),
-    };
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("nvp-kernels: {what} must be contiguous"),
-    }
-}
+use crate::util::f32_slice;
 
 /// Sizes of `x (n, c, h, w)` against `w (k, c, 3, 3)`, validated.
 fn dims_of(x: &Shape, w: &Shape) -> Result<ConvDims> {

@@ -6,6 +6,11 @@
 //! im2col + GEMM (the `gemm` crate) for the forward pass and both gradients, threaded
 //! over the batch with rayon. Other devices and dtypes fall back to candle's own ops.
 //!
+//! The other training-step hot spots are fused too: batch normalisation with its
+//! batch statistics, affine and ReLU ([`batch_norm`], module `bn`), and the affine
+//! coupling with its log-det and inverse ([`coupling`], [`coupling_inverse`],
+//! [`mask_mul`]). Each has a candle-op `*_reference` that the tests compare with.
+//!
 //! The fast path can be switched off globally with [`set_fast_cpu`] (or the
 //! environment variable `NVP_FAST_CPU=0`) to compare against the reference path.
 //!
@@ -17,8 +22,20 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
+mod bn;
 mod conv;
+mod coupling;
 mod kernels;
+mod util;
+
+pub use bn::{
+    batch_norm, batch_norm_inverse, batch_norm_reference, batch_norm_uses_fast_path,
+    BatchNormAffine, BatchNormOutput, BatchNormPlain, BatchVar,
+};
+pub use coupling::{
+    coupling, coupling_inverse, coupling_inverse_reference, coupling_reference,
+    coupling_uses_fast_path, mask_mul, Coupling, CouplingInverse, CouplingLogDet, MaskMul,
+};
 
 pub use conv::{
     conv2d_3x3, conv2d_3x3_reference, uses_fast_path, BiasGrad, Conv3x3, Conv3x3Bias,

@@ -53,8 +53,8 @@ impl ResBlock {
     }
 
     fn forward(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
-        let r = self.conv1.forward(&self.bn1.forward(h, mode)?.relu()?)?;
-        let r = self.conv2.forward(&self.bn2.forward(&r, mode)?.relu()?)?;
+        let r = self.conv1.forward(&self.bn1.forward_relu(h, mode)?)?;
+        let r = self.conv2.forward(&self.bn2.forward_relu(&r, mode)?)?;
         h + r
     }
 }
@@ -103,7 +103,7 @@ impl Conditioner for ResNet {
         for b in &self.blocks {
             h = b.forward(&h, mode)?;
         }
-        self.out.forward(&self.bn_out.forward(&h, mode)?.relu()?)
+        self.out.forward(&self.bn_out.forward_relu(&h, mode)?)
     }
 
     fn scale_parameters(&self) -> Vec<Tensor> {
