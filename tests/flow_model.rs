@@ -321,3 +321,27 @@ fn fast_f32_path_matches_f64_reference_in_both_modes() {
     let d = max_abs_diff(&a[key], &b[key].to_dtype(DType::F64).unwrap());
     assert!(d < 1e-5, "running statistics differ by {d:e}");
 }
+
+#[test]
+fn frozen_model_shares_parameters_without_a_graph() {
+    let (store, model) = build(&tiny(2), DType::F32, 40);
+    randomise(&store, 41);
+    let frozen =
+        RealNvp::new(&tiny(2), store.frozen_var_builder(DType::F32, &Device::Cpu)).unwrap();
+    let x = randn(&[2, 3, 4, 4], 1.0, DType::F32, &mut rng(42));
+    let a = model.log_prob(&x, Mode::Eval).unwrap();
+    let b = frozen.log_prob(&x, Mode::Eval).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    assert!(b.backward().unwrap().get(&x).is_none());
+    // an update of the parameters (an optimizer step) is seen by the twin
+    let (_, var) = store
+        .trainable_vars()
+        .into_iter()
+        .find(|(n, _)| n.ends_with("checker1.scale"))
+        .unwrap();
+    var.set(&(var.as_tensor() * 1.5).unwrap()).unwrap();
+    let a2 = model.log_prob(&x, Mode::Eval).unwrap();
+    let b2 = frozen.log_prob(&x, Mode::Eval).unwrap();
+    assert!(max_abs_diff(&a, &a2) > 1e-3);
+    assert_eq!(max_abs_diff(&a2, &b2), 0.0);
+}

@@ -172,19 +172,21 @@ fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>>
         .with_context(|| format!("cannot read {} as safetensors", path.display()))
 }
 
-/// Build the model of `settings` on `device` and load the weights of `ckpt_dir`.
+/// Build the model of `settings` on `device` and load the weights of
+/// `ckpt_dir`; the model returned records no autograd graph (inference).
 pub fn load_model(
     ckpt_dir: &Path,
     settings: &Settings,
     device: &Device,
 ) -> Result<(ParamStore, RealNvp)> {
-    let (store, model) = crate::model::build(settings, device)?;
+    let (store, _trainable) = crate::model::build(settings, device)?;
     let path = ckpt_dir.join(MODEL_FILE);
     let tensors = load_tensors(&path, device)?;
     store
         .load_tensors(&tensors)
         .with_context(|| format!("{} does not fit the model of its config", path.display()))?;
-    Ok((store, model))
+    let frozen = crate::model::frozen(settings, &store, device)?;
+    Ok((store, frozen))
 }
 
 /// The Adam moments of a checkpoint.

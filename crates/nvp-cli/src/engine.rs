@@ -16,6 +16,8 @@ use crate::settings::Settings;
 pub struct Trainer {
     pub store: ParamStore,
     pub model: RealNvp,
+    /// The same parameters without autograd, for evaluation and sampling.
+    pub frozen: RealNvp,
     pub adam: Adam,
     l2: f64,
     clip: f64,
@@ -42,9 +44,11 @@ impl Trainer {
             },
         )?;
         let scale_params = model.scale_parameters();
+        let frozen = crate::model::frozen(s, &store, model.device())?;
         Ok(Self {
             store,
             model,
+            frozen,
             adam,
             l2: s.train.l2,
             clip: s.train.clip,

@@ -13,3 +13,11 @@ pub fn build(s: &Settings, device: &Device) -> Result<(ParamStore, RealNvp)> {
         .context("cannot build the model")?;
     Ok((store, model))
 }
+
+/// A graph-free twin of a trained model for evaluation and sampling: it
+/// shares `store`'s storage (so it follows training) but records no autograd
+/// graph, so activations are freed as the forward pass goes.
+pub fn frozen(s: &Settings, store: &ParamStore, device: &Device) -> Result<RealNvp> {
+    RealNvp::new(&s.model, store.frozen_var_builder(DType::F32, device))
+        .context("cannot build the evaluation model")
+}

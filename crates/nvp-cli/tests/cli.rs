@@ -378,3 +378,80 @@ fn trains_on_cifar_format_files() {
     assert!(err.contains("test_batch.bin"), "{err}");
     std::fs::remove_dir_all(&d).ok();
 }
+
+#[test]
+fn killed_run_resumes_to_the_same_parameters() {
+    let d = tmp("kill");
+    let cfg = write(
+        &d,
+        "tiny.toml",
+        &TINY.replace("eval-every = 2", "eval-every = 1"),
+    );
+    let killed = d.join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nvp"))
+        .args([
+            "train",
+            "--config",
+            s(&cfg),
+            "--out",
+            s(&killed),
+            "--max-steps",
+            "100000",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // wait for a checkpoint beyond step 2, then kill -9 (possibly mid-save)
+    let t0 = std::time::Instant::now();
+    loop {
+        let st = std::fs::read_to_string(killed.join("last/state.toml")).unwrap_or_default();
+        if st
+            .lines()
+            .any(|l| l.starts_with("step = ") && l[7..].trim().parse::<u64>().unwrap_or(0) >= 3)
+        {
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // the checkpoint on disk is complete: resume it a few steps further
+    let st = std::fs::read_to_string(killed.join("last/state.toml")).unwrap();
+    let step: u64 = st
+        .lines()
+        .find_map(|l| l.strip_prefix("step = "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let target = (step + 3).to_string();
+    ok(&[
+        "train",
+        "--out",
+        s(&killed),
+        "--resume",
+        "--max-steps",
+        &target,
+    ]);
+    let straight = d.join("straight");
+    ok(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&straight),
+        "--max-steps",
+        &target,
+    ]);
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        let a = std::fs::read(killed.join("last").join(f)).unwrap();
+        let b = std::fs::read(straight.join("last").join(f)).unwrap();
+        assert!(
+            a == b,
+            "{f} differs between the killed+resumed run and the straight run"
+        );
+    }
+    std::fs::remove_dir_all(&d).ok();
+}

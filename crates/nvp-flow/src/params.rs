@@ -48,6 +48,21 @@ impl ParamStore {
         VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
     }
 
+    /// A [`VarBuilder`] over *detached* views of this store's tensors: a
+    /// model built from it shares the storage (it sees every later update of
+    /// the parameters and running statistics) but records no autograd graph,
+    /// so evaluation and sampling free their activations as they go — the
+    /// equivalent of PyTorch's `no_grad`. Build the model over
+    /// [`ParamStore::var_builder`] first, so every tensor exists.
+    pub fn frozen_var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        let ts = self
+            .named_vars()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().detach()))
+            .collect::<HashMap<_, _>>();
+        VarBuilder::from_tensors(ts, dtype, device)
+    }
+
     /// The underlying candle `VarMap` (e.g. for `VarMap::save`).
     pub fn var_map(&self) -> &VarMap {
         &self.map

@@ -146,7 +146,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for i in 0..a.eval_reps + 1 {
         let t0 = Instant::now();
         let b = make_batch(&px, a.eval_batch, &s, false, &mut rng, &device)?;
-        let lp = trainer.model.log_prob(&b.y, Mode::Eval)?.to_vec1::<f32>()?;
+        let lp = trainer
+            .frozen
+            .log_prob(&b.y, Mode::Eval)?
+            .to_vec1::<f32>()?;
         let lp: Vec<f64> = lp.into_iter().map(f64::from).collect();
         let bpd = engine::mean_bpd(&lp, &b.ld_pre, d);
         std::hint::black_box(bpd);
@@ -160,7 +163,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut times = Vec::new();
     for i in 0..a.sample_reps + 1 {
         let t0 = Instant::now();
-        let px = engine::sample_pixels(&trainer.model, a.sample_n, 1.0, s.data.alpha, &mut rng)?;
+        let px = engine::sample_pixels(&trainer.frozen, a.sample_n, 1.0, s.data.alpha, &mut rng)?;
         std::hint::black_box(px);
         if i > 0 {
             times.push(t0.elapsed().as_secs_f64());

@@ -272,13 +272,13 @@ fn periodic(
     train_bpd: f64,
     rate: f64,
 ) -> Result<MetricsRow> {
-    let bpd = engine::evaluate(&trainer.model, eval_loader.eval_batches()?)?;
+    let bpd = engine::evaluate(&trainer.frozen, eval_loader.eval_batches()?)?;
     let (test_bpd, stderr) = nvp_flow::bits::mean_and_stderr(&bpd);
     let n = s.train.samples;
     if n > 0 {
         let mut rng = StdRng::seed_from_u64(s.train.seed ^ SAMPLE_SEED);
         let px = engine::sample_pixels(
-            &trainer.model,
+            &trainer.frozen,
             n,
             s.train.temperature,
             s.data.alpha,
