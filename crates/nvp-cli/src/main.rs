@@ -28,6 +28,11 @@ fn tune_runtime() {
         // SAFETY: sets a global mimalloc option; no allocation invariant depends on it.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // Errors are reported as one clear line: candle must not capture and
+        // print backtraces into them even when RUST_BACKTRACE is set.
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         // Single-threaded at this point: no other thread reads the environment.
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");

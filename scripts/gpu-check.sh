@@ -1,0 +1,292 @@
+#!/usr/bin/env bash
+# One prepared check of the CUDA build on a GPU machine (driver + PyTorch, no Rust,
+# no CUDA toolkit needed), run from the repository root, within ~9.5 minutes:
+#
+#   bash scripts/gpu-check.sh 2>&1 | tee gpu-check.log
+#
+# Needs what scripts/build-cuda.sh put into dist/ (git-ignored, carried along):
+#   dist/cuda/nvp.xz                    the binary built with --features cuda (sm_90),
+#                                       xz-compressed; unpacked here to dist/cuda/nvp
+#   dist/data/cifar10/{data_batch_1,test_batch}.bin   CIFAR-10 sample
+#   dist/peer/realnvp_torch.py          the PyTorch peer (for part f)
+# and on the machine: nvidia-smi + the driver (libcuda.so.1), a python3 with torch
+# whose pip packages hold the CUDA 13 libraries (nvidia/cu13/lib: cuBLAS, cuRAND,
+# NVRTC, cudart).
+#
+# Parts (each under `timeout`, each prints its wall time; one hang cannot eat the
+# budget, and a part that would not fit in what is left is shortened or skipped):
+#   a  nvidia-smi
+#   b  LD_LIBRARY_PATH from python's site-packages; ldd must resolve everything
+#   c  exactness on the GPU: a tiny CIFAR model trained 20 steps on cuda, then test
+#      bits/dim of that checkpoint on cuda vs on cpu (same images, same noise: must
+#      agree to 1e-4 relative), and sampling on cuda
+#   d  nvp bench, configs/cifar10.toml and configs/cifar10-small.toml, on cuda
+#   f  the PyTorch peer's bench on the same GPU (scripts/torch_peer_cuda.py)
+#   e  a short training run (cifar10-small, 2 minutes) on cuda, then test bpd
+#   g  ratios ours / PyTorch
+# (f runs before e so that the two benches are back to back and the ratios exist even
+# if the training run is cut short.)
+#
+# Knobs: GPU_CHECK_BUDGET_S (total seconds, default 560), TRAIN_MINUTES (2), PY
+# (python3), NVP (dist/cuda/nvp), DATA (dist/data/cifar10), PEER
+# (dist/peer/realnvp_torch.py), WORK (a fresh /tmp folder), BENCH_WARMUP (3),
+# BENCH_STEPS (20), BENCH_REPS (3), TORCH_TF32 (default|on|off: PyTorch's default lets
+# cuDNN convolutions use TF32; candle's f32 GEMMs do not). If $OUT is a folder (the device tool sets it),
+# summary.json, the sample grids and metrics.csv are copied there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BUDGET=${GPU_CHECK_BUDGET_S:-560}
+TRAIN_MINUTES=${TRAIN_MINUTES:-2}
+PY=${PY:-python3}
+NVP=${NVP:-dist/cuda/nvp}
+DATA=${DATA:-dist/data/cifar10}
+PEER=${PEER:-dist/peer/realnvp_torch.py}
+WARM=${BENCH_WARMUP:-3}; STEPS=${BENCH_STEPS:-20}; REPS=${BENCH_REPS:-3}
+WORK=${WORK:-$(mktemp -d /tmp/gpu-check.XXXXXX)}
+mkdir -p "$WORK"
+START=$(date +%s.%N)
+declare -A STATUS=()
+ORDER=()
+
+elapsed() { awk -v s="$START" -v n="$(date +%s.%N)" 'BEGIN { printf "%.0f", n - s }'; }
+left() { echo $((BUDGET - $(elapsed))); }
+hdr() { printf '\n==================== %s   [t=%ss]\n' "$*" "$(elapsed)"; }
+
+# run_part NAME CAP_SECONDS CMD...: stdout -> $WORK/NAME.out (and the terminal),
+# stderr -> the terminal; the cap is cut to what is left of the budget.
+run_part() {
+  local name=$1 cap=$2; shift 2
+  local l; l=$(left)
+  ORDER+=("$name")
+  if (( l < 10 )); then
+    echo "---- [$name] SKIPPED: only ${l}s of the ${BUDGET}s budget left"
+    STATUS[$name]=skipped; return 0
+  fi
+  (( cap > l )) && cap=$l
+  echo "---- [$name] (timeout ${cap}s) $*"
+  local t0 rc=0
+  t0=$(date +%s.%N)
+  timeout -k 5 "$cap" "$@" > >(tee "$WORK/$name.out") || rc=$?
+  sleep 0.2   # let tee finish
+  local w; w=$(awk -v s="$t0" -v n="$(date +%s.%N)" 'BEGIN { printf "%.1f", n - s }')
+  if (( rc == 0 )); then STATUS[$name]="ok ${w}s"
+  elif (( rc == 124 || rc == 137 )); then STATUS[$name]="TIMEOUT after ${w}s"
+  else STATUS[$name]="FAILED rc=$rc after ${w}s"; fi
+  echo "---- [$name] ${STATUS[$name]}"
+  return 0
+}
+
+# json FILE KEY: the value of KEY in the last JSON line of FILE (empty if none).
+json() {
+  [ -f "$1" ] || return 0
+  "$PY" - "$1" "$2" <<'EOF' 2>/dev/null || true
+import json, sys
+val = None
+for line in open(sys.argv[1]):
+    line = line.strip()
+    if line.startswith("{"):
+        try:
+            val = json.loads(line).get(sys.argv[2], val)
+        except Exception:
+            pass
+print("" if val is None else val)
+EOF
+}
+
+# ---------------------------------------------------------------------------------- checks
+hdr "gpu-check: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname); work folder $WORK; budget ${BUDGET}s"
+NVP_XZ=${NVP_XZ:-dist/cuda/nvp.xz}
+if [ -f "$NVP_XZ" ] && { [ ! -x "$NVP" ] || [ "$NVP_XZ" -nt "$NVP" ]; }; then
+  echo "unpacking $NVP_XZ -> $NVP"
+  "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2] + ".tmp", "wb"))' "$NVP_XZ" "$NVP" \
+    && chmod +x "$NVP.tmp" && mv "$NVP.tmp" "$NVP" || { echo "error: cannot unpack $NVP_XZ" >&2; exit 2; }
+fi
+[ -x "$NVP" ] || { echo "error: no executable $NVP (run scripts/build-cuda.sh on the build machine and carry dist/)" >&2; exit 2; }
+for f in data_batch_1.bin test_batch.bin; do
+  [ -f "$DATA/$f" ] || { echo "error: $DATA/$f missing (carry dist/data/cifar10)" >&2; exit 2; }
+done
+command -v "$PY" >/dev/null || { echo "error: no $PY" >&2; exit 2; }
+[ -f dist/cuda/README ] && sed -n '1,4p' dist/cuda/README
+
+# ---------------------------------------------------------------------------------- a
+hdr "a. GPU"
+run_part a_smi 20 nvidia-smi -L
+nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
+
+# ---------------------------------------------------------------------------------- b
+hdr "b. CUDA libraries from python site-packages -> LD_LIBRARY_PATH"
+LIBDIRS=$(timeout 60 "$PY" - <<'EOF' || true
+import glob, os, site, sysconfig
+roots = []
+def add(r):
+    if r and os.path.isdir(r) and r not in roots:
+        roots.append(r)
+try:
+    import torch  # the site-packages that holds torch first
+    add(os.path.dirname(os.path.dirname(torch.__file__)))
+except Exception:
+    pass
+for r in site.getsitepackages() + [site.getusersitepackages(), sysconfig.get_paths()["purelib"]]:
+    add(r)
+dirs = []
+for r in roots:
+    for d in sorted(glob.glob(os.path.join(r, "nvidia", "*", "lib"))) + \
+             sorted(glob.glob(os.path.join(r, "nvidia", "*", "lib64"))):
+        if d not in dirs:
+            dirs.append(d)
+print(":".join(dirs))
+EOF
+)
+# A toolkit, if the machine has one, as a fallback after the pip libraries.
+for d in ${CUDA_HOME:+"$CUDA_HOME/lib64"} /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  if [ -d "$d" ]; then LIBDIRS=${LIBDIRS:+$LIBDIRS:}$d; fi
+done
+export LD_LIBRARY_PATH=${LIBDIRS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+LDD=$(ldd "$NVP" 2>&1 || true)
+grep -E 'libcuda|libcudart|libcublas|libcurand|libnvrtc|libstdc|not found' <<<"$LDD" | sed 's/^/  /'
+if grep -qi "not found" <<<"$LDD"; then
+  echo "error: ldd $NVP: libraries not found (above). Point LD_LIBRARY_PATH at the CUDA 13 libraries" >&2
+  echo "       (libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13, libcudart.so.13) and rerun." >&2
+  exit 3
+fi
+echo "ldd: every library resolved"
+"$NVP" --version
+
+# ---------------------------------------------------------------------------------- c
+hdr "c. exactness on the GPU (tiny model: cuda vs cpu)"
+DATA_ABS=$(cd "$DATA" && pwd)
+cat > "$WORK/tiny.toml" <<EOF
+# written by scripts/gpu-check.sh: a tiny CIFAR-10 Real NVP for the exactness check
+name = "gpu-check-tiny"
+[data]
+dataset = "cifar10"
+path = "$DATA_ABS"
+flip = true
+alpha = 0.05
+test-limit = 500
+[model]
+channels = 3
+height = 32
+width = 32
+scales = 2
+res-blocks = 1
+features = 16
+[train]
+batch-size = 64
+max-steps = 20
+eval-every = 1000
+samples = 16
+seed = 0
+EOF
+run_part c_train_tiny_cuda 120 "$NVP" train --config "$WORK/tiny.toml" --out "$WORK/tiny" --device cuda --max-steps 20
+run_part c_eval_tiny_cuda 60 "$NVP" eval --ckpt "$WORK/tiny" --device cuda --json --limit 500
+run_part c_eval_tiny_cpu 90 "$NVP" eval --ckpt "$WORK/tiny" --device cpu --json --limit 500
+run_part c_sample_tiny_cuda 60 "$NVP" sample --ckpt "$WORK/tiny" --device cuda --n 64 --temperature 0.7 --out "$WORK/samples-tiny.png"
+BPD_GPU=$(json "$WORK/c_eval_tiny_cuda.out" bpd)
+BPD_CPU=$(json "$WORK/c_eval_tiny_cpu.out" bpd)
+EXACT=$("$PY" - "$BPD_GPU" "$BPD_CPU" <<'EOF'
+import sys
+try:
+    g, c = float(sys.argv[1]), float(sys.argv[2])
+except ValueError:
+    print("UNKNOWN (an eval failed)"); sys.exit()
+rel = abs(g - c) / abs(c)
+print(f"{'PASS' if rel <= 1e-4 else 'FAIL'}: bpd cuda {g:.7f} vs cpu {c:.7f}, relative difference {rel:.2e} (tolerance 1e-4)")
+EOF
+)
+echo "exactness: $EXACT"
+
+# ---------------------------------------------------------------------------------- d
+hdr "d. nvp bench on cuda"
+BENCH_ARGS=(--device cuda --json --batch 64 --warmup "$WARM" --steps "$STEPS" --eval-batch 256 --eval-reps "$REPS" --sample-n 64 --sample-reps "$REPS")
+run_part d_bench_paper 150 "$NVP" bench --config configs/cifar10.toml "${BENCH_ARGS[@]}"
+run_part d_bench_small 90 "$NVP" bench --config configs/cifar10-small.toml "${BENCH_ARGS[@]}"
+
+# ---------------------------------------------------------------------------------- f
+hdr "f. PyTorch peer on the same GPU (scripts/torch_peer_cuda.py)"
+if [ -f "$PEER" ]; then
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), torch.cuda.get_device_name(0))' || true
+  TORCH_ARGS=(--peer "$PEER" --data "$DATA" --device cuda --warmup "$WARM" --train-steps "$STEPS" --eval-reps "$REPS" --sample-reps "$REPS" --tf32 "${TORCH_TF32:-default}")
+  run_part f_torch_paper 120 "$PY" scripts/torch_peer_cuda.py "${TORCH_ARGS[@]}" --configs paper
+  run_part f_torch_small 90 "$PY" scripts/torch_peer_cuda.py "${TORCH_ARGS[@]}" --configs small
+else
+  echo "SKIPPED: no PyTorch peer at $PEER"
+fi
+
+# ---------------------------------------------------------------------------------- e
+hdr "e. short training run on cuda (cifar10-small, ${TRAIN_MINUTES} min) + test bpd"
+# Fit the run into what is left: startup, the final checkpoint and the eval need ~60 s.
+MIN=$("$PY" -c "import sys; l=int(sys.argv[1]); m=float(sys.argv[2]); print(f'{max(0.0, min(m, (l - 75) / 60)):.2f}')" "$(left)" "$TRAIN_MINUTES")
+if awk -v m="$MIN" 'BEGIN { exit !(m >= 0.25) }'; then
+  if awk -v m="$MIN" -v t="$TRAIN_MINUTES" 'BEGIN { exit !(m < t) }'; then
+    echo "note: training shortened to $MIN min to fit the budget"
+  fi
+  CAP=$(awk -v m="$MIN" 'BEGIN { printf "%d", m * 60 + 60 }')
+  run_part e_train_small "$CAP" "$NVP" train --config configs/cifar10-small.toml --data "$DATA" --out "$WORK/small" --device cuda --minutes "$MIN"
+  run_part e_eval_small 60 "$NVP" eval --ckpt "$WORK/small" --device cuda --limit 2000 --json
+  run_part e_sample_small 30 "$NVP" sample --ckpt "$WORK/small" --device cuda --n 64 --temperature 0.7 --out "$WORK/samples-small-T0.7.png"
+  [ -f "$WORK/small/metrics.csv" ] && { echo "metrics.csv (head/tail):"; head -3 "$WORK/small/metrics.csv"; tail -3 "$WORK/small/metrics.csv"; }
+else
+  echo "SKIPPED: only $(left)s left"
+  ORDER+=(e_train_small); STATUS[e_train_small]=skipped
+fi
+
+# ---------------------------------------------------------------------------------- g
+hdr "g. summary and ratios ours / PyTorch"
+"$PY" - "$WORK" "$EXACT" <<'EOF'
+import json, os, sys
+work, exact = sys.argv[1], sys.argv[2]
+def last_json(name):
+    p = os.path.join(work, name + ".out")
+    val = None
+    if os.path.exists(p):
+        for line in open(p):
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    val = json.loads(line)
+                except Exception:
+                    pass
+    return val
+summary = {"exactness": exact}
+print(f"exactness (tiny model, test bpd cuda vs cpu): {exact}")
+print()
+print(f"{'config':<14}{'metric':<10}{'nvp cuda':>12}{'torch cuda':>12}{'ours/torch':>12}")
+for cfg, ours_f, torch_f in (("cifar10", "d_bench_paper", "f_torch_paper"),
+                             ("cifar10-small", "d_bench_small", "f_torch_small")):
+    o, t = last_json(ours_f), last_json(torch_f)
+    summary[cfg] = {"nvp": o, "torch": t}
+    for m in ("train", "eval", "sample"):
+        k = m + "_img_per_s"
+        ov = o.get(k) if o else None
+        tv = t.get(k) if t else None
+        r = ov / tv if ov and tv else None
+        fmt = lambda v: f"{v:12.1f}" if isinstance(v, (int, float)) else f"{'-':>12}"
+        print(f"{cfg:<14}{m:<10}{fmt(ov)}{fmt(tv)}{(f'{r:12.3f}' if r else f'{chr(45):>12}')}")
+        summary[cfg][k + "_ratio"] = r
+print("(img/s; train batch 64, eval batch 256, 64 samples; medians)")
+e = last_json("e_eval_small")
+if e:
+    print(f"\nshort training run (cifar10-small): test bpd {e.get('bpd'):.4f} ± {e.get('stderr') or float('nan'):.4f} on {e.get('images')} images")
+    summary["short_run_eval"] = e
+mpath = os.path.join(work, "small", "metrics.csv")
+if os.path.exists(mpath):
+    rows = open(mpath).read().strip().splitlines()
+    print(f"metrics.csv: {len(rows) - 1} rows; last: {rows[-1]}")
+    summary["short_run_last_metrics_row"] = rows[-1]
+    summary["short_run_metrics_header"] = rows[0]
+json.dump(summary, open(os.path.join(work, "summary.json"), "w"), indent=1)
+EOF
+echo
+echo "part status:"
+for n in "${ORDER[@]}"; do printf '  %-22s %s\n' "$n" "${STATUS[$n]:-?}"; done
+if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+  cp -f "$WORK/summary.json" "$OUT/" 2>/dev/null || true
+  cp -f "$WORK/samples-tiny.png" "$WORK/samples-small-T0.7.png" "$OUT/" 2>/dev/null || true
+  cp -f "$WORK/small/metrics.csv" "$OUT/metrics-small.csv" 2>/dev/null || true
+  [ -f "$WORK/small/bpd.png" ] && cp -f "$WORK/small/bpd.png" "$OUT/bpd-small.png"
+  echo "copied summary.json, sample grids and metrics to \$OUT"
+fi
+echo "total wall time: $(elapsed)s (budget ${BUDGET}s); work folder $WORK"
