@@ -46,6 +46,10 @@ fn check_model_logdet(cfg: &RealNvpConfig, seed: u64) -> f64 {
         err <= 1e-8,
         "model log-det {ld} vs brute force {brute}: {err:e}"
     );
+    eprintln!(
+        "{} scale(s), {:?}: log-det {ld:.6}, |error| vs brute-force Jacobian {err:.2e}",
+        cfg.scales, cfg.bn_variant
+    );
     assert!(max_abs_diff(&model.inverse(&z).unwrap(), &x) < 1e-10);
     err
 }

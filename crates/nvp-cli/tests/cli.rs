@@ -279,6 +279,11 @@ fn bad_checkpoints_and_flags_give_clear_errors() {
         "gpu",
     ]);
     assert!(err.contains("unknown device `gpu`"), "{err}");
+    #[cfg(not(feature = "cuda"))]
+    {
+        let err = fails(&["eval", "--ckpt", s(&run), "--device", "cuda"]);
+        assert!(err.contains("built without CUDA support"), "{err}");
+    }
     let err = fails(&[
         "sample",
         "--ckpt",
