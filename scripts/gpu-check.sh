@@ -27,7 +27,7 @@
 # (f runs before e so that the two benches are back to back and the ratios exist even
 # if the training run is cut short.)
 #
-# Knobs: GPU_CHECK_BUDGET_S (total seconds, default 560), TRAIN_MINUTES (2), PY
+# Knobs: GPU_CHECK_ONLY_EXACTNESS=1 (stop after part c), GPU_CHECK_BUDGET_S (total seconds, default 560), TRAIN_MINUTES (2), PY
 # (python3), NVP (dist/cuda/nvp), DATA (dist/data/cifar10), PEER
 # (dist/peer/realnvp_torch.py), WORK (a fresh /tmp folder), BENCH_WARMUP (3),
 # BENCH_STEPS (20), BENCH_REPS (3), TORCH_TF32 (default|on|off: PyTorch's default lets
@@ -181,8 +181,8 @@ samples = 16
 seed = 0
 EOF
 run_part c_train_tiny_cuda 120 "$NVP" train --config "$WORK/tiny.toml" --out "$WORK/tiny" --device cuda --max-steps 20
-run_part c_eval_tiny_cuda 60 "$NVP" eval --ckpt "$WORK/tiny" --device cuda --json --limit 500
-run_part c_eval_tiny_cpu 90 "$NVP" eval --ckpt "$WORK/tiny" --device cpu --json --limit 500
+run_part c_eval_tiny_cuda 60 "$NVP" eval --ckpt "$WORK/tiny" --device cuda --json --limit 500 --check-inverse
+run_part c_eval_tiny_cpu 90 "$NVP" eval --ckpt "$WORK/tiny" --device cpu --json --limit 500 --check-inverse
 run_part c_sample_tiny_cuda 60 "$NVP" sample --ckpt "$WORK/tiny" --device cuda --n 64 --temperature 0.7 --out "$WORK/samples-tiny.png"
 BPD_GPU=$(json "$WORK/c_eval_tiny_cuda.out" bpd)
 BPD_CPU=$(json "$WORK/c_eval_tiny_cpu.out" bpd)
@@ -197,6 +197,11 @@ print(f"{'PASS' if rel <= 1e-4 else 'FAIL'}: bpd cuda {g:.7f} vs cpu {c:.7f}, re
 EOF
 )
 echo "exactness: $EXACT"
+echo "inverse max |f^-1(f(y)) - y| (logit space, 500 test images): cuda $(json "$WORK/c_eval_tiny_cuda.out" inverse_max_abs_error), cpu $(json "$WORK/c_eval_tiny_cpu.out" inverse_max_abs_error)"
+if [ "${GPU_CHECK_ONLY_EXACTNESS:-0}" = 1 ]; then
+  echo "GPU_CHECK_ONLY_EXACTNESS=1: stopping after part c (total $(elapsed)s)"
+  exit 0
+fi
 
 # ---------------------------------------------------------------------------------- d
 hdr "d. nvp bench on cuda"

@@ -83,6 +83,10 @@ pub struct EvalArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Also decode the latents again and report the largest |f⁻¹(f(y)) − y|
+    /// (logit space) over the evaluated images.
+    #[arg(long)]
+    pub check_inverse: bool,
 }
 
 #[derive(Debug, Args)]

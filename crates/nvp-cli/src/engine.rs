@@ -172,3 +172,25 @@ pub fn to_pixels(y: &Tensor, alpha: f64) -> Result<Vec<u8>> {
     let v: Vec<f32> = y.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
     Ok(Logit::new(alpha)?.to_pixels(&v))
 }
+
+/// Largest |f⁻¹(f(y)) − y| over `batches` (evaluation mode, logit space).
+pub fn inverse_error<I>(model: &RealNvp, batches: I) -> Result<f64>
+where
+    I: IntoIterator<Item = nvp_data::Result<Batch>>,
+{
+    use nvp_flow::Flow;
+    let mut worst = 0f64;
+    for b in batches {
+        let b = b.context("loading an evaluation batch")?;
+        let (z, _) = model.forward(&b.y, Mode::Eval)?;
+        let back = model.inverse(&z)?;
+        let err = (back - &b.y)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        worst = worst.max(err);
+    }
+    Ok(worst)
+}

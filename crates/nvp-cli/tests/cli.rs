@@ -119,8 +119,16 @@ fn train_resume_eval_sample_interpolate() {
     assert!(state.contains("step = 4"), "{state}");
 
     // eval: JSON with a finite bits/dim and its standard error
-    let out = ok(&["eval", "--ckpt", s(&full), "--json"]);
+    let out = ok(&["eval", "--ckpt", s(&full), "--json", "--check-inverse"]);
     assert!(out.contains("\"images\":12"), "{out}");
+    let inv: f64 = out
+        .split("\"inverse_max_abs_error\":")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(['}', '\n'])
+        .parse()
+        .unwrap();
+    assert!(inv < 1e-4, "inverse error {inv}: {out}");
     let bpd: f64 = out
         .split("\"bpd\":")
         .nth(1)

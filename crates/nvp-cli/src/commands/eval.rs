@@ -35,12 +35,18 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let bpd = engine::evaluate(&l.model, loader.eval_batches()?)?;
     let secs = t0.elapsed().as_secs_f64();
     let (mean, se) = nvp_flow::bits::mean_and_stderr(&bpd);
+    let inv = if a.check_inverse {
+        Some(engine::inverse_error(&l.model, loader.eval_batches()?)?)
+    } else {
+        None
+    };
     if a.json {
         println!(
-            "{{\"split\":\"{}\",\"images\":{n},\"bpd\":{mean},\"stderr\":{},\"seconds\":{secs:.3},\"img_per_s\":{:.3}}}",
+            "{{\"split\":\"{}\",\"images\":{n},\"bpd\":{mean},\"stderr\":{},\"seconds\":{secs:.3},\"img_per_s\":{:.3}{}}}",
             a.split,
             if se.is_finite() { se.to_string() } else { "null".into() },
-            n as f64 / secs
+            n as f64 / secs,
+            inv.map(|e| format!(",\"inverse_max_abs_error\":{e:e}")).unwrap_or_default()
         );
     } else {
         println!(
@@ -48,6 +54,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
             a.split,
             n as f64 / secs
         );
+        if let Some(e) = inv {
+            println!("inverse: max |f⁻¹(f(y)) − y| = {e:.3e} (logit space)");
+        }
     }
     Ok(())
 }
