@@ -4,7 +4,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[path = "conv_bench.rs"]
+#[path = "../../../benches/conv.rs"]
 mod bench;
 
 fn main() {
