@@ -1,38 +1,12 @@
 //! CIFAR-10 binary reader: round trip through fixtures written here, and every kind of bad
 //! input (truncated, wrong size, label out of range, missing and empty files).
 
+mod common;
+use common::TempDir;
+
 use nvp::data::cifar::{self, encode_cifar10, read_cifar10, read_cifar10_file, RECORD_BYTES};
 use nvp::data::{Error, ImageSet, Split};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-/// A fresh folder under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static COUNT: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let p = std::env::temp_dir().join(format!(
-            "nvp-data-{tag}-{}-{}-{nanos}",
-            std::process::id(),
-            COUNT.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use std::path::Path;
 
 /// `n` 3×32×32 images with distinct, position-dependent bytes; labels `(first + i) % 10`.
 fn fixture(n: usize, first: usize) -> ImageSet {

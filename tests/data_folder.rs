@@ -1,44 +1,13 @@
 //! Image-folder reader: order, classes, colour conversion, presets, splits and bad input.
 //! Fixtures are written here with the `image` crate into temporary folders.
 
+mod common;
+use common::TempDir;
+
 use image::{GrayImage, Rgb, RgbImage, Rgba, RgbaImage};
 use nvp::data::folder::{list_images, read_folder, FolderOptions, OnError, Preprocess};
 use nvp::data::{Error, Split};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-/// A fresh folder under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static COUNT: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let p = std::env::temp_dir().join(format!(
-            "nvp-data-{tag}-{}-{}-{nanos}",
-            std::process::id(),
-            COUNT.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-    fn file(&self, rel: &str) -> PathBuf {
-        let p = self.0.join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use std::path::PathBuf;
 
 fn solid(w: u32, h: u32, c: [u8; 3]) -> RgbImage {
     RgbImage::from_pixel(w, h, Rgb(c))

@@ -1,6 +1,10 @@
-//! Helpers shared by the flow tests: seeded tensors, randomised parameters,
-//! and a brute-force Jacobian log-determinant built row by row with autograd.
+//! Helpers shared by the tests: seeded tensors, randomised parameters, a
+//! brute-force Jacobian log-determinant built row by row with autograd, and
+//! temporary folders for fixtures.
 #![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use nvp::flow::ParamStore;
@@ -134,4 +138,38 @@ pub fn to_vec_f64(t: &Tensor) -> Vec<f64> {
         .unwrap()
         .to_vec1::<f64>()
         .unwrap()
+}
+
+/// A fresh folder under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let p = std::env::temp_dir().join(format!(
+            "nvp-data-{tag}-{}-{}-{nanos}",
+            std::process::id(),
+            COUNT.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    /// `rel` inside the folder, its parent folders created.
+    pub fn file(&self, rel: &str) -> PathBuf {
+        let p = self.0.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
