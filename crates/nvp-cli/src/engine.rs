@@ -6,6 +6,7 @@ use std::f64::consts::LN_2;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
+use nvp_data::preprocess::{bits_per_dim_batch, mean_bits_per_dim};
 use nvp_data::{Batch, Logit};
 use nvp_flow::{Adam, AdamConfig, Mode, ParamStore, RealNvp};
 use rand::Rng;
@@ -81,7 +82,7 @@ impl Trainer {
             loss = (loss + (reg * self.l2)?)?;
         }
         let lp: Vec<f64> = log_p.to_dtype(DType::F64)?.to_vec1()?;
-        let bpd = mean_bpd(&lp, &batch.ld_pre, dims);
+        let bpd = mean_bits_per_dim(&lp, &batch.ld_pre, dims)?;
         let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let restore = |buffers: &[(candle_core::Var, Tensor)]| -> Result<()> {
             for (v, t) in buffers {
@@ -121,21 +122,6 @@ impl Trainer {
     }
 }
 
-/// Mean bits/dim of a batch from the model's logit-space log-densities and
-/// the preprocessing log-dets.
-pub fn mean_bpd(log_p_y: &[f64], ld_pre: &[f64], dims: usize) -> f64 {
-    let v = per_image_bpd(log_p_y, ld_pre, dims);
-    v.iter().sum::<f64>() / v.len().max(1) as f64
-}
-
-pub fn per_image_bpd(log_p_y: &[f64], ld_pre: &[f64], dims: usize) -> Vec<f64> {
-    log_p_y
-        .iter()
-        .zip(ld_pre)
-        .map(|(a, b)| -(a + b) / (dims as f64 * LN_2))
-        .collect()
-}
-
 /// Bits/dim of each image of `batches` in evaluation mode.
 pub fn evaluate<I>(model: &RealNvp, batches: I) -> Result<Vec<f64>>
 where
@@ -149,7 +135,7 @@ where
             .log_prob(&b.y, Mode::Eval)?
             .to_dtype(DType::F64)?
             .to_vec1()?;
-        out.extend(per_image_bpd(&lp, &b.ld_pre, dims));
+        out.extend(bits_per_dim_batch(&lp, &b.ld_pre, dims)?);
     }
     Ok(out)
 }

@@ -68,6 +68,19 @@ fn png_size(p: &Path) -> (u32, u32) {
     (img.width(), img.height())
 }
 
+/// The number after `"key":` in a one-line JSON object printed by `nvp`.
+fn json_number(out: &str, key: &str) -> f64 {
+    let rest = out
+        .split(&format!("\"{key}\":"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no `{key}` in {out}"));
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end]
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("`{key}` in {out}: {e}"))
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -121,23 +134,9 @@ fn train_resume_eval_sample_interpolate() {
     // eval: JSON with a finite bits/dim and its standard error
     let out = ok(&["eval", "--ckpt", s(&full), "--json", "--check-inverse"]);
     assert!(out.contains("\"images\":12"), "{out}");
-    let inv: f64 = out
-        .split("\"inverse_max_abs_error\":")
-        .nth(1)
-        .unwrap()
-        .trim_end_matches(['}', '\n'])
-        .parse()
-        .unwrap();
+    let inv = json_number(&out, "inverse_max_abs_error");
     assert!(inv < 1e-4, "inverse error {inv}: {out}");
-    let bpd: f64 = out
-        .split("\"bpd\":")
-        .nth(1)
-        .unwrap()
-        .split(',')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let bpd = json_number(&out, "bpd");
     assert!(bpd.is_finite() && bpd > 0.0 && bpd < 16.0, "{out}");
     let text = ok(&[
         "eval",
@@ -374,15 +373,7 @@ fn trains_on_cifar_format_files() {
     let out = ok(&["eval", "--ckpt", s(&run), "--json"]);
     assert!(out.contains("\"images\":6"), "{out}");
     // noise images cost about 8 bits/dim, and never fewer than 0
-    let bpd: f64 = out
-        .split("\"bpd\":")
-        .nth(1)
-        .unwrap()
-        .split(',')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let bpd = json_number(&out, "bpd");
     assert!(bpd > 5.0 && bpd < 12.0, "{out}");
     // a truncated batch file is an error naming the file
     let bytes = std::fs::read(data.join("test_batch.bin")).unwrap();

@@ -151,7 +151,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .log_prob(&b.y, Mode::Eval)?
             .to_vec1::<f32>()?;
         let lp: Vec<f64> = lp.into_iter().map(f64::from).collect();
-        let bpd = engine::mean_bpd(&lp, &b.ld_pre, d);
+        let bpd = nvp_data::preprocess::mean_bits_per_dim(&lp, &b.ld_pre, d)?;
         std::hint::black_box(bpd);
         if i > 0 {
             times.push(t0.elapsed().as_secs_f64());
