@@ -5,8 +5,9 @@
 //! drifts.
 //!
 //! Usage: `conv_bench [--reps N] [--ref-reps N] [--no-ref] [--shape N,C,K,H,W]...
-//! [--tile BYTES] [--tile-wgrad BYTES] [--no-split]` (default shapes: 64,64,64,32,32; 64,128,128,16,16;
-//! 64,32,64,32,32; `--tile*`/`--no-split` set the hidden tuning knobs).
+//! [--tile BYTES] [--tile-wgrad BYTES] [--no-split] [--no-winograd] [--wino-block BYTES]
+//! [--wgrad-factor F]` (default shapes: 64,64,64,32,32; 64,128,128,16,16; 64,32,64,32,32;
+//! the other flags set the hidden tuning knobs).
 
 use std::time::Instant;
 
@@ -156,6 +157,21 @@ pub fn main() {
                     .collect();
                 shapes.push(v.try_into().expect("five numbers: N,C,K,H,W"));
             }
+            "--wino-block" => {
+                let b = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--wino-block BYTES");
+                nvp_kernels::tuning::set_winograd_block_bytes(b);
+            }
+            "--wgrad-factor" => {
+                let f = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--wgrad-factor F");
+                nvp_kernels::tuning::set_winograd_wgrad_factor(f);
+            }
+            "--no-winograd" => nvp_kernels::tuning::set_winograd(false),
             "--tile" => {
                 let b = args
                     .next()

@@ -251,7 +251,11 @@ impl Plan {
 
 /// Forward convolution. `x`: `n × c × h × w`, `wmat`: `k × c × 3 × 3`, `bias`: `k`.
 /// Returns `n × k × h × w`.
+/// Uses Winograd F(4×4, 3×3) (module `winograd`) unless switched off, else im2col + GEMM.
 pub(crate) fn conv3x3_fwd(x: &[f32], wmat: &[f32], bias: Option<&[f32]>, d: ConvDims) -> Vec<f32> {
+    if d.c >= 1 && crate::winograd_enabled() {
+        return crate::winograd::conv3x3_fwd(x, wmat, bias, d);
+    }
     conv3x3_fwd_plan(x, wmat, bias, d, Plan::new(d, &TILE_BYTES))
 }
 
@@ -413,7 +417,12 @@ fn wgrad_images(
 
 /// Weight gradient: `x` is `n × c × h × w`, `dy` is `n × k × h × w`; returns
 /// `k × c × 3 × 3`.
+/// Uses Winograd F(4×4, 3×3) where module `winograd` supports the sizes, else
+/// im2col + GEMM.
 pub(crate) fn conv3x3_grad_weight(x: &[f32], dy: &[f32], d: ConvDims) -> Vec<f32> {
+    if crate::winograd::grad_weight_supported(d) {
+        return crate::winograd::conv3x3_grad_weight(x, dy, d);
+    }
     conv3x3_grad_weight_plan(x, dy, d, Plan::new(d, &TILE_BYTES_WGRAD))
 }
 

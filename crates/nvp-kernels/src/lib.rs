@@ -2,9 +2,13 @@
 //!
 //! candle 0.11's CPU `conv2d` is 5–10× slower than PyTorch, and its backward uses a
 //! naive `conv_transpose2d`. This crate provides [`conv2d_3x3`], a 3×3 / stride 1 /
-//! padding 1 convolution whose f32 CPU path is a set of candle custom ops built on
-//! im2col + GEMM (the `gemm` crate) for the forward pass and both gradients, threaded
-//! over the batch with rayon. Other devices and dtypes fall back to candle's own ops.
+//! padding 1 convolution whose f32 CPU path is a set of candle custom ops: the forward
+//! pass, the input gradient and the weight gradient by Winograd F(4×4, 3×3) (module
+//! `winograd`: 4× fewer multiplies than a direct convolution, AVX2/FMA kernels chosen
+//! at run time), with im2col + GEMM (the `gemm` crate; module `kernels`) as the
+//! alternative for sizes the Winograd weight gradient does not take and when switched
+//! off ([`tuning::set_winograd`]). Other devices and dtypes fall back to candle's own
+//! ops.
 //!
 //! The other training-step hot spots are fused too: batch normalisation with its
 //! batch statistics, affine and ReLU ([`batch_norm`], module `bn`), and the affine
@@ -15,10 +19,10 @@
 //! environment variable `NVP_FAST_CPU=0`) to compare against the reference path.
 //!
 //! Threads: the kernels use rayon's global pool ([`num_threads`], which follows
-//! `RAYON_NUM_THREADS`), splitting the batch over the threads. Scratch buffers for
-//! im2col are kept per thread between calls; outputs are fresh `Vec`s handed to
-//! candle, so a binary's global allocator matters (mimalloc measured 10–20 % faster
-//! than glibc's default on forward + backward).
+//! `RAYON_NUM_THREADS`), splitting the batch (or the Winograd tile blocks) over the
+//! threads. Scratch buffers are kept per thread between calls; outputs are fresh
+//! `Vec`s handed to candle, so a binary's global allocator matters (mimalloc measured
+//! 10–20 % faster than glibc's default on forward + backward).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -27,6 +31,7 @@ mod conv;
 mod coupling;
 mod kernels;
 mod util;
+mod winograd;
 
 pub use bn::{
     batch_norm, batch_norm_inverse, batch_norm_reference, batch_norm_uses_fast_path,
@@ -44,6 +49,33 @@ pub use conv::{
 
 /// 0: not yet decided (read the environment), 1: enabled, 2: disabled.
 static FAST_CPU: AtomicU8 = AtomicU8::new(0);
+/// Same states, for Winograd (environment variable `NVP_WINOGRAD`).
+static WINOGRAD: AtomicU8 = AtomicU8::new(0);
+
+/// A process-wide switch: on unless `var` is `0`, `false`, `off` or `no` (read once,
+/// on first use, unless set before).
+fn switch_enabled(state: &AtomicU8, var: &str) -> bool {
+    match state.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let off = std::env::var(var).is_ok_and(|v| {
+                matches!(
+                    v.trim().to_ascii_lowercase().as_str(),
+                    "0" | "false" | "off" | "no"
+                )
+            });
+            // Only the undecided state is replaced: a concurrent setter wins.
+            let _ = state.compare_exchange(
+                0,
+                if off { 2 } else { 1 },
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            state.load(Ordering::Relaxed) == 1
+        }
+    }
+}
 
 /// Enables or disables the fast CPU path of [`conv2d_3x3`] for the whole process.
 pub fn set_fast_cpu(enabled: bool) {
@@ -54,26 +86,15 @@ pub fn set_fast_cpu(enabled: bool) {
 /// variable `NVP_FAST_CPU` is `0`, `false`, `off` or `no` (read once, on first use,
 /// unless [`set_fast_cpu`] was called before).
 pub fn fast_cpu_enabled() -> bool {
-    match FAST_CPU.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let off = std::env::var("NVP_FAST_CPU").is_ok_and(|v| {
-                matches!(
-                    v.trim().to_ascii_lowercase().as_str(),
-                    "0" | "false" | "off" | "no"
-                )
-            });
-            // Only the undecided state is replaced: a concurrent `set_fast_cpu` wins.
-            let _ = FAST_CPU.compare_exchange(
-                0,
-                if off { 2 } else { 1 },
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-            FAST_CPU.load(Ordering::Relaxed) == 1
-        }
-    }
+    switch_enabled(&FAST_CPU, "NVP_FAST_CPU")
+}
+
+/// Whether the fast path's convolutions use Winograd F(4×4, 3×3) (else im2col + GEMM,
+/// whose rounding error is about ten times smaller). Defaults to true unless the
+/// environment variable `NVP_WINOGRAD` is `0`, `false`, `off` or `no`; see
+/// [`tuning::set_winograd`].
+pub fn winograd_enabled() -> bool {
+    switch_enabled(&WINOGRAD, "NVP_WINOGRAD")
 }
 
 /// Number of threads the kernels use (the size of rayon's global pool, which follows
@@ -95,6 +116,22 @@ pub mod tuning {
     /// im2col tile budget in bytes for the weight gradient (0: whole image).
     pub fn set_tile_bytes_wgrad(bytes: usize) {
         crate::kernels::TILE_BYTES_WGRAD.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Forward convolution and input gradient by Winograd F(4×4, 3×3) (true, the
+    /// default) or by im2col + GEMM (false).
+    pub fn set_winograd(on: bool) {
+        crate::WINOGRAD.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    /// Byte budget of one Winograd block's transformed input and product buffers.
+    pub fn set_winograd_block_bytes(bytes: usize) {
+        crate::winograd::BLOCK_BYTES.store(bytes.max(1), Ordering::Relaxed);
+    }
+
+    /// The Winograd weight gradient's block budget as a multiple of the forward's.
+    pub fn set_winograd_wgrad_factor(f: usize) {
+        crate::winograd::WGRAD_BLOCK_FACTOR.store(f.max(1), Ordering::Relaxed);
     }
 
     /// Split the batch over threads (true) or parallelise each GEMM (false).

@@ -1,0 +1,1111 @@
+//! Winograd F(4×4, 3×3) for the 3×3, stride 1, padding 1 convolution (Lavin & Gray,
+//! "Fast Algorithms for Convolutional Neural Networks", 2016).
+//!
+//! Each 4×4 block of outputs ("tile") is computed from the 6×6 input patch around it
+//! as `Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A`, summed over input channels. Summing over
+//! channels inside the transformed domain turns the convolution into 36 independent
+//! matrix products `M[ξ] (K × T) = U[ξ] (K × C) · V[ξ] (C × T)` over the tiles `T`:
+//! 36 multiplies per 16 outputs instead of 144 — 4× fewer than im2col + GEMM, paid
+//! for with the two transforms (linear in the data, cheap) and a slightly larger
+//! rounding error (the transforms' constants go up to 8 and 1/24; measured against
+//! candle's direct convolution in `tests/conv.rs`).
+//!
+//! Layout: tiles are numbered over the whole batch (image, tile row, tile column) and
+//! processed in blocks of `nb` tiles (a multiple of [`NR`]) chosen so that a block's
+//! transformed input `V` (36 × C × nb) and product `M` (36 × K × nb) stay in L2.
+//! Blocks are spread over rayon's pool; each writes a disjoint set of output tiles.
+//! The products use an AVX2/FMA 6 × 16 register-blocked micro-kernel where the CPU
+//! has it (detected at run time) and a portable loop elsewhere. The transforms work
+//! on groups of 8 tiles at once so that they vectorise.
+
+// The transforms index small fixed-size arrays by position; loops over indices read
+// closer to the formulas than iterator chains.
+#![allow(clippy::needless_range_loop)]
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rayon::prelude::*;
+
+use crate::kernels::ConvDims;
+
+/// Rows of `U`/`M` (output channels) per micro-kernel tile.
+const MR: usize = 6;
+/// Columns (tiles) per micro-kernel tile.
+const NR: usize = 16;
+/// Tiles per transform group.
+const G8: usize = 8;
+
+/// Byte budget of one block's `V` and `M` buffers together.
+pub(crate) static BLOCK_BYTES: AtomicUsize = AtomicUsize::new(640 * 1024);
+/// The weight gradient's block budget, as a multiple of [`BLOCK_BYTES`].
+pub(crate) static WGRAD_BLOCK_FACTOR: AtomicUsize = AtomicUsize::new(4);
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a per-thread scratch slice of `len` floats (contents unspecified;
+/// re-entrant calls allocate their own).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let r = f(&mut buf[..len]);
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.capacity() < buf.capacity() {
+            *s = buf;
+        }
+    });
+    r
+}
+
+/// `G v` for one column/row `v` of a 3×3 kernel (6 values), in f64.
+#[inline]
+fn g_rows(g0: f64, g1: f64, g2: f64) -> [f64; 6] {
+    [
+        g0 / 4.0,
+        -(g0 + g1 + g2) / 6.0,
+        -(g0 - g1 + g2) / 6.0,
+        g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
+        g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
+        g2,
+    ]
+}
+
+/// Transformed weights `U[ξ] = (G g Gᵀ)[ξ]` packed for the micro-kernel as
+/// `[ξ][kb][c][MR]` (`kb` = block of `MR` output channels; rows past `k` are zero).
+/// Computed in f64 and rounded once.
+fn transform_weights(w: &[f32], k: usize, c: usize) -> Vec<f32> {
+    let kbn = k.div_ceil(MR);
+    let mut u = vec![0.0f32; 36 * kbn * c * MR];
+    for ko in 0..k {
+        let (kb, r) = (ko / MR, ko % MR);
+        for ci in 0..c {
+            let g = &w[(ko * c + ci) * 9..][..9];
+            let mut gg = [[0.0f64; 3]; 6];
+            for col in 0..3 {
+                let v = g_rows(g[col] as f64, g[3 + col] as f64, g[6 + col] as f64);
+                for (i, row) in gg.iter_mut().enumerate() {
+                    row[col] = v[i];
+                }
+            }
+            for (i, row) in gg.iter().enumerate() {
+                let v = g_rows(row[0], row[1], row[2]);
+                for (j, &val) in v.iter().enumerate() {
+                    u[(((i * 6 + j) * kbn + kb) * c + ci) * MR + r] = val as f32;
+                }
+            }
+        }
+    }
+    u
+}
+
+type V8 = [f32; G8];
+
+/// `Bᵀ d` on six vectors of 8 lanes.
+#[inline(always)]
+fn bt(d: [V8; 6]) -> [V8; 6] {
+    let mut o = [[0.0f32; G8]; 6];
+    for l in 0..G8 {
+        let (d0, d1, d2, d3, d4, d5) = (d[0][l], d[1][l], d[2][l], d[3][l], d[4][l], d[5][l]);
+        o[0][l] = 4.0 * d0 - 5.0 * d2 + d4;
+        o[1][l] = -4.0 * (d1 + d2) + d3 + d4;
+        o[2][l] = 4.0 * (d1 - d2) - d3 + d4;
+        o[3][l] = 2.0 * (d3 - d1) - d2 + d4;
+        o[4][l] = 2.0 * (d1 - d3) - d2 + d4;
+        o[5][l] = 4.0 * d1 - 5.0 * d3 + d5;
+    }
+    o
+}
+
+/// `Aᵀ m` on six vectors of 8 lanes.
+#[inline(always)]
+fn at(m: [V8; 6]) -> [V8; 4] {
+    let mut o = [[0.0f32; G8]; 4];
+    for l in 0..G8 {
+        let (m0, m1, m2, m3, m4, m5) = (m[0][l], m[1][l], m[2][l], m[3][l], m[4][l], m[5][l]);
+        let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
+        o[0][l] = m0 + s12 + s34;
+        o[1][l] = d12 + 2.0 * d34;
+        o[2][l] = s12 + 4.0 * s34;
+        o[3][l] = d12 + 8.0 * d34 + m5;
+    }
+    o
+}
+
+/// Where tile `t` (global index) lies: image, top row, left column of its outputs.
+#[derive(Clone, Copy)]
+struct Tiles {
+    th: usize,
+    tw: usize,
+}
+
+impl Tiles {
+    #[inline(always)]
+    fn coords(&self, t: usize) -> (usize, usize, usize) {
+        let per = self.th * self.tw;
+        let (img, r) = (t / per, t % per);
+        (img, 4 * (r / self.tw), 4 * (r % self.tw))
+    }
+}
+
+/// Output pointer shared by the blocks; each block writes disjoint tiles.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the blocks write disjoint elements (see `conv3x3_fwd`); the pointer is only
+// dereferenced inside the scoped parallel loop while the buffer is alive.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Input transform of one block: `v[ξ][c][j] = (Bᵀ d B)[ξ]` for the tiles
+/// `t0 + j`, `j < nbp` (tiles past `t_end` are zero).
+#[inline(always)]
+fn input_transform(
+    x: &[f32],
+    d: ConvDims,
+    tiles: Tiles,
+    (t0, t_end): (usize, usize),
+    v: &mut [f32],
+    nbp: usize,
+) {
+    let (h, w, c) = (d.h as isize, d.w as isize, d.c);
+    let hw = d.hw();
+    for g in (0..nbp).step_by(G8) {
+        // Coordinates of the 8 tiles of this group (None past the end).
+        let mut coords = [None; G8];
+        for (l, slot) in coords.iter_mut().enumerate() {
+            let t = t0 + g + l;
+            if t < t_end {
+                *slot = Some(tiles.coords(t));
+            }
+        }
+        for ci in 0..c {
+            // Gather the 6×6 patches: p[a][b][lane].
+            let mut p = [[[0.0f32; G8]; 6]; 6];
+            for (l, co) in coords.iter().enumerate() {
+                let Some((img, oy, ox)) = *co else { continue };
+                let plane = &x[(img * c + ci) * hw..][..hw];
+                for (a, prow) in p.iter_mut().enumerate() {
+                    let y = oy as isize - 1 + a as isize;
+                    if y < 0 || y >= h {
+                        continue;
+                    }
+                    let row = &plane[(y as usize) * d.w..][..d.w];
+                    let x0 = ox as isize - 1;
+                    if x0 >= 0 && x0 + 6 <= w {
+                        let src = &row[x0 as usize..][..6];
+                        for b in 0..6 {
+                            prow[b][l] = src[b];
+                        }
+                    } else {
+                        for (b, cell) in prow.iter_mut().enumerate() {
+                            let xx = x0 + b as isize;
+                            if xx >= 0 && xx < w {
+                                cell[l] = row[xx as usize];
+                            }
+                        }
+                    }
+                }
+            }
+            // Columns: t1[i][b] = (Bᵀ d)[i][b].
+            let mut t1 = [[[0.0f32; G8]; 6]; 6];
+            for b in 0..6 {
+                let col = bt([p[0][b], p[1][b], p[2][b], p[3][b], p[4][b], p[5][b]]);
+                for i in 0..6 {
+                    t1[i][b] = col[i];
+                }
+            }
+            // Rows: V[i][j] = (t1 B)[i][j].
+            for (i, row) in t1.iter().enumerate() {
+                let r = bt(*row);
+                for (j, val) in r.iter().enumerate() {
+                    let dst = &mut v[((i * 6 + j) * c + ci) * nbp + g..][..G8];
+                    dst.copy_from_slice(val);
+                }
+            }
+        }
+    }
+}
+
+/// Output transform of one block: `y = Aᵀ M A (+ bias)` for the tiles `t0 + j`,
+/// written (cropped to the image) through `out`.
+///
+/// # Safety
+/// `out` must point to an `n × k × h × w` buffer that no one else writes the tiles
+/// `t0..t_end` of.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn output_transform(
+    m: &[f32],
+    kpad: usize,
+    bias: Option<&[f32]>,
+    d: ConvDims,
+    tiles: Tiles,
+    (t0, t_end): (usize, usize),
+    nbp: usize,
+    out: OutPtr,
+) {
+    let hw = d.hw();
+    for g in (0..nbp).step_by(G8) {
+        if t0 + g >= t_end {
+            break;
+        }
+        let mut coords = [None; G8];
+        for (l, slot) in coords.iter_mut().enumerate() {
+            let t = t0 + g + l;
+            if t < t_end {
+                *slot = Some(tiles.coords(t));
+            }
+        }
+        for ko in 0..d.k {
+            let mut mm = [[[0.0f32; G8]; 6]; 6];
+            for (i, row) in mm.iter_mut().enumerate() {
+                for (j, cell) in row.iter_mut().enumerate() {
+                    cell.copy_from_slice(&m[((i * 6 + j) * kpad + ko) * nbp + g..][..G8]);
+                }
+            }
+            // Columns: t2[a][j] = (Aᵀ M)[a][j].
+            let mut t2 = [[[0.0f32; G8]; 6]; 4];
+            for j in 0..6 {
+                let col = at([mm[0][j], mm[1][j], mm[2][j], mm[3][j], mm[4][j], mm[5][j]]);
+                for a in 0..4 {
+                    t2[a][j] = col[a];
+                }
+            }
+            let bv = bias.map_or(0.0, |b| b[ko]);
+            for (a, row) in t2.iter().enumerate() {
+                let y4 = at(*row);
+                for (l, co) in coords.iter().enumerate() {
+                    let Some((img, oy, ox)) = *co else { continue };
+                    let yy = oy + a;
+                    if yy >= d.h {
+                        continue;
+                    }
+                    let base = (img * d.k + ko) * hw + yy * d.w + ox;
+                    let nb = (d.w - ox).min(4);
+                    for (b, y4b) in y4.iter().enumerate().take(nb) {
+                        // SAFETY: `base + b` is pixel (yy, ox + b) of plane (img, ko),
+                        // inside the buffer (yy < h, ox + b < w); this tile is ours.
+                        unsafe { *out.0.add(base + b) = y4b[l] + bv };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `m[ξ] (kpad × nbp) = u[ξ] (kpad × c) · v[ξ] (c × nbp)` for all 36 ξ, portable.
+#[inline(always)]
+fn products_generic(u: &[f32], v: &[f32], m: &mut [f32], c: usize, kpad: usize, nbp: usize) {
+    let kbn = kpad / MR;
+    for xi in 0..36 {
+        let vx = &v[xi * c * nbp..][..c * nbp];
+        for kb in 0..kbn {
+            let ub = &u[(xi * kbn + kb) * c * MR..][..c * MR];
+            for r in 0..MR {
+                let dst = &mut m[(xi * kpad + kb * MR + r) * nbp..][..nbp];
+                dst.fill(0.0);
+                for ci in 0..c {
+                    let a = ub[ci * MR + r];
+                    let src = &vx[ci * nbp..][..nbp];
+                    for (o, s) in dst.iter_mut().zip(src) {
+                        *o += a * s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// AVX2/FMA version of [`products_generic`]: 6 × 16 register tiles.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `nbp` a multiple of 16, `kpad` of 6, and the
+/// slices at least `36·kpad·c`, `36·c·nbp`, `36·kpad·nbp` long.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline(never)]
+unsafe fn products_avx2(u: &[f32], v: &[f32], m: &mut [f32], c: usize, kpad: usize, nbp: usize) {
+    use std::arch::x86_64::*;
+    let kbn = kpad / MR;
+    assert!(nbp.is_multiple_of(NR) && kpad.is_multiple_of(MR));
+    assert!(u.len() >= 36 * kpad * c && v.len() >= 36 * c * nbp && m.len() >= 36 * kpad * nbp);
+    let (up, vp, mp) = (u.as_ptr(), v.as_ptr(), m.as_mut_ptr());
+    for xi in 0..36 {
+        let vx = vp.add(xi * c * nbp);
+        for kb in 0..kbn {
+            let ub = up.add((xi * kbn + kb) * c * MR);
+            let mrow = mp.add((xi * kpad + kb * MR) * nbp);
+            let mut j = 0;
+            while j < nbp {
+                let mut acc = [_mm256_setzero_ps(); 12];
+                let mut vc = vx.add(j);
+                let mut uc = ub;
+                for _ in 0..c {
+                    let v0 = _mm256_loadu_ps(vc);
+                    let v1 = _mm256_loadu_ps(vc.add(8));
+                    for r in 0..MR {
+                        let a = _mm256_broadcast_ss(&*uc.add(r));
+                        acc[2 * r] = _mm256_fmadd_ps(a, v0, acc[2 * r]);
+                        acc[2 * r + 1] = _mm256_fmadd_ps(a, v1, acc[2 * r + 1]);
+                    }
+                    vc = vc.add(nbp);
+                    uc = uc.add(MR);
+                }
+                for r in 0..MR {
+                    let dst = mrow.add(r * nbp + j);
+                    _mm256_storeu_ps(dst, acc[2 * r]);
+                    _mm256_storeu_ps(dst.add(8), acc[2 * r + 1]);
+                }
+                j += NR;
+            }
+        }
+    }
+}
+
+/// AVX2 transforms for images whose tile columns come in pairs (`⌈w/4⌉` even).
+///
+/// A group of 8 tiles is 4 pairs of horizontally adjacent tiles; the 8 floats of a
+/// pair's patch row are one load, and a 4×4 transpose inside each 128-bit lane
+/// ([`avx::tr4`]) turns 4 such loads into the 4 patch columns of the 8 tiles, in the
+/// lane order (p0.0, p1.0, p2.0, p3.0, p0.1, p1.1, p2.1, p3.1). The output transform
+/// applies the same transpose (an involution) to get each pair's 8 output floats of a
+/// row back in place, so that the order never leaves the block.
+#[cfg(target_arch = "x86_64")]
+mod avx {
+    use std::arch::x86_64::*;
+
+    use super::{OutPtr, Tiles, G8};
+    use crate::kernels::ConvDims;
+
+    /// 4×4 transpose within each 128-bit lane (its own inverse).
+    #[inline(always)]
+    unsafe fn tr4(r0: __m256, r1: __m256, r2: __m256, r3: __m256) -> [__m256; 4] {
+        let a0 = _mm256_castps_pd(_mm256_unpacklo_ps(r0, r1));
+        let a1 = _mm256_castps_pd(_mm256_unpackhi_ps(r0, r1));
+        let a2 = _mm256_castps_pd(_mm256_unpacklo_ps(r2, r3));
+        let a3 = _mm256_castps_pd(_mm256_unpackhi_ps(r2, r3));
+        [
+            _mm256_castpd_ps(_mm256_unpacklo_pd(a0, a2)),
+            _mm256_castpd_ps(_mm256_unpackhi_pd(a0, a2)),
+            _mm256_castpd_ps(_mm256_unpacklo_pd(a1, a3)),
+            _mm256_castpd_ps(_mm256_unpackhi_pd(a1, a3)),
+        ]
+    }
+
+    #[inline(always)]
+    unsafe fn bt(d: [__m256; 6]) -> [__m256; 6] {
+        let c4 = _mm256_set1_ps(4.0);
+        let c5 = _mm256_set1_ps(5.0);
+        let c2 = _mm256_set1_ps(2.0);
+        let [d0, d1, d2, d3, d4, d5] = d;
+        let s12 = _mm256_add_ps(d1, d2);
+        let m12 = _mm256_sub_ps(d1, d2);
+        let d31 = _mm256_sub_ps(d3, d1);
+        let d4m2 = _mm256_sub_ps(d4, d2);
+        [
+            // 4 d0 − 5 d2 + d4
+            _mm256_fmadd_ps(c4, d0, _mm256_fnmadd_ps(c5, d2, d4)),
+            // −4 (d1 + d2) + d3 + d4
+            _mm256_fnmadd_ps(c4, s12, _mm256_add_ps(d3, d4)),
+            // 4 (d1 − d2) − d3 + d4
+            _mm256_fmadd_ps(c4, m12, _mm256_sub_ps(d4, d3)),
+            // 2 (d3 − d1) − d2 + d4
+            _mm256_fmadd_ps(c2, d31, d4m2),
+            // 2 (d1 − d3) − d2 + d4
+            _mm256_fnmadd_ps(c2, d31, d4m2),
+            // 4 d1 − 5 d3 + d5
+            _mm256_fmadd_ps(c4, d1, _mm256_fnmadd_ps(c5, d3, d5)),
+        ]
+    }
+
+    #[inline(always)]
+    unsafe fn at(m: [__m256; 6]) -> [__m256; 4] {
+        let c2 = _mm256_set1_ps(2.0);
+        let c4 = _mm256_set1_ps(4.0);
+        let c8 = _mm256_set1_ps(8.0);
+        let [m0, m1, m2, m3, m4, m5] = m;
+        let s12 = _mm256_add_ps(m1, m2);
+        let d12 = _mm256_sub_ps(m1, m2);
+        let s34 = _mm256_add_ps(m3, m4);
+        let d34 = _mm256_sub_ps(m3, m4);
+        [
+            _mm256_add_ps(_mm256_add_ps(m0, s12), s34),
+            _mm256_fmadd_ps(c2, d34, d12),
+            _mm256_fmadd_ps(c4, s34, s12),
+            _mm256_add_ps(_mm256_fmadd_ps(c8, d34, d12), m5),
+        ]
+    }
+
+    /// Padded planes of one channel for the images a block touches: `(4·th + 2)` rows
+    /// of `wp = 4·tw + 4` floats, input pixel (y, x) at padded (y + 1, x + 1), zero
+    /// elsewhere. Only the rows the block's tiles read are filled.
+    pub(super) struct Pad {
+        pub rows: usize,
+        pub wp: usize,
+    }
+
+    impl Pad {
+        pub fn new(tiles: Tiles) -> Self {
+            Pad {
+                rows: 4 * tiles.th + 2,
+                wp: 4 * tiles.tw + 4,
+            }
+        }
+        pub fn plane_len(&self) -> usize {
+            self.rows * self.wp
+        }
+    }
+
+    /// Fills the padded rows `pr0..pr1` of one plane from `plane` (`h × w`).
+    #[inline(always)]
+    fn fill_rows(
+        plane: &[f32],
+        d: ConvDims,
+        pad: &Pad,
+        dst: &mut [f32],
+        (pr0, pr1): (usize, usize),
+    ) {
+        for pr in pr0..pr1 {
+            let row = &mut dst[pr * pad.wp..][..pad.wp];
+            if pr >= 1 && pr <= d.h {
+                row[0] = 0.0;
+                row[1..=d.w].copy_from_slice(&plane[(pr - 1) * d.w..][..d.w]);
+                row[d.w + 1..].fill(0.0);
+            } else {
+                row.fill(0.0);
+            }
+        }
+    }
+
+    /// Input transform of a block (see [`super::input_transform`]) for even `tw`.
+    ///
+    /// `pads` holds one padded plane per image of the block.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub(super) unsafe fn input_transform(
+        x: &[f32],
+        d: ConvDims,
+        tiles: Tiles,
+        (t0, t_end): (usize, usize),
+        v: &mut [f32],
+        nbp: usize,
+        pads: &mut [f32],
+        pad: &Pad,
+    ) {
+        let c = d.c;
+        let hw = d.hw();
+        let per_img = tiles.th * tiles.tw;
+        let img0 = t0 / per_img;
+        let img1 = (t_end - 1) / per_img + 1;
+        let plane_len = pad.plane_len();
+        let vp = v.as_mut_ptr();
+        for ci in 0..c {
+            // Padded planes of this channel for the block's images (needed rows only).
+            for img in img0..img1 {
+                let first = t0.max(img * per_img) - img * per_img;
+                let last = t_end.min((img + 1) * per_img) - img * per_img;
+                let pr0 = 4 * (first / tiles.tw);
+                let pr1 = 4 * ((last - 1) / tiles.tw) + 6;
+                fill_rows(
+                    &x[(img * c + ci) * hw..][..hw],
+                    d,
+                    pad,
+                    &mut pads[(img - img0) * plane_len..][..plane_len],
+                    (pr0, pr1),
+                );
+            }
+            let pp = pads.as_ptr();
+            for g in (0..nbp).step_by(G8) {
+                // Base pointers of the 4 pairs (None past the end).
+                let mut base = [std::ptr::null::<f32>(); 4];
+                for (p, b) in base.iter_mut().enumerate() {
+                    let t = t0 + g + 2 * p;
+                    if t < t_end {
+                        let (img, oy, ox) = tiles.coords(t);
+                        *b = pp.add((img - img0) * plane_len + oy * pad.wp + ox);
+                    }
+                }
+                let z = _mm256_setzero_ps();
+                let mut dm = [[z; 6]; 6];
+                for (a, drow) in dm.iter_mut().enumerate() {
+                    let mut r = [z; 4];
+                    let mut s = [z; 4];
+                    for p in 0..4 {
+                        if !base[p].is_null() {
+                            let q = base[p].add(a * pad.wp);
+                            r[p] = _mm256_loadu_ps(q);
+                            s[p] = _mm256_loadu_ps(q.add(4));
+                        }
+                    }
+                    let q = tr4(r[0], r[1], r[2], r[3]);
+                    let q2 = tr4(s[0], s[1], s[2], s[3]);
+                    *drow = [q[0], q[1], q[2], q[3], q2[0], q2[1]];
+                }
+                let mut t1 = [[z; 6]; 6];
+                for b in 0..6 {
+                    let col = bt([dm[0][b], dm[1][b], dm[2][b], dm[3][b], dm[4][b], dm[5][b]]);
+                    for i in 0..6 {
+                        t1[i][b] = col[i];
+                    }
+                }
+                for (i, row) in t1.iter().enumerate() {
+                    let r = bt(*row);
+                    for (j, val) in r.iter().enumerate() {
+                        _mm256_storeu_ps(vp.add(((i * 6 + j) * c + ci) * nbp + g), *val);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Output transform of a block for even `tw` (see [`super::output_transform`]).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub(super) unsafe fn output_transform(
+        m: &[f32],
+        kpad: usize,
+        bias: Option<&[f32]>,
+        d: ConvDims,
+        tiles: Tiles,
+        (t0, t_end): (usize, usize),
+        nbp: usize,
+        out: OutPtr,
+    ) {
+        let hw = d.hw();
+        let mp = m.as_ptr();
+        for g in (0..nbp).step_by(G8) {
+            if t0 + g >= t_end {
+                break;
+            }
+            let mut coords = [None; 4];
+            for (p, slot) in coords.iter_mut().enumerate() {
+                let t = t0 + g + 2 * p;
+                if t < t_end {
+                    *slot = Some(tiles.coords(t));
+                }
+            }
+            for ko in 0..d.k {
+                let mut mm = [[_mm256_setzero_ps(); 6]; 6];
+                for (i, row) in mm.iter_mut().enumerate() {
+                    for (j, cell) in row.iter_mut().enumerate() {
+                        *cell = _mm256_loadu_ps(mp.add(((i * 6 + j) * kpad + ko) * nbp + g));
+                    }
+                }
+                let mut t2 = [[_mm256_setzero_ps(); 6]; 4];
+                for j in 0..6 {
+                    let col = at([mm[0][j], mm[1][j], mm[2][j], mm[3][j], mm[4][j], mm[5][j]]);
+                    for a in 0..4 {
+                        t2[a][j] = col[a];
+                    }
+                }
+                let bv = _mm256_set1_ps(bias.map_or(0.0, |b| b[ko]));
+                for (a, row) in t2.iter().enumerate() {
+                    let y = at(*row);
+                    let o = tr4(
+                        _mm256_add_ps(y[0], bv),
+                        _mm256_add_ps(y[1], bv),
+                        _mm256_add_ps(y[2], bv),
+                        _mm256_add_ps(y[3], bv),
+                    );
+                    for (p, co) in coords.iter().enumerate() {
+                        let Some((img, oy, ox)) = *co else { continue };
+                        let yy = oy + a;
+                        if yy >= d.h {
+                            continue;
+                        }
+                        let dst = out.0.add((img * d.k + ko) * hw + yy * d.w + ox);
+                        if ox + 8 <= d.w {
+                            _mm256_storeu_ps(dst, o[p]);
+                        } else {
+                            let mut tmp = [0.0f32; 8];
+                            _mm256_storeu_ps(tmp.as_mut_ptr(), o[p]);
+                            for (b, val) in tmp.iter().enumerate().take(d.w - ox) {
+                                *dst.add(b) = *val;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `A y` for one column of a 4×4 output-gradient tile (6 values): the adjoint of
+    /// [`at`].
+    #[inline(always)]
+    unsafe fn a6(y: [__m256; 4]) -> [__m256; 6] {
+        let c2 = _mm256_set1_ps(2.0);
+        let c4 = _mm256_set1_ps(4.0);
+        let c8 = _mm256_set1_ps(8.0);
+        let [y0, y1, y2, y3] = y;
+        let e = _mm256_add_ps(y0, y2); // even part
+        let o = _mm256_add_ps(y1, y3); // odd part
+        let e4 = _mm256_fmadd_ps(c4, y2, y0);
+        let o8 = _mm256_fmadd_ps(c8, y3, _mm256_mul_ps(c2, y1));
+        [
+            y0,
+            _mm256_add_ps(e, o),
+            _mm256_sub_ps(e, o),
+            _mm256_add_ps(e4, o8),
+            _mm256_sub_ps(e4, o8),
+            y3,
+        ]
+    }
+
+    /// Loads 8 floats at `p` of which `avail` (≥ 1) exist; the rest read as zero.
+    #[inline(always)]
+    unsafe fn load_part(p: *const f32, avail: usize) -> __m256 {
+        if avail >= 8 {
+            _mm256_loadu_ps(p)
+        } else {
+            let mut tmp = [0.0f32; 8];
+            std::ptr::copy_nonoverlapping(p, tmp.as_mut_ptr(), avail);
+            _mm256_loadu_ps(tmp.as_ptr())
+        }
+    }
+
+    /// Output-gradient transform of a block (even `tw`): `dm[ξ][k][j] = (A dY Aᵀ)[ξ]`
+    /// for the 4×4 tiles of `dy` (zero outside the image), lanes in the order of
+    /// [`input_transform`].
+    #[inline(always)]
+    pub(super) unsafe fn grad_output_transform(
+        dy: &[f32],
+        d: ConvDims,
+        tiles: Tiles,
+        (t0, t_end): (usize, usize),
+        dm: &mut [f32],
+        nbp: usize,
+    ) {
+        let hw = d.hw();
+        let dp = dm.as_mut_ptr();
+        let yp = dy.as_ptr();
+        for g in (0..nbp).step_by(G8) {
+            let mut coords = [None; 4];
+            for (p, slot) in coords.iter_mut().enumerate() {
+                let t = t0 + g + 2 * p;
+                if t < t_end {
+                    *slot = Some(tiles.coords(t));
+                }
+            }
+            for ko in 0..d.k {
+                let z = _mm256_setzero_ps();
+                // rows[a][b]: output-gradient row a, column b of the 8 tiles.
+                let mut rows = [[z; 4]; 4];
+                for (a, row) in rows.iter_mut().enumerate() {
+                    let mut r = [z; 4];
+                    for (p, co) in coords.iter().enumerate() {
+                        let Some((img, oy, ox)) = *co else { continue };
+                        if oy + a < d.h {
+                            let src = yp.add((img * d.k + ko) * hw + (oy + a) * d.w + ox);
+                            r[p] = load_part(src, d.w - ox);
+                        }
+                    }
+                    *row = tr4(r[0], r[1], r[2], r[3]);
+                }
+                // Columns: t3[i][b] = (A dY)[i][b].
+                let mut t3 = [[z; 4]; 6];
+                for b in 0..4 {
+                    let col = a6([rows[0][b], rows[1][b], rows[2][b], rows[3][b]]);
+                    for i in 0..6 {
+                        t3[i][b] = col[i];
+                    }
+                }
+                for (i, row) in t3.iter().enumerate() {
+                    let r = a6(*row);
+                    for (j, val) in r.iter().enumerate() {
+                        _mm256_storeu_ps(dp.add(((i * 6 + j) * d.k + ko) * nbp + g), *val);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sums of the 8 lanes of 4 vectors, as one 4-lane vector.
+    #[inline(always)]
+    unsafe fn hsum4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
+        let h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1))
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(a: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        let s = _mm_hadd_ps(s, s);
+        _mm_cvtss_f32(_mm_hadd_ps(s, s))
+    }
+
+    /// `du[r][q] += Σ_j dm[r][j] · v[q][j]` for `KR` rows of `dm` and `CR` rows of `v`
+    /// (each `nbp` long, a multiple of 8); `du` row stride `ldu`.
+    #[inline(always)]
+    unsafe fn dot_tile<const KR: usize, const CR: usize>(
+        dm: *const f32,
+        v: *const f32,
+        nbp: usize,
+        du: *mut f32,
+        ldu: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); CR]; KR];
+        let mut j = 0;
+        while j < nbp {
+            let mut av = [_mm256_setzero_ps(); KR];
+            for (r, a) in av.iter_mut().enumerate() {
+                *a = _mm256_loadu_ps(dm.add(r * nbp + j));
+            }
+            for q in 0..CR {
+                let bv = _mm256_loadu_ps(v.add(q * nbp + j));
+                for r in 0..KR {
+                    acc[r][q] = _mm256_fmadd_ps(av[r], bv, acc[r][q]);
+                }
+            }
+            j += G8;
+        }
+        for (r, row) in acc.iter().enumerate() {
+            let dst = du.add(r * ldu);
+            if CR == 4 {
+                let s = hsum4(row[0], row[1], row[2], row[3]);
+                _mm_storeu_ps(dst, _mm_add_ps(_mm_loadu_ps(dst), s));
+            } else {
+                for (q, a) in row.iter().enumerate() {
+                    *dst.add(q) += hsum(*a);
+                }
+            }
+        }
+    }
+
+    /// `du[ξ] (k × c) += dm[ξ] (k × nbp) · v[ξ]ᵀ (nbp × c)` for all 36 ξ.
+    #[inline(always)]
+    pub(super) unsafe fn wgrad_products(
+        dm: &[f32],
+        v: &[f32],
+        du: &mut [f32],
+        k: usize,
+        c: usize,
+        nbp: usize,
+    ) {
+        assert!(dm.len() >= 36 * k * nbp && v.len() >= 36 * c * nbp && du.len() >= 36 * k * c);
+        let (mp, vp, up) = (dm.as_ptr(), v.as_ptr(), du.as_mut_ptr());
+        let (k3, c4) = (k / 3 * 3, c / 4 * 4);
+        for xi in 0..36 {
+            let m = mp.add(xi * k * nbp);
+            let vv = vp.add(xi * c * nbp);
+            let u = up.add(xi * k * c);
+            let mut r = 0;
+            while r < k3 {
+                let mut q = 0;
+                while q < c4 {
+                    dot_tile::<3, 4>(m.add(r * nbp), vv.add(q * nbp), nbp, u.add(r * c + q), c);
+                    q += 4;
+                }
+                while q < c {
+                    dot_tile::<3, 1>(m.add(r * nbp), vv.add(q * nbp), nbp, u.add(r * c + q), c);
+                    q += 1;
+                }
+                r += 3;
+            }
+            while r < k {
+                let mut q = 0;
+                while q < c4 {
+                    dot_tile::<1, 4>(m.add(r * nbp), vv.add(q * nbp), nbp, u.add(r * c + q), c);
+                    q += 4;
+                }
+                while q < c {
+                    dot_tile::<1, 1>(m.add(r * nbp), vv.add(q * nbp), nbp, u.add(r * c + q), c);
+                    q += 1;
+                }
+                r += 1;
+            }
+        }
+    }
+}
+
+/// One block: transforms, products, output transform.
+///
+/// # Safety
+/// As [`output_transform`]; with `avx2` true the CPU must support AVX2 and FMA.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(
+    x: &[f32],
+    u: &[f32],
+    bias: Option<&[f32]>,
+    d: ConvDims,
+    tiles: Tiles,
+    span: (usize, usize),
+    nbp: usize,
+    scratch: &mut [f32],
+    out: OutPtr,
+    avx2: bool,
+) {
+    let kpad = d.k.div_ceil(MR) * MR;
+    let (v, m) = scratch.split_at_mut(36 * d.c * nbp);
+    input_transform(x, d, tiles, span, v, nbp);
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        products_avx2(u, v, m, d.c, kpad, nbp);
+    } else {
+        products_generic(u, v, m, d.c, kpad, nbp);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = avx2;
+        products_generic(u, v, m, d.c, kpad, nbp);
+    }
+    output_transform(m, kpad, bias, d, tiles, span, nbp, out);
+}
+
+/// One block on AVX2/FMA, for even `tw`: the AVX2 transforms of module [`avx`] and
+/// the AVX2 products.
+///
+/// # Safety
+/// As [`block`]; the CPU must support AVX2 and FMA; `tiles.tw` must be even and
+/// `scratch` hold `V`, `M` and [`pad_len`] floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_avx2(
+    x: &[f32],
+    u: &[f32],
+    bias: Option<&[f32]>,
+    d: ConvDims,
+    tiles: Tiles,
+    span: (usize, usize),
+    nbp: usize,
+    scratch: &mut [f32],
+    out: OutPtr,
+) {
+    let kpad = d.k.div_ceil(MR) * MR;
+    let (v, rest) = scratch.split_at_mut(36 * d.c * nbp);
+    let (m, pads) = rest.split_at_mut(36 * kpad * nbp);
+    let pad = avx::Pad::new(tiles);
+    avx::input_transform(x, d, tiles, span, v, nbp, pads, &pad);
+    products_avx2(u, v, m, d.c, kpad, nbp);
+    avx::output_transform(m, kpad, bias, d, tiles, span, nbp, out);
+}
+
+/// [`block`] compiled with AVX2/FMA enabled (odd `tw`): portable transforms that
+/// vectorise 8-wide, AVX2 products.
+///
+/// # Safety
+/// As [`block`]; the CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_avx2_generic(
+    x: &[f32],
+    u: &[f32],
+    bias: Option<&[f32]>,
+    d: ConvDims,
+    tiles: Tiles,
+    span: (usize, usize),
+    nbp: usize,
+    scratch: &mut [f32],
+    out: OutPtr,
+) {
+    block(x, u, bias, d, tiles, span, nbp, scratch, out, true)
+}
+
+/// Floats of padded planes a block of `nb` tiles needs (AVX2 path): one plane per
+/// image it can touch.
+fn pad_len(tiles: Tiles, nb: usize) -> usize {
+    let per_img = tiles.th * tiles.tw;
+    let imgs = nb / per_img.max(1) + 2;
+    imgs * (4 * tiles.th + 2) * (4 * tiles.tw + 4)
+}
+
+/// Accumulates the transformed-domain weight gradient of the blocks `b0..b1` into `du`
+/// (`36 × k × c`).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `tiles.tw` must be even; `scratch` must hold
+/// `V`, `dM` and [`pad_len`] floats for blocks of `nb` tiles.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn wgrad_blocks_avx2(
+    x: &[f32],
+    dy: &[f32],
+    d: ConvDims,
+    tiles: Tiles,
+    (b0, b1, nb, total): (usize, usize, usize, usize),
+    scratch: &mut [f32],
+    du: &mut [f32],
+) {
+    let pad = avx::Pad::new(tiles);
+    for bi in b0..b1 {
+        let t0 = bi * nb;
+        let span = (t0, (t0 + nb).min(total));
+        let nbp = (span.1 - t0).div_ceil(NR) * NR;
+        let (v, rest) = scratch.split_at_mut(36 * d.c * nbp);
+        let (dm, pads) = rest.split_at_mut(36 * d.k * nbp);
+        avx::input_transform(x, d, tiles, span, v, nbp, pads, &pad);
+        avx::grad_output_transform(dy, d, tiles, span, dm, nbp);
+        avx::wgrad_products(dm, v, du, d.k, d.c, nbp);
+    }
+}
+
+/// Whether [`conv3x3_grad_weight`] handles these sizes (AVX2/FMA and an even number of
+/// tile columns); otherwise the caller uses im2col + GEMM.
+pub(crate) fn grad_weight_supported(d: ConvDims) -> bool {
+    crate::winograd_enabled()
+        && have_avx2()
+        && d.w.div_ceil(4).is_multiple_of(2)
+        && d.c >= 1
+        && d.k >= 1
+        && d.n >= 1
+        && d.h >= 1
+}
+
+/// Weight gradient by Winograd F(4×4, 3×3): `dU[ξ] = Σ_tiles (A dY Aᵀ)[ξ] ·
+/// (Bᵀ d B)[ξ]ᵀ` (the adjoint of the forward products), then `dW = Gᵀ dU G` in f64.
+/// `x`: `n × c × h × w`, `dy`: `n × k × h × w`; returns `k × c × 3 × 3`. Only for
+/// sizes where [`grad_weight_supported`] holds.
+pub(crate) fn conv3x3_grad_weight(x: &[f32], dy: &[f32], d: ConvDims) -> Vec<f32> {
+    assert!(grad_weight_supported(d));
+    assert_eq!(x.len(), d.x_len());
+    assert_eq!(dy.len(), d.y_len());
+    let tiles = Tiles {
+        th: d.h.div_ceil(4),
+        tw: d.w.div_ceil(4),
+    };
+    let total = d.n * tiles.th * tiles.tw;
+    // Larger blocks than the forward's: each block ends with 36·k·c horizontal sums.
+    let budget = BLOCK_BYTES.load(Ordering::Relaxed) * WGRAD_BLOCK_FACTOR.load(Ordering::Relaxed);
+    let nb = block_tiles_for(budget, d.c, d.k, total);
+    let blocks = total.div_ceil(nb);
+    let threads = rayon::current_num_threads().max(1).min(blocks);
+    let per = blocks.div_ceil(threads);
+    let scratch_len = 36 * (d.c + d.k) * nb + pad_len(tiles, nb);
+    let du_len = 36 * d.k * d.c;
+    let parts: Vec<Vec<f32>> = (0..blocks.div_ceil(per))
+        .into_par_iter()
+        .map(|ti| {
+            let mut du = vec![0.0f32; du_len];
+            let (b0, b1) = (ti * per, ((ti + 1) * per).min(blocks));
+            with_scratch(scratch_len, |s| {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX2/FMA and even `tw` checked by `grad_weight_supported`;
+                // the scratch is sized for blocks of `nb` tiles.
+                unsafe {
+                    wgrad_blocks_avx2(x, dy, d, tiles, (b0, b1, nb, total), s, &mut du)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (s, b0, b1);
+            });
+            du
+        })
+        .collect();
+    let mut du = vec![0.0f64; du_len];
+    for p in &parts {
+        for (a, b) in du.iter_mut().zip(p) {
+            *a += *b as f64;
+        }
+    }
+    // dW = Gᵀ dU G per (k, c).
+    const G: [[f64; 3]; 6] = [
+        [0.25, 0.0, 0.0],
+        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+        [0.0, 0.0, 1.0],
+    ];
+    let mut dw = vec![0.0f32; d.w_len()];
+    for ko in 0..d.k {
+        for ci in 0..d.c {
+            let at = |xi: usize| du[(xi * d.k + ko) * d.c + ci];
+            // t[i][s] = Σ_j dU[i][j] G[j][s]
+            let mut t = [[0.0f64; 3]; 6];
+            for (i, trow) in t.iter_mut().enumerate() {
+                for (s, cell) in trow.iter_mut().enumerate() {
+                    *cell = (0..6).map(|j| at(i * 6 + j) * G[j][s]).sum();
+                }
+            }
+            let out = &mut dw[(ko * d.c + ci) * 9..][..9];
+            for r in 0..3 {
+                for s in 0..3 {
+                    out[r * 3 + s] = (0..6).map(|i| G[i][r] * t[i][s]).sum::<f64>() as f32;
+                }
+            }
+        }
+    }
+    dw
+}
+
+fn have_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Tiles per block for `c` input and `kpad` output channels: a multiple of [`NR`],
+/// sized so that `V` and `M` fit the byte budget.
+fn block_tiles(c: usize, kpad: usize, total: usize) -> usize {
+    block_tiles_for(BLOCK_BYTES.load(Ordering::Relaxed), c, kpad, total)
+}
+
+fn block_tiles_for(budget: usize, c: usize, kpad: usize, total: usize) -> usize {
+    let per_tile = 36 * (c + kpad) * std::mem::size_of::<f32>();
+    let nb = (budget / per_tile.max(1)) / NR * NR;
+    nb.clamp(NR, 512).min(total.div_ceil(NR) * NR)
+}
+
+/// Forward convolution by Winograd F(4×4, 3×3). `x`: `n × c × h × w`, `wmat`:
+/// `k × c × 3 × 3`, `bias`: `k`; returns `n × k × h × w`. Requires `c ≥ 1`.
+pub(crate) fn conv3x3_fwd(x: &[f32], wmat: &[f32], bias: Option<&[f32]>, d: ConvDims) -> Vec<f32> {
+    assert_eq!(x.len(), d.x_len());
+    assert_eq!(wmat.len(), d.w_len());
+    assert!(d.c >= 1);
+    let y_len = d.y_len();
+    if y_len == 0 {
+        return Vec::new();
+    }
+    let tiles = Tiles {
+        th: d.h.div_ceil(4),
+        tw: d.w.div_ceil(4),
+    };
+    let total = d.n * tiles.th * tiles.tw;
+    let kpad = d.k.div_ceil(MR) * MR;
+    let u = transform_weights(wmat, d.k, d.c);
+    let nb = block_tiles(d.c, kpad, total);
+    let scratch_len = 36 * (d.c + kpad) * nb + pad_len(tiles, nb);
+    let avx2 = have_avx2();
+    let mut out: Vec<f32> = Vec::with_capacity(y_len);
+    let ptr = OutPtr(out.as_mut_ptr());
+    let blocks = total.div_ceil(nb);
+    (0..blocks).into_par_iter().for_each(|bi| {
+        let t0 = bi * nb;
+        let span = (t0, (t0 + nb).min(total));
+        let nbp = (span.1 - t0).div_ceil(NR) * NR;
+        with_scratch(scratch_len, |s| {
+            // SAFETY: block `bi` writes only the output pixels of tiles t0..t_end
+            // (disjoint from every other block's); `out` has capacity `y_len` and
+            // outlives the loop. AVX2/FMA were detected when `avx2` is true.
+            unsafe {
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    if tiles.tw.is_multiple_of(2) {
+                        block_avx2(x, &u, bias, d, tiles, span, nbp, s, ptr);
+                    } else {
+                        block_avx2_generic(x, &u, bias, d, tiles, span, nbp, s, ptr);
+                    }
+                    return;
+                }
+                block(x, &u, bias, d, tiles, span, nbp, s, ptr, false);
+            }
+        })
+    });
+    let _ = avx2;
+    // SAFETY: the tiles 0..total cover every output pixel of every (image, channel)
+    // plane exactly once (tiles of 4×4 over ceil(h/4) × ceil(w/4), cropped), and each
+    // block wrote all k channels of its tiles.
+    unsafe { out.set_len(y_len) };
+    out
+}
