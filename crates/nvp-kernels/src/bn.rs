@@ -249,6 +249,105 @@ pub(crate) struct BnBackward {
     want_dx: bool,
 }
 
+/// Pass 1 of the backward over one row: `(Σ dz, Σ dz·(x − μ))` in f64, where
+/// `dz = dy` (masked by the ReLU's `z ≥ 0` when `relu`), `z = (x − μ)·a + s`.
+/// Eight lanes, lane `l` summing the elements `l mod 8`, then the lanes in order; the
+/// AVX2 version performs exactly these operations (bit-identical results).
+fn bwd_row_sums(xr: &[f32], dr: &[f32], cas: (f32, f32, f32), relu: bool) -> (f64, f64) {
+    let mut a1 = [0.0f64; 8];
+    let mut a2 = [0.0f64; 8];
+    let body = xr.len().min(dr.len()) / 8 * 8;
+    #[cfg(target_arch = "x86_64")]
+    if crate::util::have_avx2() {
+        // SAFETY: AVX2 and FMA were detected.
+        unsafe { bwd_row_sums_avx2(&xr[..body], &dr[..body], cas, relu, &mut a1, &mut a2) };
+    } else {
+        bwd_row_sums_lanes(&xr[..body], &dr[..body], cas, relu, &mut a1, &mut a2);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    bwd_row_sums_lanes(&xr[..body], &dr[..body], cas, relu, &mut a1, &mut a2);
+    let (m, a, s) = cas;
+    let mut s1: f64 = a1.iter().sum();
+    let mut s2: f64 = a2.iter().sum();
+    for (&xv, &dv) in xr[body..].iter().zip(&dr[body..]) {
+        let xm = xv - m;
+        let g = if !relu || xm * a + s >= 0.0 { dv } else { 0.0 };
+        s1 += g as f64;
+        s2 += (g * xm) as f64;
+    }
+    (s1, s2)
+}
+
+/// The lanes of [`bwd_row_sums`] over a multiple of 8 elements, portable.
+fn bwd_row_sums_lanes(
+    xr: &[f32],
+    dr: &[f32],
+    (m, a, s): (f32, f32, f32),
+    relu: bool,
+    a1: &mut [f64; 8],
+    a2: &mut [f64; 8],
+) {
+    for (xv, dv) in xr.chunks_exact(8).zip(dr.chunks_exact(8)) {
+        for l in 0..8 {
+            let xm = xv[l] - m;
+            let g = if !relu || xm * a + s >= 0.0 {
+                dv[l]
+            } else {
+                0.0
+            };
+            a1[l] += g as f64;
+            a2[l] += (g * xm) as f64;
+        }
+    }
+}
+
+/// AVX2 version of [`bwd_row_sums_lanes`].
+///
+/// # Safety
+/// The CPU must support AVX2; `xr` and `dr` have the same length, a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bwd_row_sums_avx2(
+    xr: &[f32],
+    dr: &[f32],
+    (m, a, s): (f32, f32, f32),
+    relu: bool,
+    a1: &mut [f64; 8],
+    a2: &mut [f64; 8],
+) {
+    use std::arch::x86_64::*;
+    assert!(xr.len() == dr.len() && xr.len().is_multiple_of(8));
+    let (vm, va, vs) = (_mm256_set1_ps(m), _mm256_set1_ps(a), _mm256_set1_ps(s));
+    let zero = _mm256_setzero_ps();
+    let mut s1lo = _mm256_loadu_pd(a1.as_ptr());
+    let mut s1hi = _mm256_loadu_pd(a1.as_ptr().add(4));
+    let mut s2lo = _mm256_loadu_pd(a2.as_ptr());
+    let mut s2hi = _mm256_loadu_pd(a2.as_ptr().add(4));
+    let (xp, dp) = (xr.as_ptr(), dr.as_ptr());
+    let mut i = 0;
+    while i < xr.len() {
+        let xm = _mm256_sub_ps(_mm256_loadu_ps(xp.add(i)), vm);
+        let dv = _mm256_loadu_ps(dp.add(i));
+        let g = if relu {
+            // No FMA: the portable version rounds the product, then the sum.
+            let z = _mm256_add_ps(_mm256_mul_ps(xm, va), vs);
+            _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(z, zero), dv)
+        } else {
+            dv
+        };
+        let gx = _mm256_mul_ps(g, xm);
+        s1lo = _mm256_add_pd(s1lo, _mm256_cvtps_pd(_mm256_castps256_ps128(g)));
+        s1hi = _mm256_add_pd(s1hi, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(g)));
+        s2lo = _mm256_add_pd(s2lo, _mm256_cvtps_pd(_mm256_castps256_ps128(gx)));
+        s2hi = _mm256_add_pd(s2hi, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(gx)));
+        i += 8;
+    }
+    _mm256_storeu_pd(a1.as_mut_ptr(), s1lo);
+    _mm256_storeu_pd(a1.as_mut_ptr().add(4), s1hi);
+    _mm256_storeu_pd(a2.as_mut_ptr(), s2lo);
+    _mm256_storeu_pd(a2.as_mut_ptr().add(4), s2hi);
+}
+
 impl BnBackward {
     fn run(&self, x: &[f32], dy: &[f32], (n, c, hw): (usize, usize, usize)) -> Vec<f32> {
         let p = &*self.params;
@@ -267,31 +366,8 @@ impl BnBackward {
                 let mut acc = vec![0.0f64; 2 * c];
                 for (xi, di) in xs.chunks_exact(img).zip(dys.chunks_exact(img)) {
                     for (ch, (xr, dr)) in xi.chunks_exact(hw).zip(di.chunks_exact(hw)).enumerate() {
-                        let (m, a, s) = (p.centre[ch], p.mult[ch], p.shift[ch]);
-                        let mut a1 = [0.0f64; 8];
-                        let mut a2 = [0.0f64; 8];
-                        let mut xc = xr.chunks_exact(8);
-                        let mut dc = dr.chunks_exact(8);
-                        for (xv, dv) in (&mut xc).zip(&mut dc) {
-                            for l in 0..8 {
-                                let xm = xv[l] - m;
-                                let g = if !relu || xm * a + s >= 0.0 {
-                                    dv[l]
-                                } else {
-                                    0.0
-                                };
-                                a1[l] += g as f64;
-                                a2[l] += (g * xm) as f64;
-                            }
-                        }
-                        let mut s1: f64 = a1.iter().sum();
-                        let mut s2: f64 = a2.iter().sum();
-                        for (&xv, &dv) in xc.remainder().iter().zip(dc.remainder()) {
-                            let xm = xv - m;
-                            let g = if !relu || xm * a + s >= 0.0 { dv } else { 0.0 };
-                            s1 += g as f64;
-                            s2 += (g * xm) as f64;
-                        }
+                        let (s1, s2) =
+                            bwd_row_sums(xr, dr, (p.centre[ch], p.mult[ch], p.shift[ch]), relu);
                         acc[ch] += s1;
                         acc[c + ch] += s2;
                     }
