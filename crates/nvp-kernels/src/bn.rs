@@ -811,3 +811,43 @@ pub fn batch_norm_reference(
         var: var.flatten_all()?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX2 reduction performs the portable lanes' operations exactly: equal bits,
+    /// with and without the ReLU mask, including ±0, NaN and infinite inputs.
+    #[test]
+    fn bwd_row_sums_avx2_matches_portable_bits() {
+        if !crate::util::have_avx2() {
+            eprintln!("skipped: no AVX2 on this CPU");
+            return;
+        }
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        };
+        let mut x: Vec<f32> = (0..1024).map(|_| next()).collect();
+        let mut d: Vec<f32> = (0..1024).map(|_| next()).collect();
+        x[3] = f32::NAN;
+        x[9] = f32::INFINITY;
+        d[17] = -0.0;
+        x[40] = 0.25; // z = 0 exactly with the constants below: the mask keeps it
+        for relu in [false, true] {
+            let cas = (0.25f32, 1.5f32, 0.0f32);
+            let (mut p1, mut p2) = ([0.0f64; 8], [0.0f64; 8]);
+            let (mut v1, mut v2) = ([0.0f64; 8], [0.0f64; 8]);
+            bwd_row_sums_lanes(&x, &d, cas, relu, &mut p1, &mut p2);
+            // SAFETY: AVX2 checked above; lengths equal, a multiple of 8.
+            unsafe { bwd_row_sums_avx2(&x, &d, cas, relu, &mut v1, &mut v2) };
+            for l in 0..8 {
+                assert_eq!(p1[l].to_bits(), v1[l].to_bits(), "relu {relu} s1 lane {l}");
+                assert_eq!(p2[l].to_bits(), v2[l].to_bits(), "relu {relu} s2 lane {l}");
+            }
+        }
+    }
+}
