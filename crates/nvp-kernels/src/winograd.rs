@@ -103,6 +103,18 @@ fn transform_weights(w: &[f32], k: usize, c: usize) -> Vec<f32> {
     u
 }
 
+/// Floats between the matrices of consecutive ξ in `V`/`M` for `rows` rows of `nbp`
+/// tiles: padded by one cache line so that the 36 matrices do not start at multiples
+/// of 4 KiB (which map to the same L1 set and made the transforms' 36 strided
+/// stores thrash it).
+#[inline(always)]
+fn xs(rows: usize, nbp: usize) -> usize {
+    rows * nbp + SKEW
+}
+
+/// See [`xs`].
+const SKEW: usize = 16;
+
 type V8 = [f32; G8];
 
 /// `Bᵀ d` on six vectors of 8 lanes.
@@ -222,7 +234,7 @@ fn input_transform(
             for (i, row) in t1.iter().enumerate() {
                 let r = bt(*row);
                 for (j, val) in r.iter().enumerate() {
-                    let dst = &mut v[((i * 6 + j) * c + ci) * nbp + g..][..G8];
+                    let dst = &mut v[(i * 6 + j) * xs(c, nbp) + ci * nbp + g..][..G8];
                     dst.copy_from_slice(val);
                 }
             }
@@ -264,7 +276,7 @@ unsafe fn output_transform(
             let mut mm = [[[0.0f32; G8]; 6]; 6];
             for (i, row) in mm.iter_mut().enumerate() {
                 for (j, cell) in row.iter_mut().enumerate() {
-                    cell.copy_from_slice(&m[((i * 6 + j) * kpad + ko) * nbp + g..][..G8]);
+                    cell.copy_from_slice(&m[(i * 6 + j) * xs(kpad, nbp) + ko * nbp + g..][..G8]);
                 }
             }
             // Columns: t2[a][j] = (Aᵀ M)[a][j].
@@ -302,11 +314,11 @@ unsafe fn output_transform(
 fn products_generic(u: &[f32], v: &[f32], m: &mut [f32], c: usize, kpad: usize, nbp: usize) {
     let kbn = kpad / MR;
     for xi in 0..36 {
-        let vx = &v[xi * c * nbp..][..c * nbp];
+        let vx = &v[xi * xs(c, nbp)..][..c * nbp];
         for kb in 0..kbn {
             let ub = &u[(xi * kbn + kb) * c * MR..][..c * MR];
             for r in 0..MR {
-                let dst = &mut m[(xi * kpad + kb * MR + r) * nbp..][..nbp];
+                let dst = &mut m[xi * xs(kpad, nbp) + (kb * MR + r) * nbp..][..nbp];
                 dst.fill(0.0);
                 for ci in 0..c {
                     let a = ub[ci * MR + r];
@@ -332,13 +344,15 @@ unsafe fn products_avx2(u: &[f32], v: &[f32], m: &mut [f32], c: usize, kpad: usi
     use std::arch::x86_64::*;
     let kbn = kpad / MR;
     assert!(nbp.is_multiple_of(NR) && kpad.is_multiple_of(MR));
-    assert!(u.len() >= 36 * kpad * c && v.len() >= 36 * c * nbp && m.len() >= 36 * kpad * nbp);
+    assert!(
+        u.len() >= 36 * kpad * c && v.len() >= 36 * xs(c, nbp) && m.len() >= 36 * xs(kpad, nbp)
+    );
     let (up, vp, mp) = (u.as_ptr(), v.as_ptr(), m.as_mut_ptr());
     for xi in 0..36 {
-        let vx = vp.add(xi * c * nbp);
+        let vx = vp.add(xi * xs(c, nbp));
         for kb in 0..kbn {
             let ub = up.add((xi * kbn + kb) * c * MR);
-            let mrow = mp.add((xi * kpad + kb * MR) * nbp);
+            let mrow = mp.add(xi * xs(kpad, nbp) + kb * MR * nbp);
             let mut j = 0;
             while j < nbp {
                 let mut acc = [_mm256_setzero_ps(); 12];
@@ -378,7 +392,7 @@ unsafe fn products_avx2(u: &[f32], v: &[f32], m: &mut [f32], c: usize, kpad: usi
 mod avx {
     use std::arch::x86_64::*;
 
-    use super::{OutPtr, Tiles, G8};
+    use super::{xs, OutPtr, Tiles, G8};
     use crate::kernels::ConvDims;
 
     /// 4×4 transpose within each 128-bit lane (its own inverse).
@@ -460,9 +474,33 @@ mod avx {
         }
     }
 
-    /// Fills the padded rows `pr0..pr1` of one plane from `plane` (`h × w`).
+    /// `dst.copy_from_slice(src)` without a call to `memmove` (rows are short: a call
+    /// per row cost as much as the copy).
+    ///
+    /// # Safety
+    /// The CPU must support AVX (callers are compiled with AVX2 enabled).
     #[inline(always)]
-    fn fill_rows(
+    unsafe fn copy_inline(src: &[f32], dst: &mut [f32]) {
+        assert_eq!(src.len(), dst.len());
+        let n8 = src.len() / 8 * 8;
+        let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+        let mut i = 0;
+        // SAFETY: both slices hold at least `n8` floats and do not overlap.
+        while i < n8 {
+            _mm256_storeu_ps(dp.add(i), _mm256_loadu_ps(sp.add(i)));
+            i += 8;
+        }
+        for i in n8..src.len() {
+            dst[i] = src[i];
+        }
+    }
+
+    /// Fills the padded rows `pr0..pr1` of one plane from `plane` (`h × w`).
+    ///
+    /// # Safety
+    /// As [`copy_inline`].
+    #[inline(always)]
+    unsafe fn fill_rows(
         plane: &[f32],
         d: ConvDims,
         pad: &Pad,
@@ -473,7 +511,7 @@ mod avx {
             let row = &mut dst[pr * pad.wp..][..pad.wp];
             if pr >= 1 && pr <= d.h {
                 row[0] = 0.0;
-                row[1..=d.w].copy_from_slice(&plane[(pr - 1) * d.w..][..d.w]);
+                copy_inline(&plane[(pr - 1) * d.w..][..d.w], &mut row[1..=d.w]);
                 row[d.w + 1..].fill(0.0);
             } else {
                 row.fill(0.0);
@@ -555,7 +593,7 @@ mod avx {
                 for (i, row) in t1.iter().enumerate() {
                     let r = bt(*row);
                     for (j, val) in r.iter().enumerate() {
-                        _mm256_storeu_ps(vp.add(((i * 6 + j) * c + ci) * nbp + g), *val);
+                        _mm256_storeu_ps(vp.add((i * 6 + j) * xs(c, nbp) + ci * nbp + g), *val);
                     }
                 }
             }
@@ -592,7 +630,7 @@ mod avx {
                 let mut mm = [[_mm256_setzero_ps(); 6]; 6];
                 for (i, row) in mm.iter_mut().enumerate() {
                     for (j, cell) in row.iter_mut().enumerate() {
-                        *cell = _mm256_loadu_ps(mp.add(((i * 6 + j) * kpad + ko) * nbp + g));
+                        *cell = _mm256_loadu_ps(mp.add((i * 6 + j) * xs(kpad, nbp) + ko * nbp + g));
                     }
                 }
                 let mut t2 = [[_mm256_setzero_ps(); 6]; 4];
@@ -716,7 +754,7 @@ mod avx {
                 for (i, row) in t3.iter().enumerate() {
                     let r = a6(*row);
                     for (j, val) in r.iter().enumerate() {
-                        _mm256_storeu_ps(dp.add(((i * 6 + j) * d.k + ko) * nbp + g), *val);
+                        _mm256_storeu_ps(dp.add((i * 6 + j) * xs(d.k, nbp) + ko * nbp + g), *val);
                     }
                 }
             }
@@ -785,12 +823,14 @@ mod avx {
         c: usize,
         nbp: usize,
     ) {
-        assert!(dm.len() >= 36 * k * nbp && v.len() >= 36 * c * nbp && du.len() >= 36 * k * c);
+        assert!(
+            dm.len() >= 36 * xs(k, nbp) && v.len() >= 36 * xs(c, nbp) && du.len() >= 36 * k * c
+        );
         let (mp, vp, up) = (dm.as_ptr(), v.as_ptr(), du.as_mut_ptr());
         let (k3, c4) = (k / 3 * 3, c / 4 * 4);
         for xi in 0..36 {
-            let m = mp.add(xi * k * nbp);
-            let vv = vp.add(xi * c * nbp);
+            let m = mp.add(xi * xs(k, nbp));
+            let vv = vp.add(xi * xs(c, nbp));
             let u = up.add(xi * k * c);
             let mut r = 0;
             while r < k3 {
@@ -840,7 +880,7 @@ unsafe fn block(
     avx2: bool,
 ) {
     let kpad = d.k.div_ceil(MR) * MR;
-    let (v, m) = scratch.split_at_mut(36 * d.c * nbp);
+    let (v, m) = scratch.split_at_mut(36 * xs(d.c, nbp));
     input_transform(x, d, tiles, span, v, nbp);
     #[cfg(target_arch = "x86_64")]
     if avx2 {
@@ -877,8 +917,8 @@ unsafe fn block_avx2(
     out: OutPtr,
 ) {
     let kpad = d.k.div_ceil(MR) * MR;
-    let (v, rest) = scratch.split_at_mut(36 * d.c * nbp);
-    let (m, pads) = rest.split_at_mut(36 * kpad * nbp);
+    let (v, rest) = scratch.split_at_mut(36 * xs(d.c, nbp));
+    let (m, pads) = rest.split_at_mut(36 * xs(kpad, nbp));
     let pad = avx::Pad::new(tiles);
     avx::input_transform(x, d, tiles, span, v, nbp, pads, &pad);
     products_avx2(u, v, m, d.c, kpad, nbp);
@@ -938,8 +978,8 @@ unsafe fn wgrad_blocks_avx2(
         let t0 = bi * nb;
         let span = (t0, (t0 + nb).min(total));
         let nbp = (span.1 - t0).div_ceil(NR) * NR;
-        let (v, rest) = scratch.split_at_mut(36 * d.c * nbp);
-        let (dm, pads) = rest.split_at_mut(36 * d.k * nbp);
+        let (v, rest) = scratch.split_at_mut(36 * xs(d.c, nbp));
+        let (dm, pads) = rest.split_at_mut(36 * xs(d.k, nbp));
         avx::input_transform(x, d, tiles, span, v, nbp, pads, &pad);
         avx::grad_output_transform(dy, d, tiles, span, dm, nbp);
         avx::wgrad_products(dm, v, du, d.k, d.c, nbp);
@@ -977,7 +1017,7 @@ pub(crate) fn conv3x3_grad_weight(x: &[f32], dy: &[f32], d: ConvDims) -> Vec<f32
     let blocks = total.div_ceil(nb);
     let threads = rayon::current_num_threads().max(1).min(blocks);
     let per = blocks.div_ceil(threads);
-    let scratch_len = 36 * (d.c + d.k) * nb + pad_len(tiles, nb);
+    let scratch_len = 36 * (xs(d.c, nb) + xs(d.k, nb)) + pad_len(tiles, nb);
     let du_len = 36 * d.k * d.c;
     let parts: Vec<Vec<f32>> = (0..blocks.div_ceil(per))
         .into_par_iter()
@@ -1075,7 +1115,7 @@ pub(crate) fn conv3x3_fwd(x: &[f32], wmat: &[f32], bias: Option<&[f32]>, d: Conv
     let kpad = d.k.div_ceil(MR) * MR;
     let u = transform_weights(wmat, d.k, d.c);
     let nb = block_tiles(d.c, kpad, total);
-    let scratch_len = 36 * (d.c + kpad) * nb + pad_len(tiles, nb);
+    let scratch_len = 36 * (xs(d.c, nb) + xs(kpad, nb)) + pad_len(tiles, nb);
     let avx2 = have_avx2();
     let mut out: Vec<f32> = Vec::with_capacity(y_len);
     let ptr = OutPtr(out.as_mut_ptr());
