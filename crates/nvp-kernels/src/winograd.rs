@@ -490,8 +490,8 @@ mod avx {
             _mm256_storeu_ps(dp.add(i), _mm256_loadu_ps(sp.add(i)));
             i += 8;
         }
-        for i in n8..src.len() {
-            dst[i] = src[i];
+        for (d, s) in dst[n8..].iter_mut().zip(&src[n8..]) {
+            *d = *s;
         }
     }
 
