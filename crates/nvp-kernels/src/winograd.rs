@@ -485,13 +485,14 @@ mod avx {
         let n8 = src.len() / 8 * 8;
         let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
         let mut i = 0;
-        // SAFETY: both slices hold at least `n8` floats and do not overlap.
+        // SAFETY: both slices hold at least `n8` floats and do not overlap. The
+        // `black_box` keeps LLVM from turning the loop back into a `memcpy` call.
         while i < n8 {
-            _mm256_storeu_ps(dp.add(i), _mm256_loadu_ps(sp.add(i)));
+            _mm256_storeu_ps(std::hint::black_box(dp.add(i)), _mm256_loadu_ps(sp.add(i)));
             i += 8;
         }
-        for (d, s) in dst[n8..].iter_mut().zip(&src[n8..]) {
-            *d = *s;
+        for j in n8..src.len() {
+            *std::hint::black_box(dp.add(j)) = src[j];
         }
     }
 
@@ -662,7 +663,7 @@ mod avx {
                             let mut tmp = [0.0f32; 8];
                             _mm256_storeu_ps(tmp.as_mut_ptr(), o[p]);
                             for (b, val) in tmp.iter().enumerate().take(d.w - ox) {
-                                *dst.add(b) = *val;
+                                *std::hint::black_box(dst.add(b)) = *val;
                             }
                         }
                     }
