@@ -129,6 +129,11 @@ pub mod tuning {
         crate::winograd::BLOCK_BYTES.store(bytes.max(1), Ordering::Relaxed);
     }
 
+    /// Use the portable Winograd kernels even where AVX2/FMA exist (for tests).
+    pub fn set_winograd_portable(on: bool) {
+        crate::winograd::PORTABLE.store(on, Ordering::Relaxed);
+    }
+
     /// The Winograd weight gradient's block budget as a multiple of the forward's.
     pub fn set_winograd_wgrad_factor(f: usize) {
         crate::winograd::WGRAD_BLOCK_FACTOR.store(f.max(1), Ordering::Relaxed);

@@ -23,7 +23,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
@@ -38,6 +38,10 @@ const G8: usize = 8;
 
 /// Byte budget of one block's `V` and `M` buffers together.
 pub(crate) static BLOCK_BYTES: AtomicUsize = AtomicUsize::new(640 * 1024);
+/// Forces the portable kernels (as on a CPU without AVX2: the forward and input
+/// gradient by Winograd with portable loops, the weight gradient by im2col), so that
+/// the tests can check them on any machine.
+pub(crate) static PORTABLE: AtomicBool = AtomicBool::new(false);
 /// The weight gradient's block budget, as a multiple of [`BLOCK_BYTES`].
 pub(crate) static WGRAD_BLOCK_FACTOR: AtomicUsize = AtomicUsize::new(4);
 
@@ -80,11 +84,10 @@ fn g_rows(g0: f64, g1: f64, g2: f64) -> [f64; 6] {
 /// Computed in f64 and rounded once.
 fn transform_weights(w: &[f32], k: usize, c: usize) -> Vec<f32> {
     let kbn = k.div_ceil(MR);
-    let mut u = vec![0.0f32; 36 * kbn * c * MR];
-    for ko in 0..k {
-        let (kb, r) = (ko / MR, ko % MR);
-        for ci in 0..c {
-            let g = &w[(ko * c + ci) * 9..][..9];
+    // (G g Gᵀ) per (output, input) channel pair, in parallel; then packed.
+    let per_pair: Vec<[f32; 36]> = w
+        .par_chunks(9)
+        .map(|g| {
             let mut gg = [[0.0f64; 3]; 6];
             for col in 0..3 {
                 let v = g_rows(g[col] as f64, g[3 + col] as f64, g[6 + col] as f64);
@@ -92,11 +95,22 @@ fn transform_weights(w: &[f32], k: usize, c: usize) -> Vec<f32> {
                     row[col] = v[i];
                 }
             }
+            let mut out = [0.0f32; 36];
             for (i, row) in gg.iter().enumerate() {
                 let v = g_rows(row[0], row[1], row[2]);
                 for (j, &val) in v.iter().enumerate() {
-                    u[(((i * 6 + j) * kbn + kb) * c + ci) * MR + r] = val as f32;
+                    out[i * 6 + j] = val as f32;
                 }
+            }
+            out
+        })
+        .collect();
+    let mut u = vec![0.0f32; 36 * kbn * c * MR];
+    for ko in 0..k {
+        let (kb, r) = (ko / MR, ko % MR);
+        for ci in 0..c {
+            for (xi, &val) in per_pair[ko * c + ci].iter().enumerate() {
+                u[((xi * kbn + kb) * c + ci) * MR + r] = val;
             }
         }
     }
@@ -1054,36 +1068,31 @@ pub(crate) fn conv3x3_grad_weight(x: &[f32], dy: &[f32], d: ConvDims) -> Vec<f32
         [0.0, 0.0, 1.0],
     ];
     let mut dw = vec![0.0f32; d.w_len()];
-    for ko in 0..d.k {
-        for ci in 0..d.c {
-            let at = |xi: usize| du[(xi * d.k + ko) * d.c + ci];
-            // t[i][s] = Σ_j dU[i][j] G[j][s]
-            let mut t = [[0.0f64; 3]; 6];
-            for (i, trow) in t.iter_mut().enumerate() {
-                for (s, cell) in trow.iter_mut().enumerate() {
-                    *cell = (0..6).map(|j| at(i * 6 + j) * G[j][s]).sum();
+    dw.par_chunks_mut(d.c * 9)
+        .enumerate()
+        .for_each(|(ko, dwk)| {
+            for (ci, out) in dwk.chunks_exact_mut(9).enumerate() {
+                let at = |xi: usize| du[(xi * d.k + ko) * d.c + ci];
+                // t[i][s] = Σ_j dU[i][j] G[j][s]
+                let mut t = [[0.0f64; 3]; 6];
+                for (i, trow) in t.iter_mut().enumerate() {
+                    for (s, cell) in trow.iter_mut().enumerate() {
+                        *cell = (0..6).map(|j| at(i * 6 + j) * G[j][s]).sum();
+                    }
+                }
+                for r in 0..3 {
+                    for s in 0..3 {
+                        out[r * 3 + s] = (0..6).map(|i| G[i][r] * t[i][s]).sum::<f64>() as f32;
+                    }
                 }
             }
-            let out = &mut dw[(ko * d.c + ci) * 9..][..9];
-            for r in 0..3 {
-                for s in 0..3 {
-                    out[r * 3 + s] = (0..6).map(|i| G[i][r] * t[i][s]).sum::<f64>() as f32;
-                }
-            }
-        }
-    }
+        });
     dw
 }
 
+/// Whether the AVX2/FMA kernels run: the CPU has them and [`PORTABLE`] is off.
 fn have_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    !PORTABLE.load(Ordering::Relaxed) && crate::util::have_avx2()
 }
 
 /// Tiles per block for `c` input and `kpad` output channels: a multiple of [`NR`],

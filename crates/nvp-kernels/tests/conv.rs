@@ -3,9 +3,10 @@
 //!
 //! Both fast algorithms are checked on every case: Winograd F(4×4, 3×3) (the default
 //! for the forward pass, the input gradient and — on AVX2 CPUs, for an even number of
-//! 4-pixel tile columns — the weight gradient) and im2col + GEMM (the alternative,
-//! selected with `nvp_kernels::tuning::set_winograd(false)`). The switch is
-//! process-wide, so the tests of this file take a lock around it.
+//! 4-pixel tile columns — the weight gradient), its portable kernels (what a CPU
+//! without AVX2 runs; forced with `tuning::set_winograd_portable`), and im2col + GEMM
+//! (the alternative, selected with `tuning::set_winograd(false)`). The switches are
+//! process-wide, so the tests of this file take a lock around them.
 //!
 //! Tolerances (max absolute difference over all elements, relative to the largest
 //! magnitude of the reference tensor):
@@ -135,8 +136,13 @@ fn check_case(n: usize, c: usize, k: usize, h: usize, w: usize, seed: u64) {
             [DType::F32, DType::F64].map(|dt| run(conv2d_3x3_reference, &x, &wt, bias, &r, dt))
         })
         .collect();
-    for (algo, tol) in [("winograd", REL_TOL_WINOGRAD), ("im2col", REL_TOL_F32)] {
-        tuning::set_winograd(algo == "winograd");
+    for (algo, tol) in [
+        ("winograd", REL_TOL_WINOGRAD),
+        ("winograd-portable", REL_TOL_WINOGRAD),
+        ("im2col", REL_TOL_F32),
+    ] {
+        tuning::set_winograd(algo != "im2col");
+        tuning::set_winograd_portable(algo == "winograd-portable");
         for (bias, want2) in [Some(&b), None].into_iter().zip(&wants) {
             let tag = format!(
                 "[{algo}] (n={n}, c={c}, k={k}, h={h}, w={w}, bias={})",
@@ -156,6 +162,7 @@ fn check_case(n: usize, c: usize, k: usize, h: usize, w: usize, seed: u64) {
         }
     }
     tuning::set_winograd(true);
+    tuning::set_winograd_portable(false);
 }
 
 #[test]
