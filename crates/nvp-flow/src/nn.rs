@@ -92,6 +92,12 @@ impl WnConv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         conv3x3(x, &self.weight()?, &self.bias)
     }
+
+    /// `forward(x) + skip`, the addition fused into the convolution where nothing
+    /// needs a gradient (see `nvp_kernels::conv2d_3x3_add`; bit-identical either way).
+    pub fn forward_add(&self, x: &Tensor, skip: &Tensor) -> Result<Tensor> {
+        nvp_kernels::conv2d_3x3_add(x, &self.weight()?, Some(&self.bias), skip)
+    }
 }
 
 fn v_norm(v: &Tensor) -> Result<Tensor> {

@@ -6,7 +6,8 @@
 //! else uses candle's own `conv2d` plus a broadcast bias add.
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
+    Tensor,
 };
 
 use crate::kernels::{self, ConvDims};
@@ -242,6 +243,60 @@ pub fn conv2d_3x3(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> 
     } else {
         conv2d_3x3_reference(x, w, b)
     }
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor.
+fn with_cpu_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cs) => f(f32_slice(cs, layout, what)?),
+        _ => bail!("conv2d_3x3_add: {what} is not on the CPU"),
+    }
+}
+
+/// `conv2d_3x3(x, w, b) + skip`: a convolution followed by a residual connection.
+///
+/// When no argument carries an autograd graph (evaluation and sampling through a
+/// frozen model) and the fast CPU path applies, the addition is fused into the
+/// convolution's output (one pass over memory less; the same rounding as adding
+/// afterwards, so the result is bit-identical). Otherwise it is the composition of
+/// [`conv2d_3x3`] and candle's `add`, differentiable as usual.
+pub fn conv2d_3x3_add(x: &Tensor, w: &Tensor, b: Option<&Tensor>, skip: &Tensor) -> Result<Tensor> {
+    let d = dims_of(x.shape(), w.shape())?;
+    if skip.dims() != [d.n, d.k, d.h, d.w] {
+        bail!(
+            "conv2d_3x3_add: skip shape {:?}, want ({}, {}, {}, {})",
+            skip.shape(),
+            d.n,
+            d.k,
+            d.h,
+            d.w
+        );
+    }
+    let graph = x.track_op() || w.track_op() || skip.track_op() || b.is_some_and(|b| b.track_op());
+    let fused =
+        !graph && uses_fast_path(x, w, b) && skip.device().is_cpu() && skip.dtype() == DType::F32;
+    if !fused {
+        return conv2d_3x3(x, w, b)? + skip;
+    }
+    if let Some(b) = b {
+        if b.dims() != [d.k] {
+            bail!("conv2d_3x3: bias shape {:?}, want ({},)", b.shape(), d.k);
+        }
+    }
+    let (x, w, skip) = (x.contiguous()?, w.contiguous()?, skip.contiguous()?);
+    let b = b.map(|b| b.contiguous()).transpose()?;
+    let y = with_cpu_f32(&x, "x", |xs| {
+        with_cpu_f32(&w, "w", |ws| {
+            with_cpu_f32(&skip, "skip", |ss| match &b {
+                Some(b) => with_cpu_f32(b, "b", |bs| {
+                    Ok(kernels::conv3x3_fwd_add(xs, ws, Some(bs), Some(ss), d))
+                }),
+                None => Ok(kernels::conv3x3_fwd_add(xs, ws, None, Some(ss), d)),
+            })
+        })
+    })?;
+    Tensor::from_vec(y, (d.n, d.k, d.h, d.w), x.device())
 }
 
 /// The reference path: candle's own `conv2d(w, padding 1, stride 1, dilation 1,

@@ -253,10 +253,36 @@ impl Plan {
 /// Returns `n × k × h × w`.
 /// Uses Winograd F(4×4, 3×3) (module `winograd`) unless switched off, else im2col + GEMM.
 pub(crate) fn conv3x3_fwd(x: &[f32], wmat: &[f32], bias: Option<&[f32]>, d: ConvDims) -> Vec<f32> {
-    if d.c >= 1 && crate::winograd_enabled() {
-        return crate::winograd::conv3x3_fwd(x, wmat, bias, d);
+    conv3x3_fwd_add(x, wmat, bias, None, d)
+}
+
+/// [`conv3x3_fwd`] plus `skip` (`n × k × h × w`), added to each output after its bias
+/// (the same rounding as adding it afterwards).
+pub(crate) fn conv3x3_fwd_add(
+    x: &[f32],
+    wmat: &[f32],
+    bias: Option<&[f32]>,
+    skip: Option<&[f32]>,
+    d: ConvDims,
+) -> Vec<f32> {
+    if let Some(s) = skip {
+        assert_eq!(s.len(), d.y_len());
     }
-    conv3x3_fwd_plan(x, wmat, bias, d, Plan::new(d, &TILE_BYTES))
+    if d.c >= 1 && crate::winograd_enabled() {
+        return crate::winograd::conv3x3_fwd(x, wmat, bias, skip, d);
+    }
+    let mut out = conv3x3_fwd_plan(x, wmat, bias, d, Plan::new(d, &TILE_BYTES));
+    if let Some(s) = skip {
+        let per = crate::util::per_chunk(d.n) * d.k * d.hw();
+        out.par_chunks_mut(per.max(1))
+            .zip(s.par_chunks(per.max(1)))
+            .for_each(|(o, s)| {
+                for (o, s) in o.iter_mut().zip(s) {
+                    *o += *s;
+                }
+            });
+    }
+    out
 }
 
 fn conv3x3_fwd_plan(

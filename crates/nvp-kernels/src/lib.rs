@@ -43,8 +43,8 @@ pub use coupling::{
 };
 
 pub use conv::{
-    conv2d_3x3, conv2d_3x3_reference, uses_fast_path, BiasGrad, Conv3x3, Conv3x3Bias,
-    Conv3x3GradInput, Conv3x3GradWeight,
+    conv2d_3x3, conv2d_3x3_add, conv2d_3x3_reference, uses_fast_path, BiasGrad, Conv3x3,
+    Conv3x3Bias, Conv3x3GradInput, Conv3x3GradWeight,
 };
 
 /// 0: not yet decided (read the environment), 1: enabled, 2: disabled.

@@ -178,6 +178,14 @@ impl Tiles {
     }
 }
 
+/// What the output transform adds to each output: the bias of its channel, then the
+/// element of `skip` at the same place (a fused residual connection).
+#[derive(Clone, Copy)]
+pub(crate) struct Epilogue<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub skip: Option<&'a [f32]>,
+}
+
 /// Output pointer shared by the blocks; each block writes disjoint tiles.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -267,7 +275,7 @@ fn input_transform(
 unsafe fn output_transform(
     m: &[f32],
     kpad: usize,
-    bias: Option<&[f32]>,
+    ep: Epilogue<'_>,
     d: ConvDims,
     tiles: Tiles,
     (t0, t_end): (usize, usize),
@@ -301,7 +309,7 @@ unsafe fn output_transform(
                     t2[a][j] = col[a];
                 }
             }
-            let bv = bias.map_or(0.0, |b| b[ko]);
+            let bv = ep.bias.map_or(0.0, |b| b[ko]);
             for (a, row) in t2.iter().enumerate() {
                 let y4 = at(*row);
                 for (l, co) in coords.iter().enumerate() {
@@ -315,7 +323,12 @@ unsafe fn output_transform(
                     for (b, y4b) in y4.iter().enumerate().take(nb) {
                         // SAFETY: `base + b` is pixel (yy, ox + b) of plane (img, ko),
                         // inside the buffer (yy < h, ox + b < w); this tile is ours.
-                        unsafe { *out.0.add(base + b) = y4b[l] + bv };
+                        unsafe {
+                            *out.0.add(base + b) = match ep.skip {
+                                Some(sk) => (y4b[l] + bv) + sk[base + b],
+                                None => y4b[l] + bv,
+                            }
+                        };
                     }
                 }
             }
@@ -406,7 +419,7 @@ unsafe fn products_avx2(u: &[f32], v: &[f32], m: &mut [f32], c: usize, kpad: usi
 mod avx {
     use std::arch::x86_64::*;
 
-    use super::{xs, OutPtr, Tiles, G8};
+    use super::{xs, Epilogue, OutPtr, Tiles, G8};
     use crate::kernels::ConvDims;
 
     /// 4×4 transpose within each 128-bit lane (its own inverse).
@@ -621,7 +634,7 @@ mod avx {
     pub(super) unsafe fn output_transform(
         m: &[f32],
         kpad: usize,
-        bias: Option<&[f32]>,
+        ep: Epilogue<'_>,
         d: ConvDims,
         tiles: Tiles,
         (t0, t_end): (usize, usize),
@@ -655,7 +668,7 @@ mod avx {
                         t2[a][j] = col[a];
                     }
                 }
-                let bv = _mm256_set1_ps(bias.map_or(0.0, |b| b[ko]));
+                let bv = _mm256_set1_ps(ep.bias.map_or(0.0, |b| b[ko]));
                 for (a, row) in t2.iter().enumerate() {
                     let y = at(*row);
                     let o = tr4(
@@ -670,14 +683,25 @@ mod avx {
                         if yy >= d.h {
                             continue;
                         }
-                        let dst = out.0.add((img * d.k + ko) * hw + yy * d.w + ox);
+                        let off = (img * d.k + ko) * hw + yy * d.w + ox;
+                        let dst = out.0.add(off);
                         if ox + 8 <= d.w {
-                            _mm256_storeu_ps(dst, o[p]);
+                            let v = match ep.skip {
+                                Some(sk) => {
+                                    _mm256_add_ps(o[p], _mm256_loadu_ps(sk.as_ptr().add(off)))
+                                }
+                                None => o[p],
+                            };
+                            _mm256_storeu_ps(dst, v);
                         } else {
                             let mut tmp = [0.0f32; 8];
                             _mm256_storeu_ps(tmp.as_mut_ptr(), o[p]);
                             for (b, val) in tmp.iter().enumerate().take(d.w - ox) {
-                                *std::hint::black_box(dst.add(b)) = *val;
+                                let v = match ep.skip {
+                                    Some(sk) => *val + sk[off + b],
+                                    None => *val,
+                                };
+                                *std::hint::black_box(dst.add(b)) = v;
                             }
                         }
                     }
@@ -885,7 +909,7 @@ mod avx {
 unsafe fn block(
     x: &[f32],
     u: &[f32],
-    bias: Option<&[f32]>,
+    ep: Epilogue<'_>,
     d: ConvDims,
     tiles: Tiles,
     span: (usize, usize),
@@ -908,7 +932,7 @@ unsafe fn block(
         let _ = avx2;
         products_generic(u, v, m, d.c, kpad, nbp);
     }
-    output_transform(m, kpad, bias, d, tiles, span, nbp, out);
+    output_transform(m, kpad, ep, d, tiles, span, nbp, out);
 }
 
 /// One block on AVX2/FMA, for even `tw`: the AVX2 transforms of module [`avx`] and
@@ -923,7 +947,7 @@ unsafe fn block(
 unsafe fn block_avx2(
     x: &[f32],
     u: &[f32],
-    bias: Option<&[f32]>,
+    ep: Epilogue<'_>,
     d: ConvDims,
     tiles: Tiles,
     span: (usize, usize),
@@ -937,7 +961,7 @@ unsafe fn block_avx2(
     let pad = avx::Pad::new(tiles);
     avx::input_transform(x, d, tiles, span, v, nbp, pads, &pad);
     products_avx2(u, v, m, d.c, kpad, nbp);
-    avx::output_transform(m, kpad, bias, d, tiles, span, nbp, out);
+    avx::output_transform(m, kpad, ep, d, tiles, span, nbp, out);
 }
 
 /// [`block`] compiled with AVX2/FMA enabled (odd `tw`): portable transforms that
@@ -951,7 +975,7 @@ unsafe fn block_avx2(
 unsafe fn block_avx2_generic(
     x: &[f32],
     u: &[f32],
-    bias: Option<&[f32]>,
+    ep: Epilogue<'_>,
     d: ConvDims,
     tiles: Tiles,
     span: (usize, usize),
@@ -959,7 +983,7 @@ unsafe fn block_avx2_generic(
     scratch: &mut [f32],
     out: OutPtr,
 ) {
-    block(x, u, bias, d, tiles, span, nbp, scratch, out, true)
+    block(x, u, ep, d, tiles, span, nbp, scratch, out, true)
 }
 
 /// Floats of padded planes a block of `nb` tiles needs (AVX2 path): one plane per
@@ -1109,7 +1133,13 @@ fn block_tiles_for(budget: usize, c: usize, kpad: usize, total: usize) -> usize 
 
 /// Forward convolution by Winograd F(4×4, 3×3). `x`: `n × c × h × w`, `wmat`:
 /// `k × c × 3 × 3`, `bias`: `k`; returns `n × k × h × w`. Requires `c ≥ 1`.
-pub(crate) fn conv3x3_fwd(x: &[f32], wmat: &[f32], bias: Option<&[f32]>, d: ConvDims) -> Vec<f32> {
+pub(crate) fn conv3x3_fwd(
+    x: &[f32],
+    wmat: &[f32],
+    bias: Option<&[f32]>,
+    skip: Option<&[f32]>,
+    d: ConvDims,
+) -> Vec<f32> {
     assert_eq!(x.len(), d.x_len());
     assert_eq!(wmat.len(), d.w_len());
     assert!(d.c >= 1);
@@ -1123,6 +1153,13 @@ pub(crate) fn conv3x3_fwd(x: &[f32], wmat: &[f32], bias: Option<&[f32]>, d: Conv
     };
     let total = d.n * tiles.th * tiles.tw;
     let kpad = d.k.div_ceil(MR) * MR;
+    if let Some(b) = bias {
+        assert_eq!(b.len(), d.k);
+    }
+    if let Some(sk) = skip {
+        assert_eq!(sk.len(), y_len);
+    }
+    let ep = Epilogue { bias, skip };
     let u = transform_weights(wmat, d.k, d.c);
     let nb = block_tiles(d.c, kpad, total);
     let scratch_len = 36 * (xs(d.c, nb) + xs(kpad, nb)) + pad_len(tiles, nb);
@@ -1142,13 +1179,13 @@ pub(crate) fn conv3x3_fwd(x: &[f32], wmat: &[f32], bias: Option<&[f32]>, d: Conv
                 #[cfg(target_arch = "x86_64")]
                 if avx2 {
                     if tiles.tw.is_multiple_of(2) {
-                        block_avx2(x, &u, bias, d, tiles, span, nbp, s, ptr);
+                        block_avx2(x, &u, ep, d, tiles, span, nbp, s, ptr);
                     } else {
-                        block_avx2_generic(x, &u, bias, d, tiles, span, nbp, s, ptr);
+                        block_avx2_generic(x, &u, ep, d, tiles, span, nbp, s, ptr);
                     }
                     return;
                 }
-                block(x, &u, bias, d, tiles, span, nbp, s, ptr, false);
+                block(x, &u, ep, d, tiles, span, nbp, s, ptr, false);
             }
         })
     });

@@ -26,7 +26,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use std::sync::{Mutex, MutexGuard};
 
-use nvp_kernels::{conv2d_3x3, conv2d_3x3_reference, tuning, uses_fast_path};
+use nvp_kernels::{conv2d_3x3, conv2d_3x3_add, conv2d_3x3_reference, tuning, uses_fast_path};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -203,6 +203,67 @@ fn winograd_partial_tiles_and_small_blocks() {
     check_case(2, 8, 13, 8, 8, 21);
     let _guard = lock();
     tuning::set_winograd_block_bytes(640 * 1024);
+}
+
+/// The residual form `conv2d_3x3_add`: without a graph the addition is fused into the
+/// convolution's output and must equal `conv2d_3x3(..) + skip` bit for bit, for every
+/// algorithm; with a graph it is that composition and differentiable.
+#[test]
+fn fused_residual_add_is_bit_identical() {
+    let _guard = lock();
+    for (i, &(n, c, k, h, w)) in [
+        (3, 5, 7, 13, 22),
+        (2, 4, 4, 8, 8),
+        (2, 3, 6, 7, 10),
+        (64, 32, 32, 16, 16),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut rng = StdRng::seed_from_u64(30 + i as u64);
+        let x = rand_tensor(&mut rng, &[n, c, h, w]);
+        let wt = rand_tensor(&mut rng, &[k, c, 3, 3]);
+        let b = rand_tensor(&mut rng, &[k]);
+        let skip = rand_tensor(&mut rng, &[n, k, h, w]);
+        for algo in ["winograd", "winograd-portable", "im2col"] {
+            tuning::set_winograd(algo != "im2col");
+            tuning::set_winograd_portable(algo == "winograd-portable");
+            for bias in [Some(&b), None] {
+                let fused = conv2d_3x3_add(&x, &wt, bias, &skip).unwrap();
+                let plain = (conv2d_3x3(&x, &wt, bias).unwrap() + &skip).unwrap();
+                let d = (fused - plain)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert_eq!(
+                    d,
+                    0.0,
+                    "{algo} ({n},{c},{k},{h},{w}) bias {}",
+                    bias.is_some()
+                );
+            }
+        }
+    }
+    tuning::set_winograd(true);
+    tuning::set_winograd_portable(false);
+    // With a graph: gradients reach x, w, b and skip (dskip = the output gradient).
+    let mut rng = StdRng::seed_from_u64(40);
+    let x = Var::from_tensor(&rand_tensor(&mut rng, &[2, 3, 6, 6])).unwrap();
+    let wt = rand_tensor(&mut rng, &[4, 3, 3, 3]);
+    let skip = Var::from_tensor(&rand_tensor(&mut rng, &[2, 4, 6, 6])).unwrap();
+    let r = rand_tensor(&mut rng, &[2, 4, 6, 6]);
+    let y = conv2d_3x3_add(x.as_tensor(), &wt, None, skip.as_tensor()).unwrap();
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(g.get(x.as_tensor()).is_some());
+    let ds = g.get(skip.as_tensor()).unwrap();
+    assert_eq!(rel_err(ds, &r), 0.0);
+    // Shapes are checked.
+    let bad = rand_tensor(&mut rng, &[2, 5, 6, 6]);
+    assert!(conv2d_3x3_add(x.as_tensor(), &wt, None, &bad).is_err());
 }
 
 #[test]

@@ -54,8 +54,7 @@ impl ResBlock {
 
     fn forward(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
         let r = self.conv1.forward(&self.bn1.forward_relu(h, mode)?)?;
-        let r = self.conv2.forward(&self.bn2.forward_relu(&r, mode)?)?;
-        h + r
+        self.conv2.forward_add(&self.bn2.forward_relu(&r, mode)?, h)
     }
 }
 
