@@ -14,11 +14,12 @@
 //! cores); otherwise images are processed one after the other and the GEMM itself is
 //! parallelised.
 
-use std::cell::RefCell;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use gemm::Parallelism;
+
+use crate::util::with_scratch;
 use rayon::prelude::*;
 
 /// Sizes of one convolution: batch `n`, input channels `c`, output channels `k`, and
@@ -49,32 +50,6 @@ impl ConvDims {
     pub fn w_len(&self) -> usize {
         self.k * self.kdim()
     }
-}
-
-thread_local! {
-    /// Per-thread im2col scratch, kept between calls so that the (large) buffer is not
-    /// page-faulted in again on every convolution.
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with a scratch slice of `len` floats (contents unspecified).
-///
-/// The buffer is moved out of the thread-local for the duration of `f`, so a
-/// re-entrant call on the same thread (possible while rayon work-steals inside a
-/// parallel GEMM) just allocates its own buffer instead of panicking on a borrow.
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    if buf.len() < len {
-        buf.resize(len, 0.0);
-    }
-    let r = f(&mut buf[..len]);
-    SCRATCH.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.capacity() < buf.capacity() {
-            *s = buf;
-        }
-    });
-    r
 }
 
 /// Tuning knobs (set through the hidden `tuning` module, for benchmarks): the im2col

@@ -2,6 +2,7 @@
 //! storage, uninitialised output buffers, batch chunking for rayon, and f64
 //! row reductions.
 
+use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
 use candle_core::backend::BackendStorage;
@@ -125,4 +126,31 @@ pub(crate) fn add_partials(parts: Vec<Vec<f64>>, len: usize) -> Vec<f64> {
         }
     }
     out
+}
+
+thread_local! {
+    /// Per-thread scratch of the convolution kernels (im2col tiles, Winograd blocks),
+    /// kept between calls so that the (large) buffer is not
+    /// page-faulted in again on every convolution.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a scratch slice of `len` floats (contents unspecified).
+///
+/// The buffer is moved out of the thread-local for the duration of `f`, so a
+/// re-entrant call on the same thread (possible while rayon work-steals inside a
+/// parallel GEMM) just allocates its own buffer instead of panicking on a borrow.
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let r = f(&mut buf[..len]);
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.capacity() < buf.capacity() {
+            *s = buf;
+        }
+    });
+    r
 }

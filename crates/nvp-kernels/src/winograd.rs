@@ -22,12 +22,12 @@
 // closer to the formulas than iterator chains.
 #![allow(clippy::needless_range_loop)]
 
-use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
 use crate::kernels::ConvDims;
+use crate::util::with_scratch;
 
 /// Rows of `U`/`M` (output channels) per micro-kernel tile.
 const MR: usize = 6;
@@ -44,27 +44,6 @@ pub(crate) static BLOCK_BYTES: AtomicUsize = AtomicUsize::new(640 * 1024);
 pub(crate) static PORTABLE: AtomicBool = AtomicBool::new(false);
 /// The weight gradient's block budget, as a multiple of [`BLOCK_BYTES`].
 pub(crate) static WGRAD_BLOCK_FACTOR: AtomicUsize = AtomicUsize::new(4);
-
-thread_local! {
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with a per-thread scratch slice of `len` floats (contents unspecified;
-/// re-entrant calls allocate their own).
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    if buf.len() < len {
-        buf.resize(len, 0.0);
-    }
-    let r = f(&mut buf[..len]);
-    SCRATCH.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.capacity() < buf.capacity() {
-            *s = buf;
-        }
-    });
-    r
-}
 
 /// `G v` for one column/row `v` of a 3×3 kernel (6 values), in f64.
 #[inline]
@@ -186,6 +165,18 @@ pub(crate) struct Epilogue<'a> {
     pub skip: Option<&'a [f32]>,
 }
 
+/// What the blocks of one forward convolution share: the input, the packed transformed
+/// weights, the epilogue, the sizes, the tiling and the output.
+#[derive(Clone, Copy)]
+struct Job<'a> {
+    x: &'a [f32],
+    u: &'a [f32],
+    ep: Epilogue<'a>,
+    d: ConvDims,
+    tiles: Tiles,
+    out: OutPtr,
+}
+
 /// Output pointer shared by the blocks; each block writes disjoint tiles.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -271,17 +262,16 @@ fn input_transform(
 /// `out` must point to an `n × k × h × w` buffer that no one else writes the tiles
 /// `t0..t_end` of.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn output_transform(
     m: &[f32],
     kpad: usize,
-    ep: Epilogue<'_>,
-    d: ConvDims,
-    tiles: Tiles,
+    job: &Job<'_>,
     (t0, t_end): (usize, usize),
     nbp: usize,
-    out: OutPtr,
 ) {
+    let Job {
+        ep, d, tiles, out, ..
+    } = *job;
     let hw = d.hw();
     for g in (0..nbp).step_by(G8) {
         if t0 + g >= t_end {
@@ -419,7 +409,7 @@ unsafe fn products_avx2(u: &[f32], v: &[f32], m: &mut [f32], c: usize, kpad: usi
 mod avx {
     use std::arch::x86_64::*;
 
-    use super::{xs, Epilogue, OutPtr, Tiles, G8};
+    use super::{xs, Job, Tiles, G8};
     use crate::kernels::ConvDims;
 
     /// 4×4 transpose within each 128-bit lane (its own inverse).
@@ -629,18 +619,17 @@ mod avx {
     }
 
     /// Output transform of a block for even `tw` (see [`super::output_transform`]).
-    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub(super) unsafe fn output_transform(
         m: &[f32],
         kpad: usize,
-        ep: Epilogue<'_>,
-        d: ConvDims,
-        tiles: Tiles,
+        job: &Job<'_>,
         (t0, t_end): (usize, usize),
         nbp: usize,
-        out: OutPtr,
     ) {
+        let Job {
+            ep, d, tiles, out, ..
+        } = *job;
         let hw = d.hw();
         let mp = m.as_ptr();
         for g in (0..nbp).step_by(G8) {
@@ -852,6 +841,27 @@ mod avx {
         }
     }
 
+    /// `KR` rows of `dm` against all `c` rows of `v`: 4 at a time, then one by one.
+    #[inline(always)]
+    unsafe fn dot_rows<const KR: usize>(
+        dm: *const f32,
+        v: *const f32,
+        du: *mut f32,
+        c: usize,
+        nbp: usize,
+    ) {
+        let c4 = c / 4 * 4;
+        let mut q = 0;
+        while q < c4 {
+            dot_tile::<KR, 4>(dm, v.add(q * nbp), nbp, du.add(q), c);
+            q += 4;
+        }
+        while q < c {
+            dot_tile::<KR, 1>(dm, v.add(q * nbp), nbp, du.add(q), c);
+            q += 1;
+        }
+    }
+
     /// `du[ξ] (k × c) += dm[ξ] (k × nbp) · v[ξ]ᵀ (nbp × c)` for all 36 ξ.
     #[inline(always)]
     pub(super) unsafe fn wgrad_products(
@@ -866,34 +876,18 @@ mod avx {
             dm.len() >= 36 * xs(k, nbp) && v.len() >= 36 * xs(c, nbp) && du.len() >= 36 * k * c
         );
         let (mp, vp, up) = (dm.as_ptr(), v.as_ptr(), du.as_mut_ptr());
-        let (k3, c4) = (k / 3 * 3, c / 4 * 4);
+        let k3 = k / 3 * 3;
         for xi in 0..36 {
             let m = mp.add(xi * xs(k, nbp));
             let vv = vp.add(xi * xs(c, nbp));
             let u = up.add(xi * k * c);
             let mut r = 0;
             while r < k3 {
-                let mut q = 0;
-                while q < c4 {
-                    dot_tile::<3, 4>(m.add(r * nbp), vv.add(q * nbp), nbp, u.add(r * c + q), c);
-                    q += 4;
-                }
-                while q < c {
-                    dot_tile::<3, 1>(m.add(r * nbp), vv.add(q * nbp), nbp, u.add(r * c + q), c);
-                    q += 1;
-                }
+                dot_rows::<3>(m.add(r * nbp), vv, u.add(r * c), c, nbp);
                 r += 3;
             }
             while r < k {
-                let mut q = 0;
-                while q < c4 {
-                    dot_tile::<1, 4>(m.add(r * nbp), vv.add(q * nbp), nbp, u.add(r * c + q), c);
-                    q += 4;
-                }
-                while q < c {
-                    dot_tile::<1, 1>(m.add(r * nbp), vv.add(q * nbp), nbp, u.add(r * c + q), c);
-                    q += 1;
-                }
+                dot_rows::<1>(m.add(r * nbp), vv, u.add(r * c), c, nbp);
                 r += 1;
             }
         }
@@ -905,19 +899,8 @@ mod avx {
 /// # Safety
 /// As [`output_transform`]; with `avx2` true the CPU must support AVX2 and FMA.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block(
-    x: &[f32],
-    u: &[f32],
-    ep: Epilogue<'_>,
-    d: ConvDims,
-    tiles: Tiles,
-    span: (usize, usize),
-    nbp: usize,
-    scratch: &mut [f32],
-    out: OutPtr,
-    avx2: bool,
-) {
+unsafe fn block(job: &Job<'_>, span: (usize, usize), nbp: usize, scratch: &mut [f32], avx2: bool) {
+    let Job { x, u, d, tiles, .. } = *job;
     let kpad = d.k.div_ceil(MR) * MR;
     let (v, m) = scratch.split_at_mut(36 * xs(d.c, nbp));
     input_transform(x, d, tiles, span, v, nbp);
@@ -932,7 +915,7 @@ unsafe fn block(
         let _ = avx2;
         products_generic(u, v, m, d.c, kpad, nbp);
     }
-    output_transform(m, kpad, ep, d, tiles, span, nbp, out);
+    output_transform(m, kpad, job, span, nbp);
 }
 
 /// One block on AVX2/FMA, for even `tw`: the AVX2 transforms of module [`avx`] and
@@ -943,25 +926,15 @@ unsafe fn block(
 /// `scratch` hold `V`, `M` and [`pad_len`] floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_avx2(
-    x: &[f32],
-    u: &[f32],
-    ep: Epilogue<'_>,
-    d: ConvDims,
-    tiles: Tiles,
-    span: (usize, usize),
-    nbp: usize,
-    scratch: &mut [f32],
-    out: OutPtr,
-) {
+unsafe fn block_avx2(job: &Job<'_>, span: (usize, usize), nbp: usize, scratch: &mut [f32]) {
+    let Job { x, u, d, tiles, .. } = *job;
     let kpad = d.k.div_ceil(MR) * MR;
     let (v, rest) = scratch.split_at_mut(36 * xs(d.c, nbp));
     let (m, pads) = rest.split_at_mut(36 * xs(kpad, nbp));
     let pad = avx::Pad::new(tiles);
     avx::input_transform(x, d, tiles, span, v, nbp, pads, &pad);
     products_avx2(u, v, m, d.c, kpad, nbp);
-    avx::output_transform(m, kpad, ep, d, tiles, span, nbp, out);
+    avx::output_transform(m, kpad, job, span, nbp);
 }
 
 /// [`block`] compiled with AVX2/FMA enabled (odd `tw`): portable transforms that
@@ -971,19 +944,8 @@ unsafe fn block_avx2(
 /// As [`block`]; the CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_avx2_generic(
-    x: &[f32],
-    u: &[f32],
-    ep: Epilogue<'_>,
-    d: ConvDims,
-    tiles: Tiles,
-    span: (usize, usize),
-    nbp: usize,
-    scratch: &mut [f32],
-    out: OutPtr,
-) {
-    block(x, u, ep, d, tiles, span, nbp, scratch, out, true)
+unsafe fn block_avx2_generic(job: &Job<'_>, span: (usize, usize), nbp: usize, scratch: &mut [f32]) {
+    block(job, span, nbp, scratch, true)
 }
 
 /// Floats of padded planes a block of `nb` tiles needs (AVX2 path): one plane per
@@ -1159,13 +1121,19 @@ pub(crate) fn conv3x3_fwd(
     if let Some(sk) = skip {
         assert_eq!(sk.len(), y_len);
     }
-    let ep = Epilogue { bias, skip };
     let u = transform_weights(wmat, d.k, d.c);
     let nb = block_tiles(d.c, kpad, total);
     let scratch_len = 36 * (xs(d.c, nb) + xs(kpad, nb)) + pad_len(tiles, nb);
     let avx2 = have_avx2();
     let mut out: Vec<f32> = Vec::with_capacity(y_len);
-    let ptr = OutPtr(out.as_mut_ptr());
+    let job = Job {
+        x,
+        u: &u,
+        ep: Epilogue { bias, skip },
+        d,
+        tiles,
+        out: OutPtr(out.as_mut_ptr()),
+    };
     let blocks = total.div_ceil(nb);
     (0..blocks).into_par_iter().for_each(|bi| {
         let t0 = bi * nb;
@@ -1179,13 +1147,13 @@ pub(crate) fn conv3x3_fwd(
                 #[cfg(target_arch = "x86_64")]
                 if avx2 {
                     if tiles.tw.is_multiple_of(2) {
-                        block_avx2(x, &u, ep, d, tiles, span, nbp, s, ptr);
+                        block_avx2(&job, span, nbp, s);
                     } else {
-                        block_avx2_generic(x, &u, ep, d, tiles, span, nbp, s, ptr);
+                        block_avx2_generic(&job, span, nbp, s);
                     }
                     return;
                 }
-                block(x, &u, ep, d, tiles, span, nbp, s, ptr, false);
+                block(&job, span, nbp, s, false);
             }
         })
     });
