@@ -98,8 +98,8 @@ fn transform_weights(w: &[f32], k: usize, c: usize) -> Vec<f32> {
 
 /// Floats between the matrices of consecutive ξ in `V`/`M` for `rows` rows of `nbp`
 /// tiles: padded by one cache line so that the 36 matrices do not start at multiples
-/// of 4 KiB (which map to the same L1 set and made the transforms' 36 strided
-/// stores thrash it).
+/// of 4 KiB, which map to the same L1 sets (a precaution: the difference was within
+/// the machine's noise in the benchmarks).
 #[inline(always)]
 fn xs(rows: usize, nbp: usize) -> usize {
     rows * nbp + SKEW
@@ -155,6 +155,20 @@ impl Tiles {
         let (img, r) = (t / per, t % per);
         (img, 4 * (r / self.tw), 4 * (r % self.tw))
     }
+
+    /// [`Tiles::coords`] of the `L` tiles `first + step·l`, `None` from `end` on.
+    #[inline(always)]
+    fn group<const L: usize>(
+        &self,
+        first: usize,
+        step: usize,
+        end: usize,
+    ) -> [Option<(usize, usize, usize)>; L] {
+        std::array::from_fn(|l| {
+            let t = first + step * l;
+            (t < end).then(|| self.coords(t))
+        })
+    }
 }
 
 /// What the output transform adds to each output: the bias of its channel, then the
@@ -200,13 +214,7 @@ fn input_transform(
     let hw = d.hw();
     for g in (0..nbp).step_by(G8) {
         // Coordinates of the 8 tiles of this group (None past the end).
-        let mut coords = [None; G8];
-        for (l, slot) in coords.iter_mut().enumerate() {
-            let t = t0 + g + l;
-            if t < t_end {
-                *slot = Some(tiles.coords(t));
-            }
-        }
+        let coords: [_; G8] = tiles.group(t0 + g, 1, t_end);
         for ci in 0..c {
             // Gather the 6×6 patches: p[a][b][lane].
             let mut p = [[[0.0f32; G8]; 6]; 6];
@@ -277,13 +285,7 @@ unsafe fn output_transform(
         if t0 + g >= t_end {
             break;
         }
-        let mut coords = [None; G8];
-        for (l, slot) in coords.iter_mut().enumerate() {
-            let t = t0 + g + l;
-            if t < t_end {
-                *slot = Some(tiles.coords(t));
-            }
-        }
+        let coords: [_; G8] = tiles.group(t0 + g, 1, t_end);
         for ko in 0..d.k {
             let mut mm = [[[0.0f32; G8]; 6]; 6];
             for (i, row) in mm.iter_mut().enumerate() {
@@ -577,22 +579,17 @@ mod avx {
             let pp = pads.as_ptr();
             for g in (0..nbp).step_by(G8) {
                 // Base pointers of the 4 pairs (None past the end).
-                let mut base = [std::ptr::null::<f32>(); 4];
-                for (p, b) in base.iter_mut().enumerate() {
-                    let t = t0 + g + 2 * p;
-                    if t < t_end {
-                        let (img, oy, ox) = tiles.coords(t);
-                        *b = pp.add((img - img0) * plane_len + oy * pad.wp + ox);
-                    }
-                }
+                let base = tiles.group::<4>(t0 + g, 2, t_end).map(|co| {
+                    co.map(|(img, oy, ox)| pp.add((img - img0) * plane_len + oy * pad.wp + ox))
+                });
                 let z = _mm256_setzero_ps();
                 let mut dm = [[z; 6]; 6];
                 for (a, drow) in dm.iter_mut().enumerate() {
                     let mut r = [z; 4];
                     let mut s = [z; 4];
                     for p in 0..4 {
-                        if !base[p].is_null() {
-                            let q = base[p].add(a * pad.wp);
+                        if let Some(b) = base[p] {
+                            let q = b.add(a * pad.wp);
                             r[p] = _mm256_loadu_ps(q);
                             s[p] = _mm256_loadu_ps(q.add(4));
                         }
@@ -636,13 +633,7 @@ mod avx {
             if t0 + g >= t_end {
                 break;
             }
-            let mut coords = [None; 4];
-            for (p, slot) in coords.iter_mut().enumerate() {
-                let t = t0 + g + 2 * p;
-                if t < t_end {
-                    *slot = Some(tiles.coords(t));
-                }
-            }
+            let coords: [_; 4] = tiles.group(t0 + g, 2, t_end);
             for ko in 0..d.k {
                 let mut mm = [[_mm256_setzero_ps(); 6]; 6];
                 for (i, row) in mm.iter_mut().enumerate() {
@@ -749,13 +740,7 @@ mod avx {
         let dp = dm.as_mut_ptr();
         let yp = dy.as_ptr();
         for g in (0..nbp).step_by(G8) {
-            let mut coords = [None; 4];
-            for (p, slot) in coords.iter_mut().enumerate() {
-                let t = t0 + g + 2 * p;
-                if t < t_end {
-                    *slot = Some(tiles.coords(t));
-                }
-            }
+            let coords: [_; 4] = tiles.group(t0 + g, 2, t_end);
             for ko in 0..d.k {
                 let z = _mm256_setzero_ps();
                 // rows[a][b]: output-gradient row a, column b of the 8 tiles.
