@@ -98,6 +98,34 @@ impl WnConv2d {
     pub fn forward_add(&self, x: &Tensor, skip: &Tensor) -> Result<Tensor> {
         nvp_kernels::conv2d_3x3_add(x, &self.weight()?, Some(&self.bias), skip)
     }
+
+    /// `forward(bn.forward_relu(x, mode))`, plus `skip` when given. In eval mode without
+    /// an autograd graph (a frozen model) on the fast CPU path, the batch norm and ReLU
+    /// are applied inside the convolution as its input is read
+    /// (`nvp_kernels::bn_relu_conv2d_3x3`; bit-identical to the two steps).
+    pub fn forward_after(
+        &self,
+        bn: &BatchNorm,
+        x: &Tensor,
+        mode: Mode,
+        skip: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let w = self.weight()?;
+        if mode == Mode::Eval
+            && nvp_kernels::bn_relu_conv_fuses(x, &w, Some(&self.bias), skip)
+            && bn.fast_path_for(x)
+            && !bn.weight.track_op()
+            && !bn.bias.track_op()
+        {
+            let pro = bn.eval_prologue()?;
+            return nvp_kernels::bn_relu_conv2d_3x3(x, &pro, &w, Some(&self.bias), skip);
+        }
+        let a = bn.forward_relu(x, mode)?;
+        match skip {
+            Some(s) => nvp_kernels::conv2d_3x3_add(&a, &w, Some(&self.bias), s),
+            None => conv3x3(&a, &w, &self.bias),
+        }
+    }
 }
 
 fn v_norm(v: &Tensor) -> Result<Tensor> {
@@ -153,14 +181,30 @@ impl BatchNorm {
         self.forward_act(x, mode, true)
     }
 
-    fn forward_act(&self, x: &Tensor, mode: Mode, relu: bool) -> Result<Tensor> {
+    /// Whether the fused kernels of `nvp-kernels` take `x` and these parameters.
+    fn fast_path_for(&self, x: &Tensor) -> bool {
         let params = [
             &self.weight,
             &self.bias,
             &self.running_mean,
             &self.running_var,
         ];
-        if nvp_kernels::batch_norm_uses_fast_path(x, &params) {
+        nvp_kernels::batch_norm_uses_fast_path(x, &params)
+    }
+
+    /// The eval-mode normalisation with ReLU as a convolution prologue.
+    fn eval_prologue(&self) -> Result<nvp_kernels::BnReluPrologue> {
+        nvp_kernels::BnReluPrologue::new(
+            &self.weight,
+            &self.bias,
+            &self.running_mean,
+            &self.running_var,
+            self.cfg.eps,
+        )
+    }
+
+    fn forward_act(&self, x: &Tensor, mode: Mode, relu: bool) -> Result<Tensor> {
+        if self.fast_path_for(x) {
             return self.forward_fast(x, mode, relu);
         }
         let y = self.forward_reference(x, mode)?;

@@ -655,6 +655,40 @@ fn vec_of(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
 }
 
+/// `1/sqrt(var + ε)` per channel for given statistics, rounded once from f64.
+pub(crate) fn fixed_rstd(var: &[f32], eps: f64) -> Vec<f32> {
+    var.iter()
+        .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
+        .collect()
+}
+
+/// The per-channel `(centre, mult, shift)` of the eval-mode batch norm with affine,
+/// as [`batch_norm`] computes them for `running = Some((mean, var))`.
+pub(crate) fn fixed_affine(
+    weight: &Tensor,
+    bias: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let (w, b, m, v) = (vec_of(weight)?, vec_of(bias)?, vec_of(mean)?, vec_of(var)?);
+    let c = m.len();
+    if w.len() != c || b.len() != c || v.len() != c {
+        bail!(
+            "nvp-kernels: batch-norm weight/bias/mean/var of lengths {}/{}/{c}/{}",
+            w.len(),
+            b.len(),
+            v.len()
+        );
+    }
+    let mult = fixed_rstd(&v, eps)
+        .iter()
+        .zip(&w)
+        .map(|(r, w)| r * w)
+        .collect();
+    Ok((m, mult, b))
+}
+
 /// Fused batch normalisation of an `(N, C, ...)` f32 CPU tensor.
 ///
 /// * `affine`: `(weight, bias)`, both `(C)`: `y = w·x̂ + b`; `None`: `y = x̂`.
@@ -692,10 +726,7 @@ pub fn batch_norm(
                     var.len()
                 );
             }
-            let rstd = var
-                .iter()
-                .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
-                .collect();
+            let rstd = fixed_rstd(&var, eps);
             Some(Arc::new(Fixed {
                 centre: mean.clone(),
                 rstd,

@@ -290,10 +290,146 @@ pub fn conv2d_3x3_add(x: &Tensor, w: &Tensor, b: Option<&Tensor>, skip: &Tensor)
         with_cpu_f32(&w, "w", |ws| {
             with_cpu_f32(&skip, "skip", |ss| match &b {
                 Some(b) => with_cpu_f32(b, "b", |bs| {
-                    Ok(kernels::conv3x3_fwd_add(xs, ws, Some(bs), Some(ss), d))
+                    Ok(kernels::conv3x3_fwd_fused(
+                        xs,
+                        None,
+                        ws,
+                        Some(bs),
+                        Some(ss),
+                        d,
+                    ))
                 }),
-                None => Ok(kernels::conv3x3_fwd_add(xs, ws, None, Some(ss), d)),
+                None => Ok(kernels::conv3x3_fwd_fused(xs, None, ws, None, Some(ss), d)),
             })
+        })
+    })?;
+    Tensor::from_vec(y, (d.n, d.k, d.h, d.w), x.device())
+}
+
+/// An eval-mode batch normalisation with affine, followed by ReLU, to be applied to a
+/// convolution's input by [`bn_relu_conv2d_3x3`]: per channel
+/// `max((x − mean)·w/sqrt(var + ε) + b, 0)`, with the per-channel factors computed as
+/// [`crate::batch_norm`] computes them for given statistics.
+#[derive(Debug, Clone)]
+pub struct BnReluPrologue {
+    centre: Vec<f32>,
+    mult: Vec<f32>,
+    shift: Vec<f32>,
+}
+
+impl BnReluPrologue {
+    /// From the batch norm's `weight`, `bias`, `running_mean`, `running_var` (each `(C)`)
+    /// and `eps`.
+    pub fn new(
+        weight: &Tensor,
+        bias: &Tensor,
+        mean: &Tensor,
+        var: &Tensor,
+        eps: f64,
+    ) -> Result<Self> {
+        let (centre, mult, shift) = crate::bn::fixed_affine(weight, bias, mean, var, eps)?;
+        Ok(Self {
+            centre,
+            mult,
+            shift,
+        })
+    }
+
+    /// Number of channels.
+    pub fn channels(&self) -> usize {
+        self.centre.len()
+    }
+
+    fn as_kernel(&self) -> kernels::Prologue<'_> {
+        kernels::Prologue {
+            centre: &self.centre,
+            mult: &self.mult,
+            shift: &self.shift,
+        }
+    }
+}
+
+/// Whether [`bn_relu_conv2d_3x3`] applies: the fast CPU path is on, every tensor is
+/// f32 on the CPU, and none carries an autograd graph (evaluation and sampling through
+/// a frozen model).
+pub fn bn_relu_conv_fuses(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    skip: Option<&Tensor>,
+) -> bool {
+    let graph = x.track_op()
+        || w.track_op()
+        || b.is_some_and(|b| b.track_op())
+        || skip.is_some_and(|s| s.track_op());
+    !graph
+        && uses_fast_path(x, w, b)
+        && skip.is_none_or(|s| s.device().is_cpu() && s.dtype() == DType::F32)
+}
+
+/// `conv2d_3x3(pro(x), w, b)`, plus `skip` when given, without materialising `pro(x)`:
+/// the batch norm and ReLU are applied while the input is padded for the convolution
+/// (Winograd AVX2 kernels; the other kernels map the input first). Bit-identical to
+/// [`crate::batch_norm`] (eval mode, ReLU) followed by [`conv2d_3x3_add`] /
+/// [`conv2d_3x3`]. Only where [`bn_relu_conv_fuses`] holds: no gradient flows.
+pub fn bn_relu_conv2d_3x3(
+    x: &Tensor,
+    pro: &BnReluPrologue,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    skip: Option<&Tensor>,
+) -> Result<Tensor> {
+    let d = dims_of(x.shape(), w.shape())?;
+    if !bn_relu_conv_fuses(x, w, b, skip) {
+        bail!("bn_relu_conv2d_3x3: needs f32 CPU tensors without a graph and the fast path on");
+    }
+    if pro.channels() != d.c {
+        bail!(
+            "bn_relu_conv2d_3x3: batch norm of {} channels for input {:?}",
+            pro.channels(),
+            x.shape()
+        );
+    }
+    if let Some(b) = b {
+        if b.dims() != [d.k] {
+            bail!("conv2d_3x3: bias shape {:?}, want ({},)", b.shape(), d.k);
+        }
+    }
+    if let Some(s) = skip {
+        if s.dims() != [d.n, d.k, d.h, d.w] {
+            bail!(
+                "bn_relu_conv2d_3x3: skip shape {:?}, want ({}, {}, {}, {})",
+                s.shape(),
+                d.n,
+                d.k,
+                d.h,
+                d.w
+            );
+        }
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let b = b.map(|b| b.contiguous()).transpose()?;
+    let skip = skip.map(|s| s.contiguous()).transpose()?;
+    let y = with_cpu_f32(&x, "x", |xs| {
+        with_cpu_f32(&w, "w", |ws| {
+            let run = |bs: Option<&[f32]>, ss: Option<&[f32]>| {
+                Ok(kernels::conv3x3_fwd_fused(
+                    xs,
+                    Some(pro.as_kernel()),
+                    ws,
+                    bs,
+                    ss,
+                    d,
+                ))
+            };
+            match (&b, &skip) {
+                (Some(b), Some(s)) => with_cpu_f32(b, "b", |bs| {
+                    with_cpu_f32(s, "skip", |ss| run(Some(bs), Some(ss)))
+                }),
+                (Some(b), None) => with_cpu_f32(b, "b", |bs| run(Some(bs), None)),
+                (None, Some(s)) => with_cpu_f32(s, "skip", |ss| run(None, Some(ss))),
+                (None, None) => run(None, None),
+            }
         })
     })?;
     Tensor::from_vec(y, (d.n, d.k, d.h, d.w), x.device())

@@ -52,6 +52,55 @@ impl ConvDims {
     }
 }
 
+/// A per-input-channel map applied to the convolution's input before it is padded:
+/// `x ↦ max((x − centre_c)·mult_c + shift_c, 0)` — an eval-mode batch norm with its
+/// affine, then ReLU, in exactly the operations of the batch-norm kernel (`bn.rs`), so
+/// that fusing it into a convolution gives the same bits as running the two ops.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Prologue<'a> {
+    pub centre: &'a [f32],
+    pub mult: &'a [f32],
+    pub shift: &'a [f32],
+}
+
+impl Prologue<'_> {
+    /// `(centre, mult, shift)` of input channel `c`.
+    #[inline(always)]
+    pub fn channel(&self, c: usize) -> (f32, f32, f32) {
+        (self.centre[c], self.mult[c], self.shift[c])
+    }
+
+    /// The map on one value (as `bn.rs`'s `apply` with ReLU).
+    #[inline(always)]
+    pub fn map((m, a, s): (f32, f32, f32), v: f32) -> f32 {
+        ((v - m) * a + s).max(0.0)
+    }
+
+    /// The mapped input, materialised (for the kernels that do not fuse the map).
+    pub fn apply(&self, x: &[f32], d: ConvDims) -> Vec<f32> {
+        assert_eq!(x.len(), d.x_len());
+        assert!(self.centre.len() == d.c && self.mult.len() == d.c && self.shift.len() == d.c);
+        let hw = d.hw();
+        let mut out = vec![0.0f32; x.len()];
+        if hw == 0 {
+            return out;
+        }
+        let per = crate::util::per_chunk(d.n) * d.c * hw;
+        out.par_chunks_mut(per.max(1))
+            .zip(x.par_chunks(per.max(1)))
+            .for_each(|(o, xs)| {
+                for (i, (orow, xrow)) in o.chunks_exact_mut(hw).zip(xs.chunks_exact(hw)).enumerate()
+                {
+                    let p = self.channel(i % d.c);
+                    for (o, &v) in orow.iter_mut().zip(xrow) {
+                        *o = Self::map(p, v);
+                    }
+                }
+            });
+        out
+    }
+}
+
 /// Tuning knobs (set through the hidden `tuning` module, for benchmarks): the im2col
 /// tile budgets in bytes for the forward / input-gradient and the weight-gradient
 /// GEMMs (0: whole image at once; 1 MiB measured best of 0, 256 KiB … 2 MiB at
@@ -228,13 +277,14 @@ impl Plan {
 /// Returns `n × k × h × w`.
 /// Uses Winograd F(4×4, 3×3) (module `winograd`) unless switched off, else im2col + GEMM.
 pub(crate) fn conv3x3_fwd(x: &[f32], wmat: &[f32], bias: Option<&[f32]>, d: ConvDims) -> Vec<f32> {
-    conv3x3_fwd_add(x, wmat, bias, None, d)
+    conv3x3_fwd_fused(x, None, wmat, bias, None, d)
 }
 
-/// [`conv3x3_fwd`] plus `skip` (`n × k × h × w`), added to each output after its bias
-/// (the same rounding as adding it afterwards).
-pub(crate) fn conv3x3_fwd_add(
+/// [`conv3x3_fwd`] of `pro(x)` (when given), plus `skip` (`n × k × h × w`) added to
+/// each output after its bias (the same rounding as adding it afterwards).
+pub(crate) fn conv3x3_fwd_fused(
     x: &[f32],
+    pro: Option<Prologue<'_>>,
     wmat: &[f32],
     bias: Option<&[f32]>,
     skip: Option<&[f32]>,
@@ -244,7 +294,11 @@ pub(crate) fn conv3x3_fwd_add(
         assert_eq!(s.len(), d.y_len());
     }
     if d.c >= 1 && crate::winograd_enabled() {
-        return crate::winograd::conv3x3_fwd(x, wmat, bias, skip, d);
+        return crate::winograd::conv3x3_fwd(x, pro, wmat, bias, skip, d);
+    }
+    if let Some(p) = pro {
+        let xp = p.apply(x, d);
+        return conv3x3_fwd_fused(&xp, None, wmat, bias, skip, d);
     }
     let mut out = conv3x3_fwd_plan(x, wmat, bias, d, Plan::new(d, &TILE_BYTES));
     if let Some(s) = skip {

@@ -43,8 +43,9 @@ pub use coupling::{
 };
 
 pub use conv::{
-    conv2d_3x3, conv2d_3x3_add, conv2d_3x3_reference, uses_fast_path, BiasGrad, Conv3x3,
-    Conv3x3Bias, Conv3x3GradInput, Conv3x3GradWeight,
+    bn_relu_conv2d_3x3, bn_relu_conv_fuses, conv2d_3x3, conv2d_3x3_add, conv2d_3x3_reference,
+    uses_fast_path, BiasGrad, BnReluPrologue, Conv3x3, Conv3x3Bias, Conv3x3GradInput,
+    Conv3x3GradWeight,
 };
 
 /// 0: not yet decided (read the environment), 1: enabled, 2: disabled.

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
-use crate::kernels::ConvDims;
+use crate::kernels::{ConvDims, Prologue};
 use crate::util::with_scratch;
 
 /// Rows of `U`/`M` (output channels) per micro-kernel tile.
@@ -184,6 +184,8 @@ pub(crate) struct Epilogue<'a> {
 #[derive(Clone, Copy)]
 struct Job<'a> {
     x: &'a [f32],
+    /// Applied to `x` while it is padded (AVX2 transforms only; see `conv3x3_fwd`).
+    pro: Option<Prologue<'a>>,
     u: &'a [f32],
     ep: Epilogue<'a>,
     d: ConvDims,
@@ -412,7 +414,7 @@ mod avx {
     use std::arch::x86_64::*;
 
     use super::{xs, Job, Tiles, G8};
-    use crate::kernels::ConvDims;
+    use crate::kernels::{ConvDims, Prologue};
 
     /// 4×4 transpose within each 128-bit lane (its own inverse).
     #[inline(always)]
@@ -515,13 +517,43 @@ mod avx {
         }
     }
 
-    /// Fills the padded rows `pr0..pr1` of one plane from `plane` (`h × w`).
+    /// `dst[i] = max((src[i] − m)·a + s, 0)`: [`Prologue::map`] 8 at a time, the same
+    /// operations in the same order (no FMA), so the same bits. `max_ps(z, 0)` returns
+    /// 0 for a NaN `z`, as `f32::max` does.
+    ///
+    /// # Safety
+    /// As [`copy_inline`].
+    #[inline(always)]
+    unsafe fn map_inline(src: &[f32], dst: &mut [f32], (m, a, s): (f32, f32, f32)) {
+        assert_eq!(src.len(), dst.len());
+        let n8 = src.len() / 8 * 8;
+        let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+        let (vm, va, vs, z) = (
+            _mm256_set1_ps(m),
+            _mm256_set1_ps(a),
+            _mm256_set1_ps(s),
+            _mm256_setzero_ps(),
+        );
+        let mut i = 0;
+        while i < n8 {
+            let t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(sp.add(i)), vm), va);
+            _mm256_storeu_ps(dp.add(i), _mm256_max_ps(_mm256_add_ps(t, vs), z));
+            i += 8;
+        }
+        for j in n8..src.len() {
+            *dp.add(j) = Prologue::map((m, a, s), src[j]);
+        }
+    }
+
+    /// Fills the padded rows `pr0..pr1` of one plane from `plane` (`h × w`), mapped by
+    /// the prologue's `(centre, mult, shift)` of this channel when given.
     ///
     /// # Safety
     /// As [`copy_inline`].
     #[inline(always)]
     unsafe fn fill_rows(
         plane: &[f32],
+        pro: Option<(f32, f32, f32)>,
         d: ConvDims,
         pad: &Pad,
         dst: &mut [f32],
@@ -531,7 +563,11 @@ mod avx {
             let row = &mut dst[pr * pad.wp..][..pad.wp];
             if pr >= 1 && pr <= d.h {
                 row[0] = 0.0;
-                copy_inline(&plane[(pr - 1) * d.w..][..d.w], &mut row[1..=d.w]);
+                let src = &plane[(pr - 1) * d.w..][..d.w];
+                match pro {
+                    Some(p) => map_inline(src, &mut row[1..=d.w], p),
+                    None => copy_inline(src, &mut row[1..=d.w]),
+                }
                 row[d.w + 1..].fill(0.0);
             } else {
                 row.fill(0.0);
@@ -546,6 +582,7 @@ mod avx {
     #[inline(always)]
     pub(super) unsafe fn input_transform(
         x: &[f32],
+        pro: Option<Prologue<'_>>,
         d: ConvDims,
         tiles: Tiles,
         (t0, t_end): (usize, usize),
@@ -570,6 +607,7 @@ mod avx {
                 let pr1 = 4 * ((last - 1) / tiles.tw) + 6;
                 fill_rows(
                     &x[(img * c + ci) * hw..][..hw],
+                    pro.map(|p| p.channel(ci)),
                     d,
                     pad,
                     &mut pads[(img - img0) * plane_len..][..plane_len],
@@ -912,12 +950,19 @@ unsafe fn block(job: &Job<'_>, span: (usize, usize), nbp: usize, scratch: &mut [
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn block_avx2(job: &Job<'_>, span: (usize, usize), nbp: usize, scratch: &mut [f32]) {
-    let Job { x, u, d, tiles, .. } = *job;
+    let Job {
+        x,
+        pro,
+        u,
+        d,
+        tiles,
+        ..
+    } = *job;
     let kpad = d.k.div_ceil(MR) * MR;
     let (v, rest) = scratch.split_at_mut(36 * xs(d.c, nbp));
     let (m, pads) = rest.split_at_mut(36 * xs(kpad, nbp));
     let pad = avx::Pad::new(tiles);
-    avx::input_transform(x, d, tiles, span, v, nbp, pads, &pad);
+    avx::input_transform(x, pro, d, tiles, span, v, nbp, pads, &pad);
     products_avx2(u, v, m, d.c, kpad, nbp);
     avx::output_transform(m, kpad, job, span, nbp);
 }
@@ -966,7 +1011,7 @@ unsafe fn wgrad_blocks_avx2(
         let nbp = (span.1 - t0).div_ceil(NR) * NR;
         let (v, rest) = scratch.split_at_mut(36 * xs(d.c, nbp));
         let (dm, pads) = rest.split_at_mut(36 * xs(d.k, nbp));
-        avx::input_transform(x, d, tiles, span, v, nbp, pads, &pad);
+        avx::input_transform(x, None, d, tiles, span, v, nbp, pads, &pad);
         avx::grad_output_transform(dy, d, tiles, span, dm, nbp);
         avx::wgrad_products(dm, v, du, d.k, d.c, nbp);
     }
@@ -1082,6 +1127,7 @@ fn block_tiles_for(budget: usize, c: usize, kpad: usize, total: usize) -> usize 
 /// `k × c × 3 × 3`, `bias`: `k`; returns `n × k × h × w`. Requires `c ≥ 1`.
 pub(crate) fn conv3x3_fwd(
     x: &[f32],
+    pro: Option<Prologue<'_>>,
     wmat: &[f32],
     bias: Option<&[f32]>,
     skip: Option<&[f32]>,
@@ -1106,13 +1152,22 @@ pub(crate) fn conv3x3_fwd(
     if let Some(sk) = skip {
         assert_eq!(sk.len(), y_len);
     }
+    let avx2 = have_avx2();
+    if let Some(p) = pro {
+        // Only the AVX2 transforms for even `tw` map the input while padding it.
+        if !(avx2 && tiles.tw.is_multiple_of(2)) {
+            let xp = p.apply(x, d);
+            return conv3x3_fwd(&xp, None, wmat, bias, skip, d);
+        }
+        assert!(p.centre.len() == d.c && p.mult.len() == d.c && p.shift.len() == d.c);
+    }
     let u = transform_weights(wmat, d.k, d.c);
     let nb = block_tiles(d.c, kpad, total);
     let scratch_len = 36 * (xs(d.c, nb) + xs(kpad, nb)) + pad_len(tiles, nb);
-    let avx2 = have_avx2();
     let mut out: Vec<f32> = Vec::with_capacity(y_len);
     let job = Job {
         x,
+        pro,
         u: &u,
         ep: Epilogue { bias, skip },
         d,

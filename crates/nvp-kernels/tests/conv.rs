@@ -26,7 +26,10 @@
 use candle_core::{DType, Device, Tensor, Var};
 use std::sync::{Mutex, MutexGuard};
 
-use nvp_kernels::{conv2d_3x3, conv2d_3x3_add, conv2d_3x3_reference, tuning, uses_fast_path};
+use nvp_kernels::{
+    batch_norm, bn_relu_conv2d_3x3, bn_relu_conv_fuses, conv2d_3x3, conv2d_3x3_add,
+    conv2d_3x3_reference, tuning, uses_fast_path, BnReluPrologue,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -264,6 +267,90 @@ fn fused_residual_add_is_bit_identical() {
     // Shapes are checked.
     let bad = rand_tensor(&mut rng, &[2, 5, 6, 6]);
     assert!(conv2d_3x3_add(x.as_tensor(), &wt, None, &bad).is_err());
+}
+
+/// `bn_relu_conv2d_3x3`: the eval-mode batch norm + ReLU applied while the convolution
+/// pads its input must equal `batch_norm` (eval, ReLU) followed by `conv2d_3x3` /
+/// `conv2d_3x3_add` bit for bit, for every algorithm, with and without bias and skip,
+/// for even (mapped inside the AVX2 transform) and odd (mapped first) tile columns.
+#[test]
+fn fused_bn_relu_prologue_is_bit_identical() {
+    let _guard = lock();
+    let eps = 1e-5;
+    for (i, &(n, c, k, h, w)) in [
+        (3, 5, 7, 13, 22),
+        (2, 4, 4, 8, 8),
+        (2, 3, 6, 7, 10),
+        (1, 2, 3, 5, 5),
+        (64, 32, 32, 16, 16),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut rng = StdRng::seed_from_u64(50 + i as u64);
+        let x = rand_tensor(&mut rng, &[n, c, h, w]);
+        let gamma = rand_tensor(&mut rng, &[c]);
+        let beta = rand_tensor(&mut rng, &[c]);
+        let mean = (rand_tensor(&mut rng, &[c]) * 0.3).unwrap();
+        let var = (rand_tensor(&mut rng, &[c]).abs().unwrap() + 0.05).unwrap();
+        let wt = rand_tensor(&mut rng, &[k, c, 3, 3]);
+        let b = rand_tensor(&mut rng, &[k]);
+        let skip = rand_tensor(&mut rng, &[n, k, h, w]);
+        let pro = BnReluPrologue::new(&gamma, &beta, &mean, &var, eps).unwrap();
+        assert_eq!(pro.channels(), c);
+        for algo in ["winograd", "winograd-portable", "im2col"] {
+            tuning::set_winograd(algo != "im2col");
+            tuning::set_winograd_portable(algo == "winograd-portable");
+            let a = batch_norm(
+                &x,
+                Some((&gamma, &beta)),
+                Some((&mean, &var)),
+                eps,
+                true,
+                false,
+            )
+            .unwrap()
+            .y;
+            for bias in [Some(&b), None] {
+                for sk in [Some(&skip), None] {
+                    assert!(bn_relu_conv_fuses(&x, &wt, bias, sk));
+                    let fused = bn_relu_conv2d_3x3(&x, &pro, &wt, bias, sk).unwrap();
+                    let plain = match sk {
+                        Some(s) => conv2d_3x3_add(&a, &wt, bias, s).unwrap(),
+                        None => conv2d_3x3(&a, &wt, bias).unwrap(),
+                    };
+                    let f: Vec<f32> = fused.flatten_all().unwrap().to_vec1().unwrap();
+                    let p: Vec<f32> = plain.flatten_all().unwrap().to_vec1().unwrap();
+                    let same = f.iter().zip(&p).all(|(u, v)| u.to_bits() == v.to_bits());
+                    assert!(
+                        same,
+                        "{algo} ({n},{c},{k},{h},{w}) bias {} skip {}",
+                        bias.is_some(),
+                        sk.is_some()
+                    );
+                }
+            }
+        }
+    }
+    tuning::set_winograd(true);
+    tuning::set_winograd_portable(false);
+    // Refused with a graph or a channel mismatch, with a clear error.
+    let mut rng = StdRng::seed_from_u64(60);
+    let c = 3;
+    let ones = Tensor::ones(c, DType::F32, &Device::Cpu).unwrap();
+    let zeros = Tensor::zeros(c, DType::F32, &Device::Cpu).unwrap();
+    let pro = BnReluPrologue::new(&ones, &zeros, &zeros, &ones, eps).unwrap();
+    let wt = rand_tensor(&mut rng, &[4, c, 3, 3]);
+    let xv = Var::from_tensor(&rand_tensor(&mut rng, &[2, c, 6, 6])).unwrap();
+    assert!(!bn_relu_conv_fuses(xv.as_tensor(), &wt, None, None));
+    let e = bn_relu_conv2d_3x3(xv.as_tensor(), &pro, &wt, None, None).unwrap_err();
+    assert!(e.to_string().contains("without a graph"), "{e}");
+    let x4 = rand_tensor(&mut rng, &[2, 4, 6, 6]);
+    let w4 = rand_tensor(&mut rng, &[4, 4, 3, 3]);
+    let e = bn_relu_conv2d_3x3(&x4, &pro, &w4, None, None).unwrap_err();
+    assert!(e.to_string().contains("3 channels"), "{e}");
+    let short = Tensor::ones(2, DType::F32, &Device::Cpu).unwrap();
+    assert!(BnReluPrologue::new(&ones, &short, &zeros, &ones, eps).is_err());
 }
 
 #[test]

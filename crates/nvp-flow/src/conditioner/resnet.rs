@@ -53,8 +53,8 @@ impl ResBlock {
     }
 
     fn forward(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
-        let r = self.conv1.forward(&self.bn1.forward_relu(h, mode)?)?;
-        self.conv2.forward_add(&self.bn2.forward_relu(&r, mode)?, h)
+        let r = self.conv1.forward_after(&self.bn1, h, mode, None)?;
+        self.conv2.forward_after(&self.bn2, &r, mode, Some(h))
     }
 }
 
@@ -102,7 +102,7 @@ impl Conditioner for ResNet {
         for b in &self.blocks {
             h = b.forward(&h, mode)?;
         }
-        self.out.forward(&self.bn_out.forward_relu(&h, mode)?)
+        self.out.forward_after(&self.bn_out, &h, mode, None)
     }
 
     fn scale_parameters(&self) -> Vec<Tensor> {
