@@ -89,6 +89,16 @@ impl WnConv2d {
         &self.g
     }
 
+    /// Input channels.
+    pub fn in_channels(&self) -> usize {
+        self.v.dims()[1]
+    }
+
+    /// The bias `(Cout)`.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         conv3x3(x, &self.weight()?, &self.bias)
     }
@@ -181,6 +191,24 @@ impl BatchNorm {
         self.forward_act(x, mode, true)
     }
 
+    /// The learned affine `(weight, bias)`, each `(C)`.
+    pub fn affine(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
+    }
+
+    pub fn config(&self) -> BatchNormConfig {
+        self.cfg
+    }
+
+    /// Train-mode bookkeeping of a normalisation computed elsewhere (a fused op): moves
+    /// the running averages towards the batch `mean` and biased `var` (`(C)`) of `count`
+    /// values per channel, with the unbiased variance as PyTorch does.
+    pub fn record_batch_stats(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
+        let unbiased = count as f64 / (count.max(2) - 1) as f64;
+        update_running(&self.running_mean, mean, self.cfg.momentum)?;
+        update_running(&self.running_var, &(var * unbiased)?, self.cfg.momentum)
+    }
+
     /// Whether the fused kernels of `nvp-kernels` take `x` and these parameters.
     fn fast_path_for(&self, x: &Tensor) -> bool {
         let params = [
@@ -223,9 +251,7 @@ impl BatchNorm {
             Mode::Train => {
                 let out = nvp_kernels::batch_norm(x, affine, None, self.cfg.eps, relu, false)?;
                 let n = x.elem_count() / x.dim(1)?.max(1);
-                let unbiased = n as f64 / (n.max(2) - 1) as f64;
-                update_running(&self.running_mean, &out.mean, self.cfg.momentum)?;
-                update_running(&self.running_var, &(out.var * unbiased)?, self.cfg.momentum)?;
+                self.record_batch_stats(&out.mean, &out.var, n)?;
                 Ok(out.y)
             }
             Mode::Eval => {

@@ -349,77 +349,115 @@ unsafe fn bwd_row_sums_avx2(
 }
 
 impl BnBackward {
-    fn run(&self, x: &[f32], dy: &[f32], (n, c, hw): (usize, usize, usize)) -> Vec<f32> {
-        let p = &*self.params;
-        let img = c * hw;
-        let relu = self.relu;
+    fn run(&self, x: &[f32], dy: &[f32], dims: (usize, usize, usize)) -> Vec<f32> {
+        let c = dims.1;
         let x_len = if self.want_dx { x.len() } else { 0 };
-        if x.is_empty() {
-            return vec![0.0f32; x_len + 2 * c];
-        }
-        let per = per_chunk(n);
-        // Pass 1: s1 = Σ dz, s2' = Σ dz·(x − μ) per channel (f64).
-        let parts = x
-            .par_chunks(per * img)
-            .zip(dy.par_chunks(per * img))
-            .map(|(xs, dys)| {
-                let mut acc = vec![0.0f64; 2 * c];
-                for (xi, di) in xs.chunks_exact(img).zip(dys.chunks_exact(img)) {
-                    for (ch, (xr, dr)) in xi.chunks_exact(hw).zip(di.chunks_exact(hw)).enumerate() {
-                        let (s1, s2) =
-                            bwd_row_sums(xr, dr, (p.centre[ch], p.mult[ch], p.shift[ch]), relu);
-                        acc[ch] += s1;
-                        acc[c + ch] += s2;
-                    }
-                }
-                acc
-            })
-            .collect();
-        let sums = add_partials(parts, 2 * c);
-        // dw = r·Σ dz·(x − μ), db = Σ dz.
-        let dw: Vec<f32> = (0..c)
-            .map(|ch| (sums[c + ch] * p.rstd[ch] as f64) as f32)
-            .collect();
-        let db: Vec<f32> = sums[..c].iter().map(|&v| v as f32).collect();
-        let total = x_len + 2 * c;
-        build_vec(total, |out: &mut [MaybeUninit<f32>]| {
+        build_vec(x_len + 2 * c, |out: &mut [MaybeUninit<f32>]| {
             let (dx, tail) = out.split_at_mut(x_len);
+            let dx = self.want_dx.then_some(dx);
+            let (dw, db) =
+                backward_into(&self.params, self.relu, self.batch, x, dy, dims, dx, None);
             for (o, v) in tail.iter_mut().zip(dw.iter().chain(&db)) {
                 o.write(*v);
             }
-            if !self.want_dx {
-                return;
+        })
+    }
+}
+
+/// The batch-norm backward over `x`, `dy` (`n × c × hw`): returns `(dw, db)` and, when
+/// `dx` is given, writes the input gradient there (plus `add`, element by element,
+/// when given: a gradient arriving by another path, e.g. a residual connection).
+#[allow(clippy::too_many_arguments)]
+fn backward_into(
+    p: &Params,
+    relu: bool,
+    batch: bool,
+    x: &[f32],
+    dy: &[f32],
+    (n, c, hw): (usize, usize, usize),
+    dx: Option<&mut [MaybeUninit<f32>]>,
+    add: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    let img = c * hw;
+    if x.is_empty() {
+        return (vec![0.0; c], vec![0.0; c]);
+    }
+    let per = per_chunk(n);
+    // Pass 1: s1 = Σ dz, s2' = Σ dz·(x − μ) per channel (f64).
+    let parts = x
+        .par_chunks(per * img)
+        .zip(dy.par_chunks(per * img))
+        .map(|(xs, dys)| {
+            let mut acc = vec![0.0f64; 2 * c];
+            for (xi, di) in xs.chunks_exact(img).zip(dys.chunks_exact(img)) {
+                for (ch, (xr, dr)) in xi.chunks_exact(hw).zip(di.chunks_exact(hw)).enumerate() {
+                    let (s1, s2) =
+                        bwd_row_sums(xr, dr, (p.centre[ch], p.mult[ch], p.shift[ch]), relu);
+                    acc[ch] += s1;
+                    acc[c + ch] += s2;
+                }
             }
-            // dx = mult·(dz − k1 − (x − μ)·k2), k1 = db/M, k2 = r²·Σ dz·(x − μ)/M (batch
-            // mode; both 0 in fixed mode).
-            let inv_m = 1.0 / p.count as f64;
-            let k: Vec<(f32, f32)> = (0..c)
-                .map(|ch| {
-                    if self.batch {
-                        let r = p.rstd[ch] as f64;
-                        (
-                            (sums[ch] * inv_m) as f32,
-                            (sums[c + ch] * r * r * inv_m) as f32,
-                        )
-                    } else {
-                        (0.0, 0.0)
-                    }
-                })
-                .collect();
-            dx.par_chunks_mut(per * img)
-                .zip(x.par_chunks(per * img).zip(dy.par_chunks(per * img)))
-                .for_each(|(o, (xs, dys))| {
-                    for (oi, (xi, di)) in o
-                        .chunks_exact_mut(img)
-                        .zip(xs.chunks_exact(img).zip(dys.chunks_exact(img)))
-                    {
-                        for (ch, (orow, (xr, dr))) in oi
-                            .chunks_exact_mut(hw)
-                            .zip(xi.chunks_exact(hw).zip(di.chunks_exact(hw)))
-                            .enumerate()
-                        {
-                            let (m, a, s) = (p.centre[ch], p.mult[ch], p.shift[ch]);
-                            let (k1, k2) = k[ch];
+            acc
+        })
+        .collect();
+    let sums = add_partials(parts, 2 * c);
+    // dw = r·Σ dz·(x − μ), db = Σ dz.
+    let dw: Vec<f32> = (0..c)
+        .map(|ch| (sums[c + ch] * p.rstd[ch] as f64) as f32)
+        .collect();
+    let db: Vec<f32> = sums[..c].iter().map(|&v| v as f32).collect();
+    let Some(dx) = dx else {
+        return (dw, db);
+    };
+    assert_eq!(dx.len(), x.len());
+    if let Some(a) = add {
+        assert_eq!(a.len(), x.len());
+    }
+    // dx = mult·(dz − k1 − (x − μ)·k2), k1 = db/M, k2 = r²·Σ dz·(x − μ)/M (batch
+    // mode; both 0 in fixed mode).
+    let inv_m = 1.0 / p.count as f64;
+    let k: Vec<(f32, f32)> = (0..c)
+        .map(|ch| {
+            if batch {
+                let r = p.rstd[ch] as f64;
+                (
+                    (sums[ch] * inv_m) as f32,
+                    (sums[c + ch] * r * r * inv_m) as f32,
+                )
+            } else {
+                (0.0, 0.0)
+            }
+        })
+        .collect();
+    let add = add.unwrap_or(&[]);
+    dx.par_chunks_mut(per * img)
+        .enumerate()
+        .zip(x.par_chunks(per * img).zip(dy.par_chunks(per * img)))
+        .for_each(|((ci, o), (xs, dys))| {
+            for (ii, (oi, (xi, di))) in o
+                .chunks_exact_mut(img)
+                .zip(xs.chunks_exact(img).zip(dys.chunks_exact(img)))
+                .enumerate()
+            {
+                for (ch, (orow, (xr, dr))) in oi
+                    .chunks_exact_mut(hw)
+                    .zip(xi.chunks_exact(hw).zip(di.chunks_exact(hw)))
+                    .enumerate()
+                {
+                    let (m, a, s) = (p.centre[ch], p.mult[ch], p.shift[ch]);
+                    let (k1, k2) = k[ch];
+                    let off = ((ci * per + ii) * c + ch) * hw;
+                    match add.get(off..off + hw) {
+                        Some(ar) => {
+                            for ((o, (&xv, &dv)), &av) in
+                                orow.iter_mut().zip(xr.iter().zip(dr)).zip(ar)
+                            {
+                                let xm = xv - m;
+                                let g = if !relu || xm * a + s >= 0.0 { dv } else { 0.0 };
+                                o.write(a * (g - k1 - xm * k2) + av);
+                            }
+                        }
+                        None => {
                             for (o, (&xv, &dv)) in orow.iter_mut().zip(xr.iter().zip(dr)) {
                                 let xm = xv - m;
                                 let g = if !relu || xm * a + s >= 0.0 { dv } else { 0.0 };
@@ -427,8 +465,52 @@ impl BnBackward {
                             }
                         }
                     }
-                });
-        })
+                }
+            }
+        });
+    (dw, db)
+}
+
+/// Batch-mode forward over a slice (`n × c × hw`) with affine `(w, b)`: the output and
+/// the statistics used (for a fused network op).
+pub(crate) fn train_forward(
+    x: &[f32],
+    dims: (usize, usize, usize),
+    (w, b): (&[f32], &[f32]),
+    eps: f64,
+    relu: bool,
+) -> Result<(Vec<f32>, Arc<Params>)> {
+    let core = BnCore {
+        eps,
+        relu,
+        fixed: None,
+        state: Arc::new(Mutex::new(None)),
+    };
+    let y = core.forward(x, dims, Some((w, b)))?;
+    Ok((y, load(&core.state)?))
+}
+
+/// Backward of [`train_forward`] (through the batch statistics): `(dx + add, dw, db)`.
+pub(crate) fn train_backward(
+    p: &Params,
+    relu: bool,
+    x: &[f32],
+    dy: &[f32],
+    dims: (usize, usize, usize),
+    add: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    assert_eq!(x.len(), dy.len());
+    let mut grads = (Vec::new(), Vec::new());
+    let dx = build_vec(x.len(), |dx: &mut [MaybeUninit<f32>]| {
+        grads = backward_into(p, relu, true, x, dy, dims, Some(dx), add);
+    });
+    (dx, grads.0, grads.1)
+}
+
+impl Params {
+    /// The per-channel mean and (biased) variance this normalisation used.
+    pub(crate) fn stats(&self) -> (&[f32], &[f32]) {
+        (&self.mean, &self.var)
     }
 }
 

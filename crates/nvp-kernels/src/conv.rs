@@ -6,12 +6,11 @@
 //! else uses candle's own `conv2d` plus a broadcast bias add.
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
-    Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 
 use crate::kernels::{self, ConvDims};
-use crate::util::f32_slice;
+use crate::util::{f32_slice, with_cpu_f32};
 
 /// Sizes of `x (n, c, h, w)` against `w (k, c, 3, 3)`, validated.
 fn dims_of(x: &Shape, w: &Shape) -> Result<ConvDims> {
@@ -242,15 +241,6 @@ pub fn conv2d_3x3(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> 
         }
     } else {
         conv2d_3x3_reference(x, w, b)
-    }
-}
-
-/// Runs `f` on the contiguous f32 data of a CPU tensor.
-fn with_cpu_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cs) => f(f32_slice(cs, layout, what)?),
-        _ => bail!("conv2d_3x3_add: {what} is not on the CPU"),
     }
 }
 

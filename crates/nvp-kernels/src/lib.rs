@@ -30,6 +30,7 @@ mod bn;
 mod conv;
 mod coupling;
 mod kernels;
+mod resnet;
 mod util;
 mod winograd;
 
@@ -42,6 +43,8 @@ pub use coupling::{
     coupling_uses_fast_path, mask_mul, Coupling, CouplingInverse, CouplingLogDet, MaskMul,
 };
 
+pub use resnet::{resnet_train, resnet_train_applies, ResNetShape, ResNetTrainOutput};
+
 pub use conv::{
     bn_relu_conv2d_3x3, bn_relu_conv_fuses, conv2d_3x3, conv2d_3x3_add, conv2d_3x3_reference,
     uses_fast_path, BiasGrad, BnReluPrologue, Conv3x3, Conv3x3Bias, Conv3x3GradInput,
@@ -52,6 +55,8 @@ pub use conv::{
 static FAST_CPU: AtomicU8 = AtomicU8::new(0);
 /// Same states, for Winograd (environment variable `NVP_WINOGRAD`).
 static WINOGRAD: AtomicU8 = AtomicU8::new(0);
+/// Same states, for the fused training network (environment variable `NVP_FUSED_RESNET`).
+static FUSED_RESNET: AtomicU8 = AtomicU8::new(0);
 
 /// A process-wide switch: on unless `var` is `0`, `false`, `off` or `no` (read once,
 /// on first use, unless set before).
@@ -98,6 +103,14 @@ pub fn winograd_enabled() -> bool {
     switch_enabled(&WINOGRAD, "NVP_WINOGRAD")
 }
 
+/// Whether the s/t networks train as one op ([`resnet_train`]) rather than op by op
+/// (same results; fewer passes over memory). Defaults to true unless the environment
+/// variable `NVP_FUSED_RESNET` is `0`, `false`, `off` or `no`; see
+/// [`tuning::set_fused_resnet`].
+pub fn fused_resnet_enabled() -> bool {
+    switch_enabled(&FUSED_RESNET, "NVP_FUSED_RESNET")
+}
+
 /// Number of threads the kernels use (the size of rayon's global pool, which follows
 /// `RAYON_NUM_THREADS`).
 pub fn num_threads() -> usize {
@@ -123,6 +136,11 @@ pub mod tuning {
     /// default) or by im2col + GEMM (false).
     pub fn set_winograd(on: bool) {
         crate::WINOGRAD.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    /// Train the s/t networks as one op (true, the default) or op by op (false).
+    pub fn set_fused_resnet(on: bool) {
+        crate::FUSED_RESNET.store(if on { 1 } else { 2 }, Ordering::Relaxed);
     }
 
     /// Byte budget of one Winograd block's transformed input and product buffers.

@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, Layout, Result};
+use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
 
 /// Borrows the contiguous f32 data of a CPU storage.
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -17,6 +17,19 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => bail!("nvp-kernels: {what} must be contiguous"),
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor.
+pub(crate) fn with_cpu_f32<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cs) => f(f32_slice(cs, layout, what)?),
+        _ => bail!("nvp-kernels: {what} is not on the CPU"),
     }
 }
 

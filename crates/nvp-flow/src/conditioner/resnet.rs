@@ -96,8 +96,72 @@ impl ResNet {
     }
 }
 
+impl ResNet {
+    /// All parameters in the packed order of `nvp_kernels::ResNetShape::param_len`.
+    fn packed_params(&self) -> Result<Tensor> {
+        let conv = |c: &WnConv2d| -> Result<[Tensor; 2]> {
+            Ok([c.weight()?.flatten_all()?, c.bias().clone()])
+        };
+        let norm = |n: &BatchNorm| {
+            let (w, b) = n.affine();
+            [w.clone(), b.clone()]
+        };
+        let mut parts = Vec::with_capacity(4 + 8 * self.blocks.len());
+        parts.extend(conv(&self.inp)?);
+        for b in &self.blocks {
+            parts.extend(norm(&b.bn1));
+            parts.extend(conv(&b.conv1)?);
+            parts.extend(norm(&b.bn2));
+            parts.extend(conv(&b.conv2)?);
+        }
+        parts.extend(norm(&self.bn_out));
+        parts.extend(conv(&self.out)?);
+        Tensor::cat(&parts, 0)
+    }
+
+    fn batch_norms(&self) -> impl Iterator<Item = &BatchNorm> {
+        self.blocks
+            .iter()
+            .flat_map(|b| [&b.bn1, &b.bn2])
+            .chain(std::iter::once(&self.bn_out))
+    }
+
+    /// Train mode as one fused op (`nvp_kernels::resnet_train`), where it applies: the
+    /// same kernels and results as the layer-by-layer network, without an autograd
+    /// node per layer. `None` where it does not apply.
+    fn forward_train_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let eps = self.bn_out.config().eps;
+        if self.batch_norms().any(|n| n.config().eps != eps)
+            || !nvp_kernels::resnet_train_applies(x, self.inp.bias())
+        {
+            return Ok(None);
+        }
+        let (n, _, h, w) = x.dims4()?;
+        let shape = nvp_kernels::ResNetShape {
+            cin: self.inp.in_channels(),
+            features: self.bn_out.affine().0.dim(0)?,
+            blocks: self.blocks.len(),
+            cout: self.out.bias().dim(0)?,
+        };
+        let params = self.packed_params()?;
+        if !nvp_kernels::resnet_train_applies(x, &params) {
+            return Ok(None);
+        }
+        let out = nvp_kernels::resnet_train(x, &params, shape, eps)?;
+        for (bn, (mean, var)) in self.batch_norms().zip(&out.stats) {
+            bn.record_batch_stats(mean, var, n * h * w)?;
+        }
+        Ok(Some(out.y))
+    }
+}
+
 impl Conditioner for ResNet {
     fn forward_t(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        if mode == Mode::Train && x.rank() == 4 {
+            if let Some(y) = self.forward_train_fused(x)? {
+                return Ok(y);
+            }
+        }
         let mut h = self.inp.forward(x)?;
         for b in &self.blocks {
             h = b.forward(&h, mode)?;

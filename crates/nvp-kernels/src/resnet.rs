@@ -1,0 +1,413 @@
+//! The s/t residual network of the image couplings, trained as one custom op.
+//!
+//! The network (`nvp_flow::conditioner::ResNet`): `conv3×3(C→F)`, then `B`
+//! pre-activation blocks `h ← conv3×3(relu(bn₂(conv3×3(relu(bn₁(h)))))) + h`, then
+//! `conv3×3(relu(bn_out(h)))` (F→K). Built from separate ops, candle's autograd gives
+//! every intermediate tensor a fresh zero gradient and adds into it, single-threaded
+//! (about a tenth of a training step, with the second core idle). [`resnet_train`]
+//! runs the whole network in train mode (batch statistics) as one op whose backward
+//! pass is written out here, with the same kernels and the same arithmetic as the
+//! separate ops: the gradients are equal (tested against the op-by-op network in
+//! `tests/flow_fused.rs` of the workspace). The residual gradient is added inside the
+//! batch-norm backward instead of by a separate pass.
+//!
+//! Parameters come as one packed f32 vector (see [`ResNetShape::param_len`] for the
+//! order), so that their gradient returns through candle's `cat` to the
+//! weight-normalised parameters. Activations needed by the backward pass (each block's
+//! input, the two batch-norm outputs and the inner convolution's output) are kept
+//! by the op until the graph is dropped.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+use crate::bn::{self, Params};
+use crate::kernels::{self, ConvDims};
+use crate::util::{f32_slice, with_cpu_f32};
+
+/// Sizes of a residual s/t network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResNetShape {
+    /// Input channels.
+    pub cin: usize,
+    /// Feature maps of the hidden layers.
+    pub features: usize,
+    /// Residual blocks.
+    pub blocks: usize,
+    /// Output channels.
+    pub cout: usize,
+}
+
+/// Where one layer's parameters lie in the packed vector.
+#[derive(Debug, Clone, Copy)]
+struct Conv {
+    w: usize,
+    b: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Norm {
+    w: usize,
+    b: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Offsets {
+    inp: Conv,
+    blocks: Vec<(Norm, Conv, Norm, Conv)>,
+    bn_out: Norm,
+    out: Conv,
+    len: usize,
+}
+
+impl ResNetShape {
+    /// Length of the packed parameter vector, in this order: `inp` weight
+    /// `(F, C, 3, 3)` and bias `(F)`; per block: `bn1` weight and bias `(F)`, `conv1`
+    /// weight `(F, F, 3, 3)` and bias, `bn2` weight and bias, `conv2` weight and bias;
+    /// then `bn_out` weight and bias, and `out` weight `(K, F, 3, 3)` and bias `(K)`.
+    pub fn param_len(&self) -> usize {
+        self.offsets().len
+    }
+
+    fn offsets(&self) -> Offsets {
+        /// Hands out consecutive ranges of the packed vector.
+        struct Cursor(usize);
+        impl Cursor {
+            fn take(&mut self, len: usize) -> usize {
+                self.0 += len;
+                self.0 - len
+            }
+            fn conv(&mut self, ci: usize, co: usize) -> Conv {
+                Conv {
+                    w: self.take(co * ci * 9),
+                    b: self.take(co),
+                }
+            }
+            fn norm(&mut self, f: usize) -> Norm {
+                Norm {
+                    w: self.take(f),
+                    b: self.take(f),
+                }
+            }
+        }
+        let f = self.features;
+        let mut at = Cursor(0);
+        let inp = at.conv(self.cin, f);
+        let blocks = (0..self.blocks)
+            .map(|_| (at.norm(f), at.conv(f, f), at.norm(f), at.conv(f, f)))
+            .collect();
+        let bn_out = at.norm(f);
+        let out = at.conv(f, self.cout);
+        Offsets {
+            inp,
+            blocks,
+            bn_out,
+            out,
+            len: at.0,
+        }
+    }
+
+    /// Number of batch norms (`2B + 1`), the length of [`ResNetTrainOutput::stats`].
+    pub fn batch_norms(&self) -> usize {
+        2 * self.blocks + 1
+    }
+}
+
+/// Activations of one block kept for the backward pass.
+#[derive(Debug)]
+struct BlockSaved {
+    h: Vec<f32>,
+    a1: Vec<f32>,
+    n1: Arc<Params>,
+    r: Vec<f32>,
+    a2: Vec<f32>,
+    n2: Arc<Params>,
+}
+
+#[derive(Debug)]
+struct Saved {
+    blocks: Vec<BlockSaved>,
+    h: Vec<f32>,
+    a: Vec<f32>,
+    n_out: Arc<Params>,
+}
+
+impl Saved {
+    /// The batch norms' statistics in network order: bn1, bn2 of each block, bn_out.
+    fn norms(&self) -> impl Iterator<Item = &Arc<Params>> {
+        self.blocks
+            .iter()
+            .flat_map(|b| [&b.n1, &b.n2])
+            .chain(std::iter::once(&self.n_out))
+    }
+}
+
+type SavedState = Arc<Mutex<Option<Arc<Saved>>>>;
+
+/// The train-mode network as a custom op: inputs `x (N, C, H, W)` and the packed
+/// parameters; output `(N, K, H, W)`.
+#[derive(Debug, Clone)]
+struct ResNetTrain {
+    shape: ResNetShape,
+    eps: f64,
+    saved: SavedState,
+}
+
+fn slice(p: &[f32], at: usize, len: usize) -> &[f32] {
+    &p[at..at + len]
+}
+
+impl ResNetTrain {
+    fn dims(&self, x: &Shape) -> Result<(ConvDims, ConvDims, ConvDims)> {
+        let (n, c, h, w) = x.dims4()?;
+        let s = self.shape;
+        if c != s.cin {
+            bail!(
+                "resnet_train: input {x:?} has {c} channels, the network takes {}",
+                s.cin
+            );
+        }
+        let f = s.features;
+        Ok((
+            ConvDims { n, c, k: f, h, w },
+            ConvDims {
+                n,
+                c: f,
+                k: f,
+                h,
+                w,
+            },
+            ConvDims {
+                n,
+                c: f,
+                k: s.cout,
+                h,
+                w,
+            },
+        ))
+    }
+
+    fn forward(&self, x: &[f32], p: &[f32], shape: &Shape) -> Result<Vec<f32>> {
+        let (d_in, d_ff, d_out) = self.dims(shape)?;
+        let o = self.shape.offsets();
+        let f = self.shape.features;
+        let nch = (d_ff.n, f, d_ff.hw());
+        let conv_w = |c: Conv, d: ConvDims| slice(p, c.w, d.w_len());
+        let bias = |c: Conv, d: ConvDims| Some(slice(p, c.b, d.k));
+        let affine = |n: Norm| (slice(p, n.w, f), slice(p, n.b, f));
+        let mut h = kernels::conv3x3_fwd(x, conv_w(o.inp, d_in), bias(o.inp, d_in), d_in);
+        let mut blocks = Vec::with_capacity(o.blocks.len());
+        for &(n1, c1, n2, c2) in &o.blocks {
+            let (a1, s1) = bn::train_forward(&h, nch, affine(n1), self.eps, true)?;
+            let r = kernels::conv3x3_fwd(&a1, conv_w(c1, d_ff), bias(c1, d_ff), d_ff);
+            let (a2, s2) = bn::train_forward(&r, nch, affine(n2), self.eps, true)?;
+            let next = kernels::conv3x3_fwd_fused(
+                &a2,
+                None,
+                conv_w(c2, d_ff),
+                bias(c2, d_ff),
+                Some(&h),
+                d_ff,
+            );
+            blocks.push(BlockSaved {
+                h,
+                a1,
+                n1: s1,
+                r,
+                a2,
+                n2: s2,
+            });
+            h = next;
+        }
+        let (a, n_out) = bn::train_forward(&h, nch, affine(o.bn_out), self.eps, true)?;
+        let y = kernels::conv3x3_fwd(&a, conv_w(o.out, d_out), bias(o.out, d_out), d_out);
+        let saved = Saved {
+            blocks,
+            h,
+            a,
+            n_out,
+        };
+        match self.saved.lock() {
+            Ok(mut g) => *g = Some(Arc::new(saved)),
+            Err(_) => bail!("resnet_train: state poisoned"),
+        }
+        Ok(y)
+    }
+
+    fn saved(&self) -> Result<Arc<Saved>> {
+        match self.saved.lock() {
+            Ok(g) => match g.as_ref() {
+                Some(s) => Ok(s.clone()),
+                None => bail!("resnet_train: backward before forward"),
+            },
+            Err(_) => bail!("resnet_train: state poisoned"),
+        }
+    }
+
+    /// `(dx if want_dx, d(packed parameters))` for the output gradient `dy`.
+    fn backward(
+        &self,
+        x: &[f32],
+        p: &[f32],
+        dy: &[f32],
+        shape: &Shape,
+        want_dx: bool,
+    ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
+        let (d_in, d_ff, d_out) = self.dims(shape)?;
+        let o = self.shape.offsets();
+        let f = self.shape.features;
+        let nch = (d_ff.n, f, d_ff.hw());
+        let s = self.saved()?;
+        let mut dp = vec![0.0f32; o.len];
+        let put = |dp: &mut [f32], at: usize, v: &[f32]| dp[at..at + v.len()].copy_from_slice(v);
+        let conv_grads = |dp: &mut [f32], c: Conv, d: ConvDims, input: &[f32], g: &[f32]| {
+            put(dp, c.w, &kernels::conv3x3_grad_weight(input, g, d));
+            put(dp, c.b, &kernels::bias_grad(g, d.n, d.k, d.hw()));
+        };
+        let norm_grads = |dp: &mut [f32], n: Norm, dw: &[f32], db: &[f32]| {
+            put(dp, n.w, dw);
+            put(dp, n.b, db);
+        };
+        // out = conv(relu(bn_out(h))).
+        conv_grads(&mut dp, o.out, d_out, &s.a, dy);
+        let da = kernels::conv3x3_grad_input(dy, slice(p, o.out.w, d_out.w_len()), d_out);
+        let (mut dh, dw, db) = bn::train_backward(&s.n_out, true, &s.h, &da, nch, None);
+        norm_grads(&mut dp, o.bn_out, &dw, &db);
+        for (&(n1, c1, n2, c2), b) in o.blocks.iter().zip(&s.blocks).rev() {
+            // next = conv2(relu(bn2(conv1(relu(bn1(h)))))) + h.
+            conv_grads(&mut dp, c2, d_ff, &b.a2, &dh);
+            let da2 = kernels::conv3x3_grad_input(&dh, slice(p, c2.w, d_ff.w_len()), d_ff);
+            let (dr, dw, db) = bn::train_backward(&b.n2, true, &b.r, &da2, nch, None);
+            norm_grads(&mut dp, n2, &dw, &db);
+            drop(da2);
+            conv_grads(&mut dp, c1, d_ff, &b.a1, &dr);
+            let da1 = kernels::conv3x3_grad_input(&dr, slice(p, c1.w, d_ff.w_len()), d_ff);
+            drop(dr);
+            let (dh_in, dw, db) = bn::train_backward(&b.n1, true, &b.h, &da1, nch, Some(&dh));
+            norm_grads(&mut dp, n1, &dw, &db);
+            dh = dh_in;
+        }
+        conv_grads(&mut dp, o.inp, d_in, x, &dh);
+        let dx = want_dx
+            .then(|| kernels::conv3x3_grad_input(&dh, slice(p, o.inp.w, d_in.w_len()), d_in));
+        Ok((dx, dp))
+    }
+}
+
+impl CustomOp2 for ResNetTrain {
+    fn name(&self) -> &'static str {
+        "nvp-resnet-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "x")?;
+        let p = f32_slice(s2, l2, "resnet parameters")?;
+        let (_, _, d_out) = self.dims(l1.shape())?;
+        let y = self.forward(x, p, l1.shape())?;
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((d_out.n, d_out.k, d_out.h, d_out.w)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !x.track_op() && !params.track_op() {
+            return Ok((None, None));
+        }
+        let dy = dy.contiguous()?;
+        let (dx, dp) = with_cpu_f32(x, "x", |xs| {
+            with_cpu_f32(params, "resnet parameters", |ps| {
+                with_cpu_f32(&dy, "output gradient", |ds| {
+                    self.backward(xs, ps, ds, x.shape(), x.track_op())
+                })
+            })
+        })?;
+        let dx = dx
+            .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
+            .transpose()?;
+        let dp = if params.track_op() {
+            Some(Tensor::from_vec(dp, params.shape(), params.device())?)
+        } else {
+            None
+        };
+        Ok((dx, dp))
+    }
+}
+
+/// Output of [`resnet_train`].
+#[derive(Debug, Clone)]
+pub struct ResNetTrainOutput {
+    /// The network's output `(N, K, H, W)`, differentiable with respect to `x` and the
+    /// packed parameters.
+    pub y: Tensor,
+    /// Per batch norm (bn1 and bn2 of each block in order, then bn_out): the batch mean
+    /// and biased batch variance `(F)` it normalised with, detached (for the running
+    /// averages).
+    pub stats: Vec<(Tensor, Tensor)>,
+}
+
+/// Whether [`resnet_train`] takes these tensors: the fast CPU path is on (and the
+/// fused network, [`crate::tuning::set_fused_resnet`]), both are f32 on the CPU.
+pub fn resnet_train_applies(x: &Tensor, params: &Tensor) -> bool {
+    crate::fast_cpu_enabled()
+        && crate::fused_resnet_enabled()
+        && x.device().is_cpu()
+        && params.device().is_cpu()
+        && x.dtype() == DType::F32
+        && params.dtype() == DType::F32
+}
+
+/// The residual s/t network in train mode (batch statistics in every batch norm, with
+/// ReLU after each), forward as one op and backward as one op. `x`: `(N, C, H, W)`;
+/// `params`: the packed `(P)` vector of [`ResNetShape::param_len`]; `eps`: the batch
+/// norms' ε. Errors unless [`resnet_train_applies`].
+pub fn resnet_train(
+    x: &Tensor,
+    params: &Tensor,
+    shape: ResNetShape,
+    eps: f64,
+) -> Result<ResNetTrainOutput> {
+    if !resnet_train_applies(x, params) {
+        bail!("resnet_train: needs f32 CPU tensors and the fast path on");
+    }
+    if params.dims() != [shape.param_len()] {
+        bail!(
+            "resnet_train: packed parameters of shape {:?}, the network {shape:?} needs ({},)",
+            params.shape(),
+            shape.param_len()
+        );
+    }
+    let op = ResNetTrain {
+        shape,
+        eps,
+        saved: Arc::new(Mutex::new(None)),
+    };
+    let y = x
+        .contiguous()?
+        .apply_op2(&params.contiguous()?, op.clone())?;
+    let saved = op.saved()?;
+    let dev = x.device();
+    let stats = saved
+        .norms()
+        .map(|n| {
+            let (m, v) = n.stats();
+            Ok((
+                Tensor::from_vec(m.to_vec(), m.len(), dev)?,
+                Tensor::from_vec(v.to_vec(), v.len(), dev)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ResNetTrainOutput { y, stats })
+}

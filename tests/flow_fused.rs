@@ -1,0 +1,163 @@
+//! The fused training network (`nvp_kernels::resnet_train`, taken by
+//! `ResNet::forward_t` in train mode on the f32 CPU path) against the same network
+//! built op by op (`tuning::set_fused_resnet(false)`): the same kernels and the same
+//! arithmetic, so the outputs, every gradient and the updated running statistics must
+//! be equal — compared with `==` on f32 (a zero's sign may differ: candle adds each
+//! gradient to a fresh zero, the fused op does not).
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::*;
+use nvp::flow::conditioner::{Conditioner, ResNet, ResNetConfig};
+use nvp::flow::{Mode, ParamStore, RealNvp, RealNvpConfig};
+use nvp_kernels::tuning;
+
+/// Serialises the tests that flip the process-wide switch.
+static SWITCH: Mutex<()> = Mutex::new(());
+
+fn lock() -> MutexGuard<'static, ()> {
+    SWITCH.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Asserts `a == b` element by element (f32), naming the tensor.
+fn assert_equal(what: &str, a: &Tensor, b: &Tensor) {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+    let av: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+    let bv: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+    let bad = av.iter().zip(&bv).filter(|(x, y)| x != y).count();
+    assert_eq!(
+        bad,
+        0,
+        "{what}: {bad} of {} elements differ (max |diff| {:e})",
+        av.len(),
+        max_abs_diff(a, b)
+    );
+}
+
+/// Output, gradients (by name, plus `x`) and all variables after the step.
+type Run = (Tensor, HashMap<String, Tensor>, HashMap<String, Tensor>);
+
+fn run_resnet(fused: bool, dims: &[usize], cfg: ResNetConfig, seed: u64) -> Run {
+    tuning::set_fused_resnet(fused);
+    let store = ParamStore::new(seed);
+    let net = ResNet::new(cfg, store.var_builder(DType::F32, &Device::Cpu).pp("net")).unwrap();
+    randomise(&store, seed + 1);
+    let x = Var::from_tensor(&randn(dims, 1.0, DType::F32, &mut rng(seed + 2))).unwrap();
+    let mut out_dims = dims.to_vec();
+    out_dims[1] = 2 * cfg.channels;
+    let r = randn(&out_dims, 1.0, DType::F32, &mut rng(seed + 3));
+    let y = net.forward_t(x.as_tensor(), Mode::Train).unwrap();
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut grads = HashMap::new();
+    grads.insert("x".to_string(), g.get(x.as_tensor()).unwrap().clone());
+    for (name, v) in store.trainable_vars() {
+        let gv = g
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        grads.insert(name, gv.clone());
+    }
+    (y, grads, store.tensors())
+}
+
+fn compare(a: &Run, b: &Run) {
+    assert_equal("output", &a.0, &b.0);
+    assert_eq!(a.1.len(), b.1.len());
+    for (name, ga) in &a.1 {
+        assert_equal(&format!("gradient of {name}"), ga, &b.1[name]);
+    }
+    assert_eq!(a.2.len(), b.2.len());
+    for (name, ta) in &a.2 {
+        assert_equal(name, ta, &b.2[name]);
+    }
+}
+
+#[test]
+fn fused_resnet_equals_layer_by_layer() {
+    let _guard = lock();
+    let cfg = |channels, blocks| ResNetConfig {
+        channels,
+        features: 8,
+        blocks,
+        ..ResNetConfig::default()
+    };
+    // 8×8: an even number of 4-pixel tile columns (Winograd weight gradient);
+    // 7×10: odd (im2col weight gradient), partial tiles; one block and three.
+    for (i, (dims, c)) in [
+        (vec![2, 3, 8, 8], cfg(3, 2)),
+        (vec![3, 4, 7, 10], cfg(4, 1)),
+        (vec![1, 6, 4, 4], cfg(6, 3)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = 100 + 10 * i as u64;
+        let fused = run_resnet(true, &dims, c, seed);
+        let plain = run_resnet(false, &dims, c, seed);
+        compare(&fused, &plain);
+        // Not trivially equal: the output and the gradients are non-zero.
+        assert!(
+            fused
+                .0
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
+        let gx = &fused.1["x"];
+        assert!(
+            gx.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
+    }
+    tuning::set_fused_resnet(true);
+}
+
+/// One training-mode pass of a whole model (checkerboard and channel couplings, two
+/// scales): log-likelihood, every parameter gradient and the running statistics.
+#[test]
+fn fused_resnet_in_the_whole_model() {
+    let _guard = lock();
+    let cfg = RealNvpConfig {
+        channels: 3,
+        height: 8,
+        width: 8,
+        scales: 2,
+        res_blocks: 2,
+        features: 8,
+        ..RealNvpConfig::cifar10()
+    };
+    let run = |fused: bool| -> Run {
+        tuning::set_fused_resnet(fused);
+        let store = ParamStore::new(7);
+        let model = RealNvp::new(&cfg, store.var_builder(DType::F32, &Device::Cpu)).unwrap();
+        randomise(&store, 8);
+        let x = randn(&[4, 3, 8, 8], 1.0, DType::F32, &mut rng(9));
+        let lp = model.log_prob(&x, Mode::Train).unwrap();
+        let g = lp.sum_all().unwrap().backward().unwrap();
+        let grads = store
+            .trainable_vars()
+            .into_iter()
+            .map(|(n, v)| {
+                let gv = g.get(v.as_tensor()).unwrap_or_else(|| panic!("{n}"));
+                (n, gv.clone())
+            })
+            .collect();
+        (lp, grads, store.tensors())
+    };
+    let fused = run(true);
+    let plain = run(false);
+    tuning::set_fused_resnet(true);
+    compare(&fused, &plain);
+}
