@@ -167,13 +167,14 @@ fn apply(x: &[f32], (n, c, hw): (usize, usize, usize), p: &Params, relu: bool) -
 }
 
 impl BnCore {
-    /// Forward kernel: computes (or takes) the statistics, stores them, returns `y`.
-    fn forward(
+    /// The per-channel values of the normalisation of `x`: its batch statistics (or
+    /// the given ones) with the affine `wb`.
+    fn params(
         &self,
         x: &[f32],
         dims: (usize, usize, usize),
         wb: Option<(&[f32], &[f32])>,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Params> {
         let (n, c, hw) = dims;
         if let Some((w, b)) = wb {
             if w.len() != c || b.len() != c {
@@ -224,6 +225,17 @@ impl BnCore {
             var,
             count: n * hw,
         };
+        Ok(p)
+    }
+
+    /// Forward kernel: computes (or takes) the statistics, stores them, returns `y`.
+    fn forward(
+        &self,
+        x: &[f32],
+        dims: (usize, usize, usize),
+        wb: Option<(&[f32], &[f32])>,
+    ) -> Result<Vec<f32>> {
+        let p = self.params(x, dims, wb)?;
         let y = apply(x, dims, &p, self.relu);
         store(&self.state, Arc::new(p))?;
         Ok(y)
@@ -471,23 +483,22 @@ fn backward_into(
     (dw, db)
 }
 
-/// Batch-mode forward over a slice (`n × c × hw`) with affine `(w, b)`: the output and
-/// the statistics used (for a fused network op).
-pub(crate) fn train_forward(
+/// Batch-mode statistics of a slice (`n × c × hw`) with affine `(w, b)`, for a fused
+/// network op that applies the normalisation (with ReLU) as a convolution's
+/// [`Prologue`](crate::kernels::Prologue): the same values as [`batch_norm`] computes.
+pub(crate) fn train_params(
     x: &[f32],
     dims: (usize, usize, usize),
     (w, b): (&[f32], &[f32]),
     eps: f64,
-    relu: bool,
-) -> Result<(Vec<f32>, Arc<Params>)> {
+) -> Result<Arc<Params>> {
     let core = BnCore {
         eps,
-        relu,
+        relu: true,
         fixed: None,
         state: Arc::new(Mutex::new(None)),
     };
-    let y = core.forward(x, dims, Some((w, b)))?;
-    Ok((y, load(&core.state)?))
+    Ok(Arc::new(core.params(x, dims, Some((w, b)))?))
 }
 
 /// Backward of [`train_forward`] (through the batch statistics): `(dx + add, dw, db)`.
@@ -511,6 +522,16 @@ impl Params {
     /// The per-channel mean and (biased) variance this normalisation used.
     pub(crate) fn stats(&self) -> (&[f32], &[f32]) {
         (&self.mean, &self.var)
+    }
+
+    /// The normalisation followed by ReLU, as a convolution's input map (the same
+    /// operations as [`apply`] with `relu`).
+    pub(crate) fn relu_prologue(&self) -> crate::kernels::Prologue<'_> {
+        crate::kernels::Prologue {
+            centre: &self.centre,
+            mult: &self.mult,
+            shift: &self.shift,
+        }
     }
 }
 

@@ -475,8 +475,23 @@ fn wgrad_images(
 /// Uses Winograd F(4×4, 3×3) where module `winograd` supports the sizes, else
 /// im2col + GEMM.
 pub(crate) fn conv3x3_grad_weight(x: &[f32], dy: &[f32], d: ConvDims) -> Vec<f32> {
+    conv3x3_grad_weight_fused(x, None, dy, d)
+}
+
+/// [`conv3x3_grad_weight`] for the input `pro(x)` (when given): the Winograd kernel maps
+/// the input as it pads it, im2col maps it first.
+pub(crate) fn conv3x3_grad_weight_fused(
+    x: &[f32],
+    pro: Option<Prologue<'_>>,
+    dy: &[f32],
+    d: ConvDims,
+) -> Vec<f32> {
     if crate::winograd::grad_weight_supported(d) {
-        return crate::winograd::conv3x3_grad_weight(x, dy, d);
+        return crate::winograd::conv3x3_grad_weight(x, pro, dy, d);
+    }
+    if let Some(p) = pro {
+        let xp = p.apply(x, d);
+        return conv3x3_grad_weight_plan(&xp, dy, d, Plan::new(d, &TILE_BYTES_WGRAD));
     }
     conv3x3_grad_weight_plan(x, dy, d, Plan::new(d, &TILE_BYTES_WGRAD))
 }

@@ -113,14 +113,15 @@ impl ResNetShape {
     }
 }
 
-/// Activations of one block kept for the backward pass.
+/// Activations of one block kept for the backward pass: the inputs of its two batch
+/// norms and their statistics (the normalised, rectified tensors are never stored:
+/// the convolutions apply the normalisation as they read their input, forward and
+/// in the weight gradient).
 #[derive(Debug)]
 struct BlockSaved {
     h: Vec<f32>,
-    a1: Vec<f32>,
     n1: Arc<Params>,
     r: Vec<f32>,
-    a2: Vec<f32>,
     n2: Arc<Params>,
 }
 
@@ -128,7 +129,6 @@ struct BlockSaved {
 struct Saved {
     blocks: Vec<BlockSaved>,
     h: Vec<f32>,
-    a: Vec<f32>,
     n_out: Arc<Params>,
 }
 
@@ -198,12 +198,19 @@ impl ResNetTrain {
         let mut h = kernels::conv3x3_fwd(x, conv_w(o.inp, d_in), bias(o.inp, d_in), d_in);
         let mut blocks = Vec::with_capacity(o.blocks.len());
         for &(n1, c1, n2, c2) in &o.blocks {
-            let (a1, s1) = bn::train_forward(&h, nch, affine(n1), self.eps, true)?;
-            let r = kernels::conv3x3_fwd(&a1, conv_w(c1, d_ff), bias(c1, d_ff), d_ff);
-            let (a2, s2) = bn::train_forward(&r, nch, affine(n2), self.eps, true)?;
-            let next = kernels::conv3x3_fwd_fused(
-                &a2,
+            let s1 = bn::train_params(&h, nch, affine(n1), self.eps)?;
+            let r = kernels::conv3x3_fwd_fused(
+                &h,
+                Some(s1.relu_prologue()),
+                conv_w(c1, d_ff),
+                bias(c1, d_ff),
                 None,
+                d_ff,
+            );
+            let s2 = bn::train_params(&r, nch, affine(n2), self.eps)?;
+            let next = kernels::conv3x3_fwd_fused(
+                &r,
+                Some(s2.relu_prologue()),
                 conv_w(c2, d_ff),
                 bias(c2, d_ff),
                 Some(&h),
@@ -211,22 +218,22 @@ impl ResNetTrain {
             );
             blocks.push(BlockSaved {
                 h,
-                a1,
                 n1: s1,
                 r,
-                a2,
                 n2: s2,
             });
             h = next;
         }
-        let (a, n_out) = bn::train_forward(&h, nch, affine(o.bn_out), self.eps, true)?;
-        let y = kernels::conv3x3_fwd(&a, conv_w(o.out, d_out), bias(o.out, d_out), d_out);
-        let saved = Saved {
-            blocks,
-            h,
-            a,
-            n_out,
-        };
+        let n_out = bn::train_params(&h, nch, affine(o.bn_out), self.eps)?;
+        let y = kernels::conv3x3_fwd_fused(
+            &h,
+            Some(n_out.relu_prologue()),
+            conv_w(o.out, d_out),
+            bias(o.out, d_out),
+            None,
+            d_out,
+        );
+        let saved = Saved { blocks, h, n_out };
         match self.saved.lock() {
             Ok(mut g) => *g = Some(Arc::new(saved)),
             Err(_) => bail!("resnet_train: state poisoned"),
@@ -260,8 +267,18 @@ impl ResNetTrain {
         let s = self.saved()?;
         let mut dp = vec![0.0f32; o.len];
         let put = |dp: &mut [f32], at: usize, v: &[f32]| dp[at..at + v.len()].copy_from_slice(v);
-        let conv_grads = |dp: &mut [f32], c: Conv, d: ConvDims, input: &[f32], g: &[f32]| {
-            put(dp, c.w, &kernels::conv3x3_grad_weight(input, g, d));
+        // The weight gradient of a convolution whose input is `pro(input)`.
+        let conv_grads = |dp: &mut [f32],
+                          c: Conv,
+                          d: ConvDims,
+                          (input, pro): (&[f32], Option<&Params>),
+                          g: &[f32]| {
+            let pro = pro.map(|p| p.relu_prologue());
+            put(
+                dp,
+                c.w,
+                &kernels::conv3x3_grad_weight_fused(input, pro, g, d),
+            );
             put(dp, c.b, &kernels::bias_grad(g, d.n, d.k, d.hw()));
         };
         let norm_grads = |dp: &mut [f32], n: Norm, dw: &[f32], db: &[f32]| {
@@ -269,25 +286,25 @@ impl ResNetTrain {
             put(dp, n.b, db);
         };
         // out = conv(relu(bn_out(h))).
-        conv_grads(&mut dp, o.out, d_out, &s.a, dy);
+        conv_grads(&mut dp, o.out, d_out, (&s.h, Some(&s.n_out)), dy);
         let da = kernels::conv3x3_grad_input(dy, slice(p, o.out.w, d_out.w_len()), d_out);
         let (mut dh, dw, db) = bn::train_backward(&s.n_out, true, &s.h, &da, nch, None);
         norm_grads(&mut dp, o.bn_out, &dw, &db);
         for (&(n1, c1, n2, c2), b) in o.blocks.iter().zip(&s.blocks).rev() {
             // next = conv2(relu(bn2(conv1(relu(bn1(h)))))) + h.
-            conv_grads(&mut dp, c2, d_ff, &b.a2, &dh);
+            conv_grads(&mut dp, c2, d_ff, (&b.r, Some(&b.n2)), &dh);
             let da2 = kernels::conv3x3_grad_input(&dh, slice(p, c2.w, d_ff.w_len()), d_ff);
             let (dr, dw, db) = bn::train_backward(&b.n2, true, &b.r, &da2, nch, None);
             norm_grads(&mut dp, n2, &dw, &db);
             drop(da2);
-            conv_grads(&mut dp, c1, d_ff, &b.a1, &dr);
+            conv_grads(&mut dp, c1, d_ff, (&b.h, Some(&b.n1)), &dr);
             let da1 = kernels::conv3x3_grad_input(&dr, slice(p, c1.w, d_ff.w_len()), d_ff);
             drop(dr);
             let (dh_in, dw, db) = bn::train_backward(&b.n1, true, &b.h, &da1, nch, Some(&dh));
             norm_grads(&mut dp, n1, &dw, &db);
             dh = dh_in;
         }
-        conv_grads(&mut dp, o.inp, d_in, x, &dh);
+        conv_grads(&mut dp, o.inp, d_in, (x, None), &dh);
         let dx = want_dx
             .then(|| kernels::conv3x3_grad_input(&dh, slice(p, o.inp.w, d_in.w_len()), d_in));
         Ok((dx, dp))

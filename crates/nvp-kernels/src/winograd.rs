@@ -996,7 +996,7 @@ fn pad_len(tiles: Tiles, nb: usize) -> usize {
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn wgrad_blocks_avx2(
-    x: &[f32],
+    (x, pro): (&[f32], Option<Prologue<'_>>),
     dy: &[f32],
     d: ConvDims,
     tiles: Tiles,
@@ -1011,7 +1011,7 @@ unsafe fn wgrad_blocks_avx2(
         let nbp = (span.1 - t0).div_ceil(NR) * NR;
         let (v, rest) = scratch.split_at_mut(36 * xs(d.c, nbp));
         let (dm, pads) = rest.split_at_mut(36 * xs(d.k, nbp));
-        avx::input_transform(x, None, d, tiles, span, v, nbp, pads, &pad);
+        avx::input_transform(x, pro, d, tiles, span, v, nbp, pads, &pad);
         avx::grad_output_transform(dy, d, tiles, span, dm, nbp);
         avx::wgrad_products(dm, v, du, d.k, d.c, nbp);
     }
@@ -1033,9 +1033,17 @@ pub(crate) fn grad_weight_supported(d: ConvDims) -> bool {
 /// (Bᵀ d B)[ξ]ᵀ` (the adjoint of the forward products), then `dW = Gᵀ dU G` in f64.
 /// `x`: `n × c × h × w`, `dy`: `n × k × h × w`; returns `k × c × 3 × 3`. Only for
 /// sizes where [`grad_weight_supported`] holds.
-pub(crate) fn conv3x3_grad_weight(x: &[f32], dy: &[f32], d: ConvDims) -> Vec<f32> {
+pub(crate) fn conv3x3_grad_weight(
+    x: &[f32],
+    pro: Option<Prologue<'_>>,
+    dy: &[f32],
+    d: ConvDims,
+) -> Vec<f32> {
     assert!(grad_weight_supported(d));
     assert_eq!(x.len(), d.x_len());
+    if let Some(p) = pro {
+        assert!(p.centre.len() == d.c && p.mult.len() == d.c && p.shift.len() == d.c);
+    }
     assert_eq!(dy.len(), d.y_len());
     let tiles = Tiles {
         th: d.h.div_ceil(4),
@@ -1060,7 +1068,7 @@ pub(crate) fn conv3x3_grad_weight(x: &[f32], dy: &[f32], d: ConvDims) -> Vec<f32
                 // SAFETY: AVX2/FMA and even `tw` checked by `grad_weight_supported`;
                 // the scratch is sized for blocks of `nb` tiles.
                 unsafe {
-                    wgrad_blocks_avx2(x, dy, d, tiles, (b0, b1, nb, total), s, &mut du)
+                    wgrad_blocks_avx2((x, pro), dy, d, tiles, (b0, b1, nb, total), s, &mut du)
                 };
                 #[cfg(not(target_arch = "x86_64"))]
                 let _ = (s, b0, b1);
