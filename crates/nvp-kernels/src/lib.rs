@@ -15,6 +15,13 @@
 //! coupling with its log-det and inverse ([`coupling`], [`coupling_inverse`],
 //! [`mask_mul`]). Each has a candle-op `*_reference` that the tests compare with.
 //!
+//! Two larger fusions serve the s/t residual networks: [`resnet_train`] runs a whole
+//! train-mode network as one op with a written-out backward pass (no autograd node, and
+//! so no zero-filled gradient buffer and add, per layer; batch norm + ReLU applied as
+//! each convolution reads its input, so that only the batch norms' inputs are kept), and
+//! [`bn_relu_conv2d_3x3`] does the same for eval-mode batch norm in graph-free
+//! inference. Both perform exactly the operations of the separate ops.
+//!
 //! The fast path can be switched off globally with [`set_fast_cpu`] (or the
 //! environment variable `NVP_FAST_CPU=0`) to compare against the reference path.
 //!
