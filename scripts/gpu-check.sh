@@ -20,7 +20,8 @@
 #   c  exactness on the GPU: a tiny CIFAR model trained 20 steps on cuda, then test
 #      bits/dim of that checkpoint on cuda vs on cpu (same images, same noise: must
 #      agree to 1e-4 relative), and sampling on cuda
-#   d  nvp bench, configs/cifar10.toml and configs/cifar10-small.toml, on cuda
+#   d  nvp bench, configs/cifar10.toml and configs/cifar10-small.toml, on cuda; then
+#      cifar10-small training again with NVP_DX_AS_CONV=1 (input gradient by conv2d)
 #   f  the PyTorch peer's bench on the same GPU (scripts/torch_peer_cuda.py)
 #   e  a short training run (cifar10-small, 2 minutes) on cuda, then test bpd
 #   g  ratios ours / PyTorch
@@ -208,6 +209,11 @@ hdr "d. nvp bench on cuda"
 BENCH_ARGS=(--device cuda --json --batch 64 --warmup "$WARM" --steps "$STEPS" --eval-batch 256 --eval-reps "$REPS" --sample-n 64 --sample-reps "$REPS")
 run_part d_bench_paper 150 "$NVP" bench --config configs/cifar10.toml "${BENCH_ARGS[@]}"
 run_part d_bench_small 90 "$NVP" bench --config configs/cifar10-small.toml "${BENCH_ARGS[@]}"
+# A/B: the convolution input gradient by conv2d instead of candle's naive CUDA
+# conv_transpose2d (opt-in, NVP_DX_AS_CONV=1), same bench, training only.
+run_part d_bench_small_dx 60 env NVP_DX_AS_CONV=1 "$NVP" bench --config configs/cifar10-small.toml \
+  --device cuda --json --batch 64 --warmup "$WARM" --steps "$STEPS" --eval-reps 0 --sample-reps 0
+echo "cifar10-small training img/s: default $(json "$WORK/d_bench_small.out" train_img_per_s), NVP_DX_AS_CONV=1 $(json "$WORK/d_bench_small_dx.out" train_img_per_s)"
 
 # ---------------------------------------------------------------------------------- f
 hdr "f. PyTorch peer on the same GPU (scripts/torch_peer_cuda.py)"

@@ -5,6 +5,7 @@
 //! custom ops ([`Conv3x3GradInput`], [`Conv3x3GradWeight`], [`BiasGrad`]); everything
 //! else uses candle's own `conv2d` plus a broadcast bias add.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
@@ -239,8 +240,105 @@ pub fn conv2d_3x3(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> 
             Some(b) => x.apply_op3(&w, &b.contiguous()?, Conv3x3Bias),
             None => x.apply_op2(&w, Conv3x3),
         }
+    } else if crate::dx_as_conv_enabled() {
+        conv2d_3x3_dx_as_conv(x, w, b)
     } else {
         conv2d_3x3_reference(x, w, b)
+    }
+}
+
+/// The gradient of candle's `conv2d` (stride 1, padding 1) computed with `conv2d`
+/// itself: `dx = conv2d(dy, flip(w)ᵀ)` instead of candle's `conv_transpose2d` (a
+/// naive kernel on CUDA), `dw` as candle computes it. Inputs `y` (the detached
+/// convolution), `x`, `w`; the forward returns a copy of `y`.
+#[derive(Debug, Clone, Copy, Default)]
+struct DxAsConv;
+
+impl DxAsConv {
+    fn copy<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
+        if !l.is_contiguous() || l.start_offset() != 0 {
+            bail!("conv2d_3x3: internal: the convolution output must be contiguous");
+        }
+        Ok((s.try_clone(l)?, l.shape().clone()))
+    }
+}
+
+impl CustomOp3 for DxAsConv {
+    fn name(&self) -> &'static str {
+        "nvp-conv3x3-dx-as-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::copy(s1, l1)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Self::copy(s1, l1)
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = if x.track_op() {
+            // (K, C, 3, 3) → flipped in space, (C, K, 3, 3).
+            let wt = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
+            Some(dy.conv2d(&wt, 1, 1, 1, 1)?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            let g = x
+                .transpose(0, 1)?
+                .contiguous()?
+                .conv2d(&dy.transpose(0, 1)?.contiguous()?, 1, 1, 1, 1)?
+                .transpose(0, 1)?;
+            Some(g.narrow(2, 0, 3)?.narrow(3, 0, 3)?.contiguous()?)
+        } else {
+            None
+        };
+        Ok((None, dx, dw))
+    }
+}
+
+/// [`conv2d_3x3_reference`] with the input gradient computed by `conv2d` rather than
+/// candle's `conv_transpose2d` (see `NVP_DX_AS_CONV` in [`crate::dx_as_conv_enabled`]);
+/// same values, gradients equal up to rounding (tested on the CPU).
+pub fn conv2d_3x3_dx_as_conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.detach().conv2d(&w.detach(), 1, 1, 1, 1)?.contiguous()?;
+    let y = if x.track_op() || w.track_op() {
+        y.apply_op3(x, w, DxAsConv)?
+    } else {
+        y
+    };
+    match b {
+        Some(b) => {
+            let k = b.dim(0)?;
+            y.broadcast_add(&b.reshape((1, k, 1, 1))?)
+        }
+        None => Ok(y),
     }
 }
 

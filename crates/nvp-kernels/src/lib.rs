@@ -53,9 +53,9 @@ pub use coupling::{
 pub use resnet::{resnet_train, resnet_train_applies, ResNetShape, ResNetTrainOutput};
 
 pub use conv::{
-    bn_relu_conv2d_3x3, bn_relu_conv_fuses, conv2d_3x3, conv2d_3x3_add, conv2d_3x3_reference,
-    uses_fast_path, BiasGrad, BnReluPrologue, Conv3x3, Conv3x3Bias, Conv3x3GradInput,
-    Conv3x3GradWeight,
+    bn_relu_conv2d_3x3, bn_relu_conv_fuses, conv2d_3x3, conv2d_3x3_add, conv2d_3x3_dx_as_conv,
+    conv2d_3x3_reference, uses_fast_path, BiasGrad, BnReluPrologue, Conv3x3, Conv3x3Bias,
+    Conv3x3GradInput, Conv3x3GradWeight,
 };
 
 /// 0: not yet decided (read the environment), 1: enabled, 2: disabled.
@@ -64,24 +64,36 @@ static FAST_CPU: AtomicU8 = AtomicU8::new(0);
 static WINOGRAD: AtomicU8 = AtomicU8::new(0);
 /// Same states, for the fused training network (environment variable `NVP_FUSED_RESNET`).
 static FUSED_RESNET: AtomicU8 = AtomicU8::new(0);
+/// Same states, for the convolution input gradient by `conv2d` off the fast path
+/// (environment variable `NVP_DX_AS_CONV`; off unless set).
+static DX_AS_CONV: AtomicU8 = AtomicU8::new(0);
 
 /// A process-wide switch: on unless `var` is `0`, `false`, `off` or `no` (read once,
 /// on first use, unless set before).
 fn switch_enabled(state: &AtomicU8, var: &str) -> bool {
+    switch_with_default(state, var, true)
+}
+
+/// A process-wide switch: `var` set to `0`, `false`, `off` or `no` turns it off, to
+/// `1`, `true`, `on` or `yes` on; otherwise `default` (read once, on first use, unless
+/// set before).
+fn switch_with_default(state: &AtomicU8, var: &str, default: bool) -> bool {
     match state.load(Ordering::Relaxed) {
         1 => true,
         2 => false,
         _ => {
-            let off = std::env::var(var).is_ok_and(|v| {
-                matches!(
-                    v.trim().to_ascii_lowercase().as_str(),
-                    "0" | "false" | "off" | "no"
-                )
-            });
+            let on = match std::env::var(var) {
+                Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
+                    "0" | "false" | "off" | "no" => false,
+                    "1" | "true" | "on" | "yes" => true,
+                    _ => default,
+                },
+                Err(_) => default,
+            };
             // Only the undecided state is replaced: a concurrent setter wins.
             let _ = state.compare_exchange(
                 0,
-                if off { 2 } else { 1 },
+                if on { 1 } else { 2 },
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             );
@@ -118,6 +130,15 @@ pub fn fused_resnet_enabled() -> bool {
     switch_enabled(&FUSED_RESNET, "NVP_FUSED_RESNET")
 }
 
+/// Whether [`conv2d_3x3`], where the fast CPU path does not apply (other devices and
+/// dtypes), computes its input gradient with `conv2d` ([`conv2d_3x3_dx_as_conv`])
+/// rather than through candle's `conv_transpose2d`, whose CUDA kernel is naive. Off by
+/// default (not yet measured on a GPU) unless the environment variable `NVP_DX_AS_CONV`
+/// is `1`, `true`, `on` or `yes`; see [`tuning::set_dx_as_conv`].
+pub fn dx_as_conv_enabled() -> bool {
+    switch_with_default(&DX_AS_CONV, "NVP_DX_AS_CONV", false)
+}
+
 /// Number of threads the kernels use (the size of rayon's global pool, which follows
 /// `RAYON_NUM_THREADS`).
 pub fn num_threads() -> usize {
@@ -143,6 +164,12 @@ pub mod tuning {
     /// default) or by im2col + GEMM (false).
     pub fn set_winograd(on: bool) {
         crate::WINOGRAD.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    /// Off the fast path, compute the convolution's input gradient with `conv2d`
+    /// (true) or candle's `conv_transpose2d` (false, the default).
+    pub fn set_dx_as_conv(on: bool) {
+        crate::DX_AS_CONV.store(if on { 1 } else { 2 }, Ordering::Relaxed);
     }
 
     /// Train the s/t networks as one op (true, the default) or op by op (false).
