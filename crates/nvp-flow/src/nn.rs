@@ -103,12 +103,6 @@ impl WnConv2d {
         conv3x3(x, &self.weight()?, &self.bias)
     }
 
-    /// `forward(x) + skip`, the addition fused into the convolution where nothing
-    /// needs a gradient (see `nvp_kernels::conv2d_3x3_add`; bit-identical either way).
-    pub fn forward_add(&self, x: &Tensor, skip: &Tensor) -> Result<Tensor> {
-        nvp_kernels::conv2d_3x3_add(x, &self.weight()?, Some(&self.bias), skip)
-    }
-
     /// `forward(bn.forward_relu(x, mode))`, plus `skip` when given. In eval mode without
     /// an autograd graph (a frozen model) on the fast CPU path, the batch norm and ReLU
     /// are applied inside the convolution as its input is read

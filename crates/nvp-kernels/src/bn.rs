@@ -26,6 +26,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use crate::kernels::Prologue;
 use crate::util::{add_partials, build_vec, f32_slice, per_chunk, sq_dev_f64, sum_f64};
 
 /// `(n, c, hw)` of an `(N, C, ...)` shape (`hw` = product of the trailing axes).
@@ -137,7 +138,12 @@ fn batch_stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>)
 }
 
 /// `y = z` or `max(z, 0)` with `z = (x − centre)·mult + shift`, per channel.
-fn apply(x: &[f32], (n, c, hw): (usize, usize, usize), p: &Params, relu: bool) -> Vec<f32> {
+pub(crate) fn apply(
+    x: &[f32],
+    (n, c, hw): (usize, usize, usize),
+    p: Prologue<'_>,
+    relu: bool,
+) -> Vec<f32> {
     let img = c * hw;
     if x.is_empty() {
         return Vec::new();
@@ -150,10 +156,10 @@ fn apply(x: &[f32], (n, c, hw): (usize, usize, usize), p: &Params, relu: bool) -
                     for (ch, (orow, xrow)) in
                         oi.chunks_exact_mut(hw).zip(xi.chunks_exact(hw)).enumerate()
                     {
-                        let (m, a, s) = (p.centre[ch], p.mult[ch], p.shift[ch]);
+                        let (m, a, s) = p.channel(ch);
                         if relu {
                             for (o, &v) in orow.iter_mut().zip(xrow) {
-                                o.write(((v - m) * a + s).max(0.0));
+                                o.write(Prologue::map((m, a, s), v));
                             }
                         } else {
                             for (o, &v) in orow.iter_mut().zip(xrow) {
@@ -236,7 +242,7 @@ impl BnCore {
         wb: Option<(&[f32], &[f32])>,
     ) -> Result<Vec<f32>> {
         let p = self.params(x, dims, wb)?;
-        let y = apply(x, dims, &p, self.relu);
+        let y = apply(x, dims, p.prologue(), self.relu);
         store(&self.state, Arc::new(p))?;
         Ok(y)
     }
@@ -403,8 +409,7 @@ fn backward_into(
             let mut acc = vec![0.0f64; 2 * c];
             for (xi, di) in xs.chunks_exact(img).zip(dys.chunks_exact(img)) {
                 for (ch, (xr, dr)) in xi.chunks_exact(hw).zip(di.chunks_exact(hw)).enumerate() {
-                    let (s1, s2) =
-                        bwd_row_sums(xr, dr, (p.centre[ch], p.mult[ch], p.shift[ch]), relu);
+                    let (s1, s2) = bwd_row_sums(xr, dr, p.prologue().channel(ch), relu);
                     acc[ch] += s1;
                     acc[c + ch] += s2;
                 }
@@ -456,7 +461,7 @@ fn backward_into(
                     .zip(xi.chunks_exact(hw).zip(di.chunks_exact(hw)))
                     .enumerate()
                 {
-                    let (m, a, s) = (p.centre[ch], p.mult[ch], p.shift[ch]);
+                    let (m, a, s) = p.prologue().channel(ch);
                     let (k1, k2) = k[ch];
                     let off = ((ci * per + ii) * c + ch) * hw;
                     match add.get(off..off + hw) {
@@ -524,10 +529,10 @@ impl Params {
         (&self.mean, &self.var)
     }
 
-    /// The normalisation followed by ReLU, as a convolution's input map (the same
-    /// operations as [`apply`] with `relu`).
-    pub(crate) fn relu_prologue(&self) -> crate::kernels::Prologue<'_> {
-        crate::kernels::Prologue {
+    /// The per-channel `(centre, mult, shift)` of this normalisation; with ReLU it is
+    /// the input map a convolution applies (the operations of [`apply`] with `relu`).
+    pub(crate) fn prologue(&self) -> Prologue<'_> {
+        Prologue {
             centre: &self.centre,
             mult: &self.mult,
             shift: &self.shift,

@@ -228,11 +228,7 @@ pub fn uses_fast_path(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
 /// `conv2d` followed by a broadcast bias add.
 pub fn conv2d_3x3(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let d = dims_of(x.shape(), w.shape())?;
-    if let Some(b) = b {
-        if b.dims() != [d.k] {
-            bail!("conv2d_3x3: bias shape {:?}, want ({},)", b.shape(), d.k);
-        }
-    }
+    check_bias(b, d)?;
     if uses_fast_path(x, w, b) {
         let x = x.contiguous()?;
         let w = w.contiguous()?;
@@ -351,44 +347,77 @@ pub fn conv2d_3x3_dx_as_conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Resu
 /// [`conv2d_3x3`] and candle's `add`, differentiable as usual.
 pub fn conv2d_3x3_add(x: &Tensor, w: &Tensor, b: Option<&Tensor>, skip: &Tensor) -> Result<Tensor> {
     let d = dims_of(x.shape(), w.shape())?;
-    if skip.dims() != [d.n, d.k, d.h, d.w] {
-        bail!(
-            "conv2d_3x3_add: skip shape {:?}, want ({}, {}, {}, {})",
-            skip.shape(),
+    check_skip("conv2d_3x3_add", Some(skip), d)?;
+    if !graph_free_fast(x, w, b, Some(skip)) {
+        return conv2d_3x3(x, w, b)? + skip;
+    }
+    check_bias(b, d)?;
+    fused_forward(x, None, w, b, Some(skip), d)
+}
+
+/// The bias must be `(Cout)`.
+fn check_bias(b: Option<&Tensor>, d: ConvDims) -> Result<()> {
+    match b {
+        Some(b) if b.dims() != [d.k] => {
+            bail!("conv2d_3x3: bias shape {:?}, want ({},)", b.shape(), d.k)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A residual input must have the output's shape.
+fn check_skip(what: &str, skip: Option<&Tensor>, d: ConvDims) -> Result<()> {
+    match skip {
+        Some(s) if s.dims() != [d.n, d.k, d.h, d.w] => bail!(
+            "{what}: skip shape {:?}, want ({}, {}, {}, {})",
+            s.shape(),
             d.n,
             d.k,
             d.h,
             d.w
-        );
+        ),
+        _ => Ok(()),
     }
-    let graph = x.track_op() || w.track_op() || skip.track_op() || b.is_some_and(|b| b.track_op());
-    let fused =
-        !graph && uses_fast_path(x, w, b) && skip.device().is_cpu() && skip.dtype() == DType::F32;
-    if !fused {
-        return conv2d_3x3(x, w, b)? + skip;
-    }
-    if let Some(b) = b {
-        if b.dims() != [d.k] {
-            bail!("conv2d_3x3: bias shape {:?}, want ({},)", b.shape(), d.k);
-        }
-    }
-    let (x, w, skip) = (x.contiguous()?, w.contiguous()?, skip.contiguous()?);
+}
+
+/// Whether the graph-free fused forward applies: the fast CPU path, f32 CPU tensors,
+/// no autograd graph on any of them.
+fn graph_free_fast(x: &Tensor, w: &Tensor, b: Option<&Tensor>, skip: Option<&Tensor>) -> bool {
+    let graph = x.track_op()
+        || w.track_op()
+        || b.is_some_and(|b| b.track_op())
+        || skip.is_some_and(|s| s.track_op());
+    !graph
+        && uses_fast_path(x, w, b)
+        && skip.is_none_or(|s| s.device().is_cpu() && s.dtype() == DType::F32)
+}
+
+/// `conv(pro(x), w) + b + skip` by the fused forward kernel, without a graph node
+/// (shapes checked by the caller).
+fn fused_forward(
+    x: &Tensor,
+    pro: Option<kernels::Prologue<'_>>,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    skip: Option<&Tensor>,
+    d: ConvDims,
+) -> Result<Tensor> {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
     let b = b.map(|b| b.contiguous()).transpose()?;
+    let skip = skip.map(|s| s.contiguous()).transpose()?;
     let y = with_cpu_f32(&x, "x", |xs| {
         with_cpu_f32(&w, "w", |ws| {
-            with_cpu_f32(&skip, "skip", |ss| match &b {
-                Some(b) => with_cpu_f32(b, "b", |bs| {
-                    Ok(kernels::conv3x3_fwd_fused(
-                        xs,
-                        None,
-                        ws,
-                        Some(bs),
-                        Some(ss),
-                        d,
-                    ))
+            let run = |bs: Option<&[f32]>, ss: Option<&[f32]>| {
+                Ok(kernels::conv3x3_fwd_fused(xs, pro, ws, bs, ss, d))
+            };
+            match (&b, &skip) {
+                (Some(b), Some(s)) => with_cpu_f32(b, "b", |bs| {
+                    with_cpu_f32(s, "skip", |ss| run(Some(bs), Some(ss)))
                 }),
-                None => Ok(kernels::conv3x3_fwd_fused(xs, None, ws, None, Some(ss), d)),
-            })
+                (Some(b), None) => with_cpu_f32(b, "b", |bs| run(Some(bs), None)),
+                (None, Some(s)) => with_cpu_f32(s, "skip", |ss| run(None, Some(ss))),
+                (None, None) => run(None, None),
+            }
         })
     })?;
     Tensor::from_vec(y, (d.n, d.k, d.h, d.w), x.device())
@@ -446,13 +475,7 @@ pub fn bn_relu_conv_fuses(
     b: Option<&Tensor>,
     skip: Option<&Tensor>,
 ) -> bool {
-    let graph = x.track_op()
-        || w.track_op()
-        || b.is_some_and(|b| b.track_op())
-        || skip.is_some_and(|s| s.track_op());
-    !graph
-        && uses_fast_path(x, w, b)
-        && skip.is_none_or(|s| s.device().is_cpu() && s.dtype() == DType::F32)
+    graph_free_fast(x, w, b, skip)
 }
 
 /// `conv2d_3x3(pro(x), w, b)`, plus `skip` when given, without materialising `pro(x)`:
@@ -478,49 +501,9 @@ pub fn bn_relu_conv2d_3x3(
             x.shape()
         );
     }
-    if let Some(b) = b {
-        if b.dims() != [d.k] {
-            bail!("conv2d_3x3: bias shape {:?}, want ({},)", b.shape(), d.k);
-        }
-    }
-    if let Some(s) = skip {
-        if s.dims() != [d.n, d.k, d.h, d.w] {
-            bail!(
-                "bn_relu_conv2d_3x3: skip shape {:?}, want ({}, {}, {}, {})",
-                s.shape(),
-                d.n,
-                d.k,
-                d.h,
-                d.w
-            );
-        }
-    }
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let b = b.map(|b| b.contiguous()).transpose()?;
-    let skip = skip.map(|s| s.contiguous()).transpose()?;
-    let y = with_cpu_f32(&x, "x", |xs| {
-        with_cpu_f32(&w, "w", |ws| {
-            let run = |bs: Option<&[f32]>, ss: Option<&[f32]>| {
-                Ok(kernels::conv3x3_fwd_fused(
-                    xs,
-                    Some(pro.as_kernel()),
-                    ws,
-                    bs,
-                    ss,
-                    d,
-                ))
-            };
-            match (&b, &skip) {
-                (Some(b), Some(s)) => with_cpu_f32(b, "b", |bs| {
-                    with_cpu_f32(s, "skip", |ss| run(Some(bs), Some(ss)))
-                }),
-                (Some(b), None) => with_cpu_f32(b, "b", |bs| run(Some(bs), None)),
-                (None, Some(s)) => with_cpu_f32(s, "skip", |ss| run(None, Some(ss))),
-                (None, None) => run(None, None),
-            }
-        })
-    })?;
-    Tensor::from_vec(y, (d.n, d.k, d.h, d.w), x.device())
+    check_bias(b, d)?;
+    check_skip("bn_relu_conv2d_3x3", skip, d)?;
+    fused_forward(x, Some(pro.as_kernel()), w, b, skip, d)
 }
 
 /// The reference path: candle's own `conv2d(w, padding 1, stride 1, dilation 1,

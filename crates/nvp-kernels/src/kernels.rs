@@ -76,28 +76,12 @@ impl Prologue<'_> {
         ((v - m) * a + s).max(0.0)
     }
 
-    /// The mapped input, materialised (for the kernels that do not fuse the map).
+    /// The mapped input, materialised by the batch-norm kernel (for the convolution
+    /// kernels that do not fuse the map).
     pub fn apply(&self, x: &[f32], d: ConvDims) -> Vec<f32> {
         assert_eq!(x.len(), d.x_len());
         assert!(self.centre.len() == d.c && self.mult.len() == d.c && self.shift.len() == d.c);
-        let hw = d.hw();
-        let mut out = vec![0.0f32; x.len()];
-        if hw == 0 {
-            return out;
-        }
-        let per = crate::util::per_chunk(d.n) * d.c * hw;
-        out.par_chunks_mut(per.max(1))
-            .zip(x.par_chunks(per.max(1)))
-            .for_each(|(o, xs)| {
-                for (i, (orow, xrow)) in o.chunks_exact_mut(hw).zip(xs.chunks_exact(hw)).enumerate()
-                {
-                    let p = self.channel(i % d.c);
-                    for (o, &v) in orow.iter_mut().zip(xrow) {
-                        *o = Self::map(p, v);
-                    }
-                }
-            });
-        out
+        crate::bn::apply(x, (d.n, d.c, d.hw()), *self, true)
     }
 }
 
@@ -293,12 +277,15 @@ pub(crate) fn conv3x3_fwd_fused(
     if let Some(s) = skip {
         assert_eq!(s.len(), d.y_len());
     }
-    if d.c >= 1 && crate::winograd_enabled() {
-        return crate::winograd::conv3x3_fwd(x, pro, wmat, bias, skip, d);
-    }
+    let winograd = d.c >= 1 && crate::winograd_enabled();
     if let Some(p) = pro {
-        let xp = p.apply(x, d);
-        return conv3x3_fwd_fused(&xp, None, wmat, bias, skip, d);
+        // Only the AVX2 Winograd transforms map the input while padding it.
+        if !(winograd && crate::winograd::fuses_prologue(d)) {
+            return conv3x3_fwd_fused(&p.apply(x, d), None, wmat, bias, skip, d);
+        }
+    }
+    if winograd {
+        return crate::winograd::conv3x3_fwd(x, pro, wmat, bias, skip, d);
     }
     let mut out = conv3x3_fwd_plan(x, wmat, bias, d, Plan::new(d, &TILE_BYTES));
     if let Some(s) = skip {

@@ -106,11 +106,6 @@ impl ResNetShape {
             len: at.0,
         }
     }
-
-    /// Number of batch norms (`2B + 1`), the length of [`ResNetTrainOutput::stats`].
-    pub fn batch_norms(&self) -> usize {
-        2 * self.blocks + 1
-    }
 }
 
 /// Activations of one block kept for the backward pass: the inputs of its two batch
@@ -201,7 +196,7 @@ impl ResNetTrain {
             let s1 = bn::train_params(&h, nch, affine(n1), self.eps)?;
             let r = kernels::conv3x3_fwd_fused(
                 &h,
-                Some(s1.relu_prologue()),
+                Some(s1.prologue()),
                 conv_w(c1, d_ff),
                 bias(c1, d_ff),
                 None,
@@ -210,7 +205,7 @@ impl ResNetTrain {
             let s2 = bn::train_params(&r, nch, affine(n2), self.eps)?;
             let next = kernels::conv3x3_fwd_fused(
                 &r,
-                Some(s2.relu_prologue()),
+                Some(s2.prologue()),
                 conv_w(c2, d_ff),
                 bias(c2, d_ff),
                 Some(&h),
@@ -227,7 +222,7 @@ impl ResNetTrain {
         let n_out = bn::train_params(&h, nch, affine(o.bn_out), self.eps)?;
         let y = kernels::conv3x3_fwd_fused(
             &h,
-            Some(n_out.relu_prologue()),
+            Some(n_out.prologue()),
             conv_w(o.out, d_out),
             bias(o.out, d_out),
             None,
@@ -273,7 +268,7 @@ impl ResNetTrain {
                           d: ConvDims,
                           (input, pro): (&[f32], Option<&Params>),
                           g: &[f32]| {
-            let pro = pro.map(|p| p.relu_prologue());
+            let pro = pro.map(|p| p.prologue());
             put(
                 dp,
                 c.w,
@@ -369,7 +364,7 @@ pub struct ResNetTrainOutput {
     /// The network's output `(N, K, H, W)`, differentiable with respect to `x` and the
     /// packed parameters.
     pub y: Tensor,
-    /// Per batch norm (bn1 and bn2 of each block in order, then bn_out): the batch mean
+    /// Per batch norm (`2B + 1`: bn1 and bn2 of each block in order, then bn_out): the batch mean
     /// and biased batch variance `(F)` it normalised with, detached (for the running
     /// averages).
     pub stats: Vec<(Tensor, Tensor)>,

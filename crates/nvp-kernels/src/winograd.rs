@@ -1017,6 +1017,13 @@ unsafe fn wgrad_blocks_avx2(
     }
 }
 
+/// Whether the forward convolution maps its input by a [`Prologue`] while padding it:
+/// the AVX2 transforms, for an even number of tile columns. (The weight gradient's
+/// sizes, [`grad_weight_supported`], always do.)
+pub(crate) fn fuses_prologue(d: ConvDims) -> bool {
+    have_avx2() && d.w.div_ceil(4).is_multiple_of(2)
+}
+
 /// Whether [`conv3x3_grad_weight`] handles these sizes (AVX2/FMA and an even number of
 /// tile columns); otherwise the caller uses im2col + GEMM.
 pub(crate) fn grad_weight_supported(d: ConvDims) -> bool {
@@ -1162,11 +1169,10 @@ pub(crate) fn conv3x3_fwd(
     }
     let avx2 = have_avx2();
     if let Some(p) = pro {
-        // Only the AVX2 transforms for even `tw` map the input while padding it.
-        if !(avx2 && tiles.tw.is_multiple_of(2)) {
-            let xp = p.apply(x, d);
-            return conv3x3_fwd(&xp, None, wmat, bias, skip, d);
-        }
+        assert!(
+            fuses_prologue(d),
+            "prologue on a path that does not map the input"
+        );
         assert!(p.centre.len() == d.c && p.mult.len() == d.c && p.shift.len() == d.c);
     }
     let u = transform_weights(wmat, d.k, d.c);

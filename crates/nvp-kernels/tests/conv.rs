@@ -22,13 +22,17 @@
 //!
 //! Set `NVP_TEST_VERBOSE=1` (with `--nocapture`) to print every measured error.
 //! - f64 inputs take the reference path and must match candle bit for bit.
+//! - `conv2d_3x3_dx_as_conv` (off the fast path, meant for CUDA: the input gradient by
+//!   `conv2d` instead of candle's `conv_transpose2d`) against candle's autograd: the
+//!   same forward values bit for bit, gradients within 1e-12 (f64) and 1e-5 (f32).
 
 use candle_core::{DType, Device, Tensor, Var};
 use std::sync::{Mutex, MutexGuard};
 
 use nvp_kernels::{
     batch_norm, bn_relu_conv2d_3x3, bn_relu_conv_fuses, conv2d_3x3, conv2d_3x3_add,
-    conv2d_3x3_reference, tuning, uses_fast_path, BnReluPrologue,
+    conv2d_3x3_dx_as_conv, conv2d_3x3_reference, dx_as_conv_enabled, tuning, uses_fast_path,
+    BnReluPrologue,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -500,4 +504,72 @@ fn comparison_detects_a_wrong_kernel() {
     let y = conv2d_3x3(&x, &w, None).unwrap();
     let wrong = conv2d_3x3_reference(&x, &w_flipped, None).unwrap();
     assert!(rel_err(&y, &wrong) > 1e-2);
+}
+
+/// `conv2d_3x3_dx_as_conv` against candle's `conv2d` and its autograd on the CPU, for
+/// odd sizes, batch 1, with and without bias, in f64 and f32.
+#[test]
+fn dx_as_conv_matches_candle_conv2d() {
+    let mut rng = StdRng::seed_from_u64(7);
+    for &(n, c, k, h, w) in &[
+        (2, 3, 5, 7, 9),
+        (1, 4, 4, 8, 8),
+        (3, 1, 2, 5, 3),
+        (2, 6, 3, 1, 4),
+    ] {
+        let x = rand_tensor(&mut rng, &[n, c, h, w]);
+        let wt = rand_tensor(&mut rng, &[k, c, 3, 3]);
+        let b = rand_tensor(&mut rng, &[k]);
+        let r = rand_tensor(&mut rng, &[n, k, h, w]);
+        for dtype in [DType::F64, DType::F32] {
+            let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+            for bias in [Some(&b), None] {
+                let got = run(conv2d_3x3_dx_as_conv, &x, &wt, bias, &r, dtype);
+                let want = run(conv2d_3x3_reference, &x, &wt, bias, &r, dtype);
+                let case = format!("({n},{c},{k},{h},{w}) {dtype:?}");
+                assert_eq!(rel_err(&got.y, &want.y), 0.0, "forward {case}");
+                assert_close(&format!("dx {case}"), &got.gx, &want.gx, tol);
+                assert_close(&format!("dw {case}"), &got.gw, &want.gw, tol);
+                if let (Some(g), Some(w)) = (&got.gb, &want.gb) {
+                    assert_close(&format!("db {case}"), g, w, tol);
+                }
+            }
+        }
+    }
+}
+
+/// The switch: off by default; on, `conv2d_3x3` takes that path where the fast CPU
+/// path does not apply (here: f64), with the same gradients; without a graph the plain
+/// convolution is returned.
+#[test]
+fn dx_as_conv_switch_routes_conv2d_3x3() {
+    let _guard = lock();
+    let mut rng = StdRng::seed_from_u64(8);
+    let x = rand_tensor(&mut rng, &[2, 3, 6, 5]);
+    let wt = rand_tensor(&mut rng, &[4, 3, 3, 3]);
+    let b = rand_tensor(&mut rng, &[4]);
+    let r = rand_tensor(&mut rng, &[2, 4, 6, 5]);
+    assert!(!dx_as_conv_enabled() || std::env::var("NVP_DX_AS_CONV").is_ok());
+    tuning::set_dx_as_conv(true);
+    assert!(dx_as_conv_enabled());
+    let got = run(conv2d_3x3, &x, &wt, Some(&b), &r, DType::F64);
+    let want = run(conv2d_3x3_reference, &x, &wt, Some(&b), &r, DType::F64);
+    assert_close("y", &got.y, &want.y, 1e-12);
+    assert_close("dx", &got.gx, &want.gx, 1e-12);
+    assert_close("dw", &got.gw, &want.gw, 1e-12);
+    assert_close(
+        "db",
+        got.gb.as_ref().unwrap(),
+        want.gb.as_ref().unwrap(),
+        1e-12,
+    );
+    let x64 = x.to_dtype(DType::F64).unwrap();
+    let (w64, b64) = (
+        wt.to_dtype(DType::F64).unwrap(),
+        b.to_dtype(DType::F64).unwrap(),
+    );
+    let plain = conv2d_3x3(&x64, &w64, Some(&b64)).unwrap();
+    assert_eq!(rel_err(&plain, &want.y), 0.0);
+    tuning::set_dx_as_conv(false);
+    assert!(!dx_as_conv_enabled());
 }

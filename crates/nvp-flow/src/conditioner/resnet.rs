@@ -94,9 +94,7 @@ impl ResNet {
             out,
         })
     }
-}
 
-impl ResNet {
     /// All parameters in the packed order of `nvp_kernels::ResNetShape::param_len`.
     fn packed_params(&self) -> Result<Tensor> {
         let conv = |c: &WnConv2d| -> Result<[Tensor; 2]> {
@@ -143,11 +141,8 @@ impl ResNet {
             blocks: self.blocks.len(),
             cout: self.out.bias().dim(0)?,
         };
-        let params = self.packed_params()?;
-        if !nvp_kernels::resnet_train_applies(x, &params) {
-            return Ok(None);
-        }
-        let out = nvp_kernels::resnet_train(x, &params, shape, eps)?;
+        // The packed vector has the parameters' device and dtype (those of `inp.bias`).
+        let out = nvp_kernels::resnet_train(x, &self.packed_params()?, shape, eps)?;
         for (bn, (mean, var)) in self.batch_norms().zip(&out.stats) {
             bn.record_batch_stats(mean, var, n * h * w)?;
         }
