@@ -8,7 +8,10 @@
 #   1. A Python venv (.venv-cuda/, git-ignored) with NVIDIA's CUDA 13.0 wheels from PyPI:
 #      nvcc (+ crt, nvvm), the runtime and its headers, CCCL headers, cuBLAS, cuRAND,
 #      NVRTC. They all unpack into one prefix, site-packages/nvidia/cu13/, laid out like a
-#      toolkit (bin/nvcc, include/, lib/, nvvm/), which becomes CUDA_HOME.
+#      toolkit (bin/nvcc, include/, lib/, nvvm/), which becomes CUDA_HOME. And cuDNN 9.19
+#      (nvidia-cudnn-cu13, its own prefix site-packages/nvidia/cudnn/): the binary links
+#      libcudnn.so.9 for its convolutions (feature `cudnn`); 9.19 is what PyTorch 2.11
+#      cu130 ships, so the GPU machine's copy is the one linked against here.
 #      CUDA 13.0 (not 12.x, not 13.1+) because the lent GPU machines run driver 580
 #      (CUDA 13.0) and PyTorch 2.11+cu130, whose pip libraries are libcublas.so.13,
 #      libcudart.so.13, libnvrtc.so.13, libcurand.so.10: the binary is linked against
@@ -18,7 +21,7 @@
 #      defines every driver-API function (each returns CUDA_ERROR_STUB_LIBRARY = 34). The
 #      driver library is not on PyPI; the stub only satisfies the linker, the binary
 #      records NEEDED libcuda.so.1 and the real driver provides it at run time.
-#   3. cargo build --release -p nvp-cli --features cuda into target-cuda/ (separate from
+#   3. cargo build --release -p nvp-cli --features cudnn (= cuda + cuDNN) into target-cuda/ (separate from
 #      the CPU build in target/), CUDA_COMPUTE_CAP=90 (Hopper: candle's kernels as PTX for
 #      compute_90a plus its static MoE/GGUF kernels as sm_90a code).
 #   4. dist/cuda/nvp.xz (the stripped binary, xz-compressed: ~55 MB -> ~7 MB; the
@@ -54,6 +57,7 @@ WHEELS=(
   nvidia-cuda-nvrtc==13.0.88
   nvidia-cublas==13.0.2.14
   nvidia-curand==10.4.0.35
+  nvidia-cudnn-cu13==9.19.0.56
 )
 
 say() { printf '\n== %s\n' "$*"; }
@@ -75,6 +79,8 @@ SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pur
 CUDA_ROOT=$SITE/nvidia/cu13
 [ -x "$CUDA_ROOT/bin/nvcc" ] || die "no nvcc at $CUDA_ROOT/bin/nvcc after pip install"
 [ -f "$CUDA_ROOT/include/cuda.h" ] || die "no cuda.h in $CUDA_ROOT/include"
+CUDNN_LIB=$SITE/nvidia/cudnn/lib
+[ -f "$CUDNN_LIB/libcudnn.so.9" ] || die "no libcudnn.so.9 in $CUDNN_LIB after pip install"
 "$CUDA_ROOT/bin/nvcc" --version | tail -2
 
 # ------------------------------------------------------------------- 2. link folder + stub
@@ -87,6 +93,7 @@ for pair in cudart:libcudart.so.13 cublas:libcublas.so.13 cublasLt:libcublasLt.s
   [ -f "$CUDA_ROOT/lib/$file" ] || die "missing $CUDA_ROOT/lib/$file"
   ln -sfn "$CUDA_ROOT/lib/$file" "$LINK/lib$name.so"
 done
+ln -sfn "$CUDNN_LIB/libcudnn.so.9" "$LINK/libcudnn.so"
 # Driver-API names: every cu* function declared in cuda.h (raw and after the
 # preprocessor, which maps e.g. cuMemAlloc -> cuMemAlloc_v2), plus every function
 # cudarc's bindings call (found in the cargo registry after `cargo fetch`).
@@ -114,7 +121,7 @@ ln -sfn libcuda.so "$LINK/libcuda.so.1"
 echo "stub libcuda.so: $NSYMS functions (cudarc ${CUDARC_VER}${CUDARC_SYS:+, bindings scanned})"
 
 # ------------------------------------------------------------------------------ 3. build
-say "3/4 cargo build --release -p nvp-cli --features cuda (CARGO_TARGET_DIR=$TARGET_DIR, CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP)"
+say "3/4 cargo build --release -p nvp-cli --features cudnn (CARGO_TARGET_DIR=$TARGET_DIR, CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP)"
 export PATH=$CUDA_ROOT/bin:$PATH
 export NVCC=$CUDA_ROOT/bin/nvcc
 export CUDA_HOME=$CUDA_ROOT CUDA_PATH=$CUDA_ROOT CUDA_ROOT=$CUDA_ROOT CUDA_TOOLKIT_ROOT_DIR=$CUDA_ROOT
@@ -124,7 +131,7 @@ export CARGO_TARGET_DIR=$TARGET_DIR
 # default; use them all (the 15 static MoE/GGUF kernel files take most of the build).
 export CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-$(nproc)}
 T0=$(date +%s)
-cargo build --release --locked -p nvp-cli --features cuda ${JOBS:+-j "$JOBS"} \
+cargo build --release --locked -p nvp-cli --features cudnn ${JOBS:+-j "$JOBS"} \
   || die "cargo build failed (see above)"
 T1=$(date +%s)
 BUILD_S=$((T1 - T0))
@@ -146,14 +153,14 @@ rm -f "$DIST/cuda/nvp" "$DIST/cuda/nvp.xz"
 xz -T0 -6 -c "$STRIPPED" > "$DIST/cuda/nvp.xz.tmp" || die "xz failed"
 mv "$DIST/cuda/nvp.xz.tmp" "$DIST/cuda/nvp.xz"
 NEEDED=$(readelf -d "$STRIPPED" | awk '/NEEDED/ {gsub(/[][]/, "", $NF); print $NF}')
-for lib in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcurand.so.10; do
+for lib in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcurand.so.10 libcudnn.so.9; do
   grep -qx "$lib" <<<"$NEEDED" || echo "warning: $lib is not NEEDED by the binary" >&2
 done
-LDD=$(LD_LIBRARY_PATH=$CUDA_ROOT/lib ldd "$STRIPPED" 2>&1 || true)
+LDD=$(LD_LIBRARY_PATH=$CUDA_ROOT/lib:$CUDNN_LIB ldd "$STRIPPED" 2>&1 || true)
 SIZE=$(stat -c %s "$STRIPPED")
 XZSIZE=$(stat -c %s "$DIST/cuda/nvp.xz")
 {
-  echo "nvp built with --features cuda by scripts/build-cuda.sh"
+  echo "nvp built with --features cudnn (CUDA + cuDNN) by scripts/build-cuda.sh"
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)   commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- crates src Cargo.toml Cargo.lock 2>/dev/null || echo ' (+ local changes)')"
   echo "CUDA: $("$NVCC" --version | grep -o 'release [0-9.]*, V[0-9.]*'), CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP (kernels: PTX compute_90a + sm_90a code)"
   echo "size: $SIZE bytes (debug info stripped; nvp.xz: $XZSIZE bytes); cargo build: ${BUILD_S} s"
@@ -164,9 +171,10 @@ XZSIZE=$(stat -c %s "$DIST/cuda/nvp.xz")
   echo
   echo "Run-time requirements: an sm_90 GPU (H100/H200), the NVIDIA driver (libcuda.so.1,"
   echo "driver >= 580 = CUDA 13.0: the PTX is ISA 9.0), and the CUDA 13 libraries"
-  echo "libcudart.so.13, libcublas.so.13 (+ libcublasLt.so.13, which cuBLAS loads) and"
-  echo "libcurand.so.10 on LD_LIBRARY_PATH. PyTorch cu130's pip packages have them in"
-  echo "site-packages/nvidia/cu13/lib; scripts/gpu-check.sh finds and exports them."
+  echo "libcudart.so.13, libcublas.so.13 (+ libcublasLt.so.13, which cuBLAS loads),"
+  echo "libcurand.so.10 and libcudnn.so.9 (+ the libcudnn_*.so.9 it loads) on"
+  echo "LD_LIBRARY_PATH. PyTorch cu130's pip packages have them in site-packages/nvidia/cu13/lib"
+  echo "and site-packages/nvidia/cudnn/lib; scripts/gpu-check.sh finds and exports them."
   echo "Without libcuda.so.1 the binary does not start at all, not even for --device cpu"
   echo "(candle's cuda feature links the driver library)."
   echo

@@ -14,7 +14,7 @@ use crate::kernels::{self, ConvDims};
 use crate::util::{f32_slice, with_cpu_f32};
 
 /// Sizes of `x (n, c, h, w)` against `w (k, c, 3, 3)`, validated.
-fn dims_of(x: &Shape, w: &Shape) -> Result<ConvDims> {
+pub(crate) fn dims_of(x: &Shape, w: &Shape) -> Result<ConvDims> {
     let (n, c, h, wd) = x.dims4()?;
     let (k, cw, kh, kw) = w.dims4()?;
     if cw != c || kh != 3 || kw != 3 {
@@ -223,8 +223,10 @@ pub fn uses_fast_path(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
 /// `x`: `(N, Cin, H, W)`, `w`: `(Cout, Cin, 3, 3)`, `b`: `(Cout)`; returns
 /// `(N, Cout, H, W)`. Differentiable with respect to all three.
 ///
-/// f32 tensors on the CPU use the im2col + GEMM custom ops of this crate (unless
-/// disabled with [`crate::set_fast_cpu`]); any other device or dtype uses candle's
+/// f32 tensors on the CPU use the Winograd / im2col + GEMM custom ops of this crate
+/// (unless disabled with [`crate::set_fast_cpu`]); f32/f64 CUDA tensors use cuDNN's
+/// forward, backward-data and backward-filter convolutions where the `cudnn` feature is
+/// built in (unless disabled with [`crate::set_cudnn`]); anything else uses candle's
 /// `conv2d` followed by a broadcast bias add.
 pub fn conv2d_3x3(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let d = dims_of(x.shape(), w.shape())?;
@@ -236,11 +238,30 @@ pub fn conv2d_3x3(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> 
             Some(b) => x.apply_op3(&w, &b.contiguous()?, Conv3x3Bias),
             None => x.apply_op2(&w, Conv3x3),
         }
+    } else if let Some(y) = cudnn_conv(x, w, b)? {
+        Ok(y)
     } else if crate::dx_as_conv_enabled() {
         conv2d_3x3_dx_as_conv(x, w, b)
     } else {
         conv2d_3x3_reference(x, w, b)
     }
+}
+
+/// The convolution by cuDNN, where the `cudnn` feature is built in, switched on
+/// ([`crate::cudnn_enabled`]) and the tensors are CUDA f32/f64 tensors; `None` otherwise.
+#[cfg(feature = "cudnn")]
+fn cudnn_conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tensor>> {
+    if crate::cudnn_enabled() && crate::cudnn::applies(x, w) {
+        crate::cudnn::conv2d_3x3_cudnn(x, w, b).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Without the `cudnn` feature there is no cuDNN convolution.
+#[cfg(not(feature = "cudnn"))]
+fn cudnn_conv(_: &Tensor, _: &Tensor, _: Option<&Tensor>) -> Result<Option<Tensor>> {
+    Ok(None)
 }
 
 /// The gradient of candle's `conv2d` (stride 1, padding 1) computed with `conv2d`
@@ -356,7 +377,7 @@ pub fn conv2d_3x3_add(x: &Tensor, w: &Tensor, b: Option<&Tensor>, skip: &Tensor)
 }
 
 /// The bias must be `(Cout)`.
-fn check_bias(b: Option<&Tensor>, d: ConvDims) -> Result<()> {
+pub(crate) fn check_bias(b: Option<&Tensor>, d: ConvDims) -> Result<()> {
     match b {
         Some(b) if b.dims() != [d.k] => {
             bail!("conv2d_3x3: bias shape {:?}, want ({},)", b.shape(), d.k)

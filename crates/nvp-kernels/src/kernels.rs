@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 /// Sizes of one convolution: batch `n`, input channels `c`, output channels `k`, and
 /// the spatial size `h × w` (same for input and output).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct ConvDims {
     pub n: usize,
     pub c: usize,

@@ -36,6 +36,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 mod bn;
 mod conv;
 mod coupling;
+#[cfg(feature = "cudnn")]
+mod cudnn;
 mod kernels;
 mod resnet;
 mod util;
@@ -49,6 +51,9 @@ pub use coupling::{
     coupling, coupling_inverse, coupling_inverse_reference, coupling_reference,
     coupling_uses_fast_path, mask_mul, Coupling, CouplingInverse, CouplingLogDet, MaskMul,
 };
+
+#[cfg(feature = "cudnn")]
+pub use cudnn::conv2d_3x3_cudnn;
 
 pub use resnet::{resnet_train, resnet_train_applies, ResNetShape, ResNetTrainOutput};
 
@@ -67,6 +72,12 @@ static FUSED_RESNET: AtomicU8 = AtomicU8::new(0);
 /// Same states, for the convolution input gradient by `conv2d` off the fast path
 /// (environment variable `NVP_DX_AS_CONV`; off unless set).
 static DX_AS_CONV: AtomicU8 = AtomicU8::new(0);
+/// Same states, for cuDNN convolutions of CUDA tensors (environment variable
+/// `NVP_CUDNN`; only with the `cudnn` feature).
+static CUDNN: AtomicU8 = AtomicU8::new(0);
+/// Same states, for TF32 tensor cores in cuDNN's f32 convolutions (environment
+/// variable `NVP_TF32`).
+static TF32: AtomicU8 = AtomicU8::new(0);
 
 /// A process-wide switch: on unless `var` is `0`, `false`, `off` or `no` (read once,
 /// on first use, unless set before).
@@ -137,6 +148,36 @@ pub fn fused_resnet_enabled() -> bool {
 /// is `1`, `true`, `on` or `yes`; see [`tuning::set_dx_as_conv`].
 pub fn dx_as_conv_enabled() -> bool {
     switch_with_default(&DX_AS_CONV, "NVP_DX_AS_CONV", false)
+}
+
+/// Enables or disables cuDNN for the convolutions of CUDA tensors (where the `cudnn`
+/// feature is built in; without it this switch has no effect).
+pub fn set_cudnn(enabled: bool) {
+    CUDNN.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether [`conv2d_3x3`] hands CUDA f32/f64 tensors to cuDNN (forward, input and
+/// weight gradients) rather than to candle's `conv2d` / `conv_transpose2d`. Only with
+/// the `cudnn` feature; defaults to true unless the environment variable `NVP_CUDNN` is
+/// `0`, `false`, `off` or `no` (read once, on first use, unless [`set_cudnn`] was
+/// called before).
+pub fn cudnn_enabled() -> bool {
+    cfg!(feature = "cudnn") && switch_enabled(&CUDNN, "NVP_CUDNN")
+}
+
+/// Allows (true) or forbids (false) TF32 tensor cores in cuDNN's f32 convolutions.
+pub fn set_tf32(enabled: bool) {
+    TF32.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether cuDNN's f32 convolutions may use TF32 tensor cores (inputs rounded to a
+/// 10-bit mantissa, f32 accumulation; PyTorch's default for convolutions,
+/// `torch.backends.cudnn.allow_tf32`). Defaults to true unless the environment
+/// variable `NVP_TF32` is `0`, `false`, `off` or `no` (read once, on first use, unless
+/// [`set_tf32`] was called before). Strict FP32 (`CUDNN_FMA_MATH`) otherwise. The CPU
+/// kernels are always FP32.
+pub fn tf32_enabled() -> bool {
+    switch_enabled(&TF32, "NVP_TF32")
 }
 
 /// Number of threads the kernels use (the size of rayon's global pool, which follows

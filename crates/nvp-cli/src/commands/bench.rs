@@ -172,12 +172,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let sample_s = median(times);
     let peak = peak_rss_mib();
 
+    // What the convolutions ran on: this crate's CPU kernels, cuDNN (with or without
+    // TF32 tensor cores) or candle's own ops.
+    let conv = conv_backend(&device);
     let train_ips = a.batch as f64 / train_step_s;
     let eval_ips = a.eval_batch as f64 / eval_s;
     let sample_ips = a.sample_n as f64 / sample_s;
     if a.json {
         println!(
-            "{{\"config\":\"{}\",\"device\":\"{}\",\"params\":{params},\"batch\":{},\"train_step_s\":{train_step_s:.4},\"train_img_per_s\":{train_ips:.3},\"eval_batch\":{},\"eval_img_per_s\":{eval_ips:.3},\"sample_n\":{},\"sample_img_per_s\":{sample_ips:.3},\"peak_rss_mib\":{peak:.1},\"peak_rss_train_mib\":{peak_train:.1},\"rss_before_train_mib\":{rss_before:.1},\"skipped_steps\":{skipped},\"threads\":{}}}",
+            "{{\"config\":\"{}\",\"device\":\"{}\",\"params\":{params},\"batch\":{},\"train_step_s\":{train_step_s:.4},\"train_img_per_s\":{train_ips:.3},\"eval_batch\":{},\"eval_img_per_s\":{eval_ips:.3},\"sample_n\":{},\"sample_img_per_s\":{sample_ips:.3},\"peak_rss_mib\":{peak:.1},\"peak_rss_train_mib\":{peak_train:.1},\"rss_before_train_mib\":{rss_before:.1},\"skipped_steps\":{skipped},\"threads\":{},\"conv\":\"{conv}\"}}",
             s.name,
             s.train.device,
             a.batch,
@@ -187,7 +190,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     } else {
         println!(
-            "config {} on {}: {params} parameters",
+            "config {} on {} (convolutions: {conv}): {params} parameters",
             s.name, s.train.device
         );
         println!(
@@ -199,6 +202,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("peak RSS: {peak:.0} MiB (after training steps: {peak_train:.0} MiB; before: {rss_before:.0} MiB)");
     }
     Ok(())
+}
+
+/// Which implementation `nvp_kernels::conv2d_3x3` uses for f32 tensors on `d`.
+fn conv_backend(d: &candle_core::Device) -> &'static str {
+    match (
+        d.is_cpu(),
+        nvp_kernels::fast_cpu_enabled(),
+        nvp_kernels::cudnn_enabled(),
+    ) {
+        (true, true, _) if nvp_kernels::winograd_enabled() => "nvp-winograd",
+        (true, true, _) => "nvp-im2col",
+        (true, false, _) => "candle",
+        (false, _, true) if nvp_kernels::tf32_enabled() => "cudnn-tf32",
+        (false, _, true) => "cudnn-fp32",
+        (false, _, false) if nvp_kernels::dx_as_conv_enabled() => "candle-dx-as-conv",
+        (false, _, false) => "candle",
+    }
 }
 
 fn device_sync(d: &candle_core::Device) -> Result<()> {

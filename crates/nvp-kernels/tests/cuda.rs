@@ -1,0 +1,198 @@
+//! `conv2d_3x3` on a CUDA device against the CPU in f64: values and the gradients of
+//! `sum(y · r)` with respect to x, w and b, through candle's autograd.
+//!
+//! Built only with the `cuda` feature (never in CI: there is no GPU there) and run on a
+//! GPU machine by `scripts/gpu-check.sh`, which carries this test binary
+//! (`scripts/build-cuda.sh` builds it). Without a CUDA device every test fails with
+//! that message: the binary exists to check the GPU.
+//!
+//! Paths checked (the switches are process-wide, so the tests take a lock):
+//! - cuDNN (feature `cudnn`): f64 within 1e-10; f32 with strict FP32 math
+//!   (`set_tf32(false)`, `CUDNN_FMA_MATH`) within 1e-5; f32 with TF32 allowed (the
+//!   default, as PyTorch's) within 1e-2 (TF32 rounds the inputs to 10 mantissa bits:
+//!   about 5e-4 relative per product), and further from the f64 result than strict
+//!   FP32 is — or equal, where cuDNN's heuristics pick a kernel without tensor cores.
+//! - candle's own CUDA `conv2d` + `conv_transpose2d` (`set_cudnn(false)`), and the
+//!   input gradient by `conv2d` (`set_dx_as_conv(true)`): f32 within 1e-5.
+//!
+//! Relative error: max |got − want| over all elements / max |want|. Set
+//! `NVP_TEST_VERBOSE=1` (with `--nocapture`) to print every measured error.
+#![cfg(feature = "cuda")]
+
+use std::sync::{Mutex, MutexGuard};
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use nvp_kernels::{conv2d_3x3, conv2d_3x3_reference, tuning};
+
+static SWITCHES: Mutex<()> = Mutex::new(());
+
+fn lock() -> MutexGuard<'static, ()> {
+    SWITCHES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn gpu() -> Device {
+    Device::new_cuda(0).unwrap_or_else(|e| panic!("no CUDA device 0: {e}"))
+}
+
+fn verbose() -> bool {
+    std::env::var("NVP_TEST_VERBOSE").is_ok_and(|v| v == "1")
+}
+
+fn rand_f64(rng: &mut StdRng, dims: &[usize]) -> Tensor {
+    let len: usize = dims.iter().product();
+    let v: Vec<f64> = (0..len).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+}
+
+fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    assert_eq!(got.dims(), want.dims(), "shape mismatch");
+    let to = |t: &Tensor| -> Vec<f64> {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (g, w) = (to(got), to(want));
+    let scale = w.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-300);
+    g.iter()
+        .zip(&w)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
+/// y, dx, dw, db of `conv2d_3x3(x, w, b)` with loss `sum(y · r)`, on `dev` in `dtype`.
+fn run(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    r: &Tensor,
+    dev: &Device,
+    dtype: DType,
+    reference: bool,
+) -> [Tensor; 4] {
+    let var =
+        |t: &Tensor| Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(dev).unwrap()).unwrap();
+    let (xv, wv, bv) = (var(x), var(w), var(b));
+    let y = if reference {
+        conv2d_3x3_reference(xv.as_tensor(), wv.as_tensor(), Some(bv.as_tensor()))
+    } else {
+        conv2d_3x3(xv.as_tensor(), wv.as_tensor(), Some(bv.as_tensor()))
+    }
+    .unwrap();
+    let r = r.to_dtype(dtype).unwrap().to_device(dev).unwrap();
+    let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = |v: &Var| grads.get(v.as_tensor()).expect("no gradient").clone();
+    [y.clone(), g(&xv), g(&wv), g(&bv)]
+}
+
+/// The largest of the four relative errors of `conv2d_3x3` on the GPU in `dtype`
+/// against the CPU's f64 reference, over a few shapes; each must be under `tol`.
+fn check(what: &str, dtype: DType, tol: f64) -> f64 {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut worst = 0.0f64;
+    // (n, c, k, h, w): odd sizes, batch 1, a 1×1 image, and the shapes of the model.
+    for &(n, c, k, h, w) in &[
+        (2, 5, 6, 7, 9),
+        (1, 3, 4, 5, 5),
+        (3, 2, 2, 1, 1),
+        (8, 12, 64, 32, 32),
+        (8, 64, 64, 16, 16),
+        (4, 128, 24, 8, 8),
+    ] {
+        let x = rand_f64(&mut rng, &[n, c, h, w]);
+        let wt = rand_f64(&mut rng, &[k, c, 3, 3]);
+        let b = rand_f64(&mut rng, &[k]);
+        let r = rand_f64(&mut rng, &[n, k, h, w]);
+        let want = run(&x, &wt, &b, &r, &Device::Cpu, DType::F64, true);
+        let got = run(&x, &wt, &b, &r, &dev, dtype, false);
+        for (name, (g, wa)) in ["y", "dx", "dw", "db"].iter().zip(got.iter().zip(&want)) {
+            assert_eq!(g.dtype(), dtype, "{what}: {name} dtype");
+            assert!(g.device().is_cuda(), "{what}: {name} is not on the GPU");
+            let e = rel_err(g, wa);
+            if verbose() {
+                println!("{what} ({n},{c},{k},{h},{w}) {name}: {e:.3e}");
+            }
+            assert!(
+                e < tol,
+                "{what}: ({n}, {c}, {k}, {h}, {w}) {name}: relative error {e:.3e} >= {tol:.0e}"
+            );
+            worst = worst.max(e);
+        }
+    }
+    worst
+}
+
+#[cfg(feature = "cudnn")]
+#[test]
+fn cudnn_f64_matches_cpu() {
+    let _g = lock();
+    nvp_kernels::set_cudnn(true);
+    assert!(nvp_kernels::cudnn_enabled());
+    check("cuDNN f64", DType::F64, 1e-10);
+}
+
+#[cfg(feature = "cudnn")]
+#[test]
+fn cudnn_f32_strict_and_tf32() {
+    let _g = lock();
+    nvp_kernels::set_cudnn(true);
+    nvp_kernels::set_tf32(false);
+    let strict = check("cuDNN f32 (FP32 math)", DType::F32, 1e-5);
+    nvp_kernels::set_tf32(true);
+    let tf32 = check("cuDNN f32 (TF32 allowed)", DType::F32, 1e-2);
+    println!("cuDNN f32: worst relative error {strict:.2e} strict FP32, {tf32:.2e} TF32 allowed");
+    assert!(
+        tf32 >= strict,
+        "TF32 ({tf32:.2e}) closer than strict FP32 ({strict:.2e})?"
+    );
+}
+
+#[test]
+fn candle_conv_f32_matches_cpu() {
+    let _g = lock();
+    nvp_kernels::set_cudnn(false);
+    tuning::set_dx_as_conv(false);
+    check("candle conv2d + conv_transpose2d f32", DType::F32, 1e-5);
+    tuning::set_dx_as_conv(true);
+    check("candle conv2d, dx as conv2d f32", DType::F32, 1e-5);
+    tuning::set_dx_as_conv(false);
+    nvp_kernels::set_cudnn(true);
+}
+
+/// The comparison above must see a wrong result: a kernel not flipped for the
+/// input gradient (what a transposed convolution without the flip would compute).
+#[test]
+fn comparison_detects_a_wrong_gradient() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(3);
+    let x = rand_f64(&mut rng, &[2, 3, 6, 6]);
+    let w = rand_f64(&mut rng, &[4, 3, 3, 3]);
+    let r = rand_f64(&mut rng, &[2, 4, 6, 6]);
+    let wrong = r
+        .to_device(&dev)
+        .unwrap()
+        .conv2d(
+            &w.transpose(0, 1)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .to_device(&dev)
+                .unwrap(),
+            1,
+            1,
+            1,
+            1,
+        )
+        .unwrap();
+    let b = Tensor::zeros(4, DType::F64, &Device::Cpu).unwrap();
+    let want = run(&x, &w, &b, &r, &Device::Cpu, DType::F64, true);
+    assert!(rel_err(&wrong, &want[1]) > 1e-2);
+}
