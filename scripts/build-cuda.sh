@@ -26,14 +26,16 @@
 #      compute_90a plus its static MoE/GGUF kernels as sm_90a code).
 #   4. dist/cuda/nvp.xz (the stripped binary, xz-compressed: ~55 MB -> ~7 MB; the
 #      uncompressed one is target-cuda/nvp-stripped) + dist/cuda/README (what it links),
-#      a CIFAR-10 sample in dist/data/cifar10/ and the PyTorch peer in dist/peer/ (all
-#      git-ignored, ~43 MB together) for scripts/gpu-check.sh on the GPU machine, which
-#      unpacks dist/cuda/nvp there.
+#      the two CUDA test binaries in dist/cuda/tests/ (xz, ~6 MB each), a CIFAR-10
+#      sample in dist/data/cifar10/ and the PyTorch peer in dist/peer/ (all git-ignored,
+#      ~56 MB together) for scripts/gpu-check.sh on the GPU machine, which unpacks them
+#      there.
 #
 # Environment knobs: PYTHON (python3), CUDA_COMPUTE_CAP (90), NVP_CUDA_TARGET_DIR
 # (target-cuda), NVP_CIFAR_SRC (../shared/data/cifar10), NVP_PEER_SRC
 # (../shared/reference/realnvp_torch.py), NVP_TRAIN_IMAGES (how many training images to
-# put into the carried sample; default all of data_batch_1.bin), JOBS (cargo -j).
+# put into the carried sample; default all of data_batch_1.bin), JOBS (cargo -j),
+# NVP_CUDA_TESTS=0 (do not build the CUDA test binaries).
 # Not run in CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -138,6 +140,24 @@ BUILD_S=$((T1 - T0))
 BIN=$TARGET_DIR/release/nvp
 [ -x "$BIN" ] || die "no binary at $BIN"
 echo "build took ${BUILD_S} s"
+# The CUDA test binaries (crates/nvp-kernels/tests/cuda.rs: the convolutions;
+# tests/flow_cuda.rs: the whole flow, both modes, inverse, gradients), for gpu-check.sh
+# to run on the GPU against the CPU. Skipped with NVP_CUDA_TESTS=0.
+TESTS=()
+if [ "${NVP_CUDA_TESTS:-1}" != 0 ]; then
+  T0=$(date +%s)
+  TESTS_JSON=$(cargo test --release --locked -p nvp -p nvp-kernels --features nvp/cudnn,nvp-kernels/cudnn \
+      --test cuda --test flow_cuda --no-run --message-format=json ${JOBS:+-j "$JOBS"}) \
+    || die "building the CUDA test binaries failed (rerun without --message-format to see why)"
+  while read -r name exe; do TESTS+=("$name:$exe"); done < <("$VENV/bin/python" -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["target"]["name"], m["executable"])' <<<"$TESTS_JSON")
+  [ "${#TESTS[@]}" -eq 2 ] || die "expected 2 CUDA test binaries, got ${#TESTS[@]}"
+  echo "CUDA test binaries (${#TESTS[@]}) built in $(( $(date +%s) - T0 )) s"
+fi
 
 # ------------------------------------------------------------------------------- 4. dist
 say "4/4 dist/"
@@ -152,6 +172,16 @@ strip --strip-debug "$STRIPPED" 2>/dev/null || true
 rm -f "$DIST/cuda/nvp" "$DIST/cuda/nvp.xz"
 xz -T0 -6 -c "$STRIPPED" > "$DIST/cuda/nvp.xz.tmp" || die "xz failed"
 mv "$DIST/cuda/nvp.xz.tmp" "$DIST/cuda/nvp.xz"
+rm -rf "$DIST/cuda/tests"
+if [ "${#TESTS[@]}" -gt 0 ]; then
+  mkdir -p "$DIST/cuda/tests"
+  for t in "${TESTS[@]}"; do
+    name=${t%%:*}; exe=${t#*:}
+    cp "$exe" "$TARGET_DIR/$name-stripped"
+    strip --strip-debug "$TARGET_DIR/$name-stripped" 2>/dev/null || true
+    xz -T0 -6 -c "$TARGET_DIR/$name-stripped" > "$DIST/cuda/tests/$name.xz" || die "xz of test $name failed"
+  done
+fi
 NEEDED=$(readelf -d "$STRIPPED" | awk '/NEEDED/ {gsub(/[][]/, "", $NF); print $NF}')
 for lib in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcurand.so.10 libcudnn.so.9; do
   grep -qx "$lib" <<<"$NEEDED" || echo "warning: $lib is not NEEDED by the binary" >&2
@@ -164,6 +194,7 @@ XZSIZE=$(stat -c %s "$DIST/cuda/nvp.xz")
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)   commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- crates src Cargo.toml Cargo.lock 2>/dev/null || echo ' (+ local changes)')"
   echo "CUDA: $("$NVCC" --version | grep -o 'release [0-9.]*, V[0-9.]*'), CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP (kernels: PTX compute_90a + sm_90a code)"
   echo "size: $SIZE bytes (debug info stripped; nvp.xz: $XZSIZE bytes); cargo build: ${BUILD_S} s"
+  [ "${#TESTS[@]}" -gt 0 ] && echo "CUDA test binaries: $(cd "$DIST/cuda/tests" && ls | tr '\n' ' ')(xz; run by gpu-check.sh)"
   echo "sha256: $(sha256sum "$STRIPPED" | cut -d' ' -f1)"
   echo
   echo "NEEDED (readelf -d):"

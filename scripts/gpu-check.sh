@@ -5,23 +5,31 @@
 #   bash scripts/gpu-check.sh 2>&1 | tee gpu-check.log
 #
 # Needs what scripts/build-cuda.sh put into dist/ (git-ignored, carried along):
-#   dist/cuda/nvp.xz                    the binary built with --features cuda (sm_90),
+#   dist/cuda/nvp.xz                    the binary built with --features cudnn (sm_90),
 #                                       xz-compressed; unpacked here to dist/cuda/nvp
+#   dist/cuda/tests/{cuda,flow_cuda}.xz the CUDA test binaries (unpacked likewise)
 #   dist/data/cifar10/{data_batch_1,test_batch}.bin   CIFAR-10 sample
 #   dist/peer/realnvp_torch.py          the PyTorch peer (for part f)
 # and on the machine: nvidia-smi + the driver (libcuda.so.1), a python3 with torch
 # whose pip packages hold the CUDA 13 libraries (nvidia/cu13/lib: cuBLAS, cuRAND,
-# NVRTC, cudart).
+# NVRTC, cudart) and cuDNN 9 (nvidia/cudnn/lib).
 #
 # Parts (each under `timeout`, each prints its wall time; one hang cannot eat the
 # budget, and a part that would not fit in what is left is shortened or skipped):
 #   a  nvidia-smi
 #   b  LD_LIBRARY_PATH from python's site-packages; ldd must resolve everything
+#   t  the CUDA test binaries: cuDNN / candle convolutions (values, dx, dw, db) and the
+#      whole flow (both modes, inverse, gradients) on the GPU against the CPU in f64
 #   c  exactness on the GPU: a tiny CIFAR model trained 20 steps on cuda, then test
-#      bits/dim of that checkpoint on cuda vs on cpu (same images, same noise: must
-#      agree to 1e-4 relative), and sampling on cuda
-#   d  nvp bench, configs/cifar10.toml and configs/cifar10-small.toml, on cuda; then
-#      cifar10-small training again with NVP_DX_AS_CONV=1 (input gradient by conv2d)
+#      bits/dim of that checkpoint on cuda with strict FP32 convolutions (NVP_TF32=0)
+#      vs on cpu (same images, same noise: must agree to 1e-4 relative), on cuda with
+#      TF32 (the default, reported), and sampling on cuda
+#   d  nvp bench, configs/cifar10.toml and configs/cifar10-small.toml, on cuda (cuDNN,
+#      TF32); then cifar10-small training again with strict FP32 cuDNN (NVP_TF32=0),
+#      with candle's convolution ops (NVP_CUDNN=0; in this build candle's own conv2d
+#      forward goes through cuDNN too, its backward is candle's: conv_transpose2d for
+#      the input gradient, a direct kernel for the weight gradient) and with those plus
+#      the input gradient by conv2d (NVP_DX_AS_CONV=1)
 #   f  the PyTorch peer's bench on the same GPU (scripts/torch_peer_cuda.py)
 #   e  a short training run (cifar10-small, 2 minutes) on cuda, then test bpd
 #   g  ratios ours / PyTorch
@@ -107,6 +115,16 @@ fi
 for f in data_batch_1.bin test_batch.bin; do
   [ -f "$DATA/$f" ] || { echo "error: $DATA/$f missing (carry dist/data/cifar10)" >&2; exit 2; }
 done
+TEST_BINS=()
+for t in dist/cuda/tests/*.xz; do
+  [ -f "$t" ] || continue
+  b=${t%.xz}
+  if [ ! -x "$b" ] || [ "$t" -nt "$b" ]; then
+    "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2] + ".tmp", "wb"))' "$t" "$b" \
+      && chmod +x "$b.tmp" && mv "$b.tmp" "$b" || { echo "error: cannot unpack $t" >&2; exit 2; }
+  fi
+  TEST_BINS+=("$b")
+done
 command -v "$PY" >/dev/null || { echo "error: no $PY" >&2; exit 2; }
 [ -f dist/cuda/README ] && sed -n '1,4p' dist/cuda/README
 
@@ -146,14 +164,24 @@ done
 export LD_LIBRARY_PATH=${LIBDIRS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 LDD=$(ldd "$NVP" 2>&1 || true)
-grep -E 'libcuda|libcudart|libcublas|libcurand|libnvrtc|libstdc|not found' <<<"$LDD" | sed 's/^/  /'
+grep -E 'libcuda|libcudart|libcublas|libcurand|libnvrtc|libcudnn|libstdc|not found' <<<"$LDD" | sed 's/^/  /'
 if grep -qi "not found" <<<"$LDD"; then
   echo "error: ldd $NVP: libraries not found (above). Point LD_LIBRARY_PATH at the CUDA 13 libraries" >&2
-  echo "       (libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13, libcudart.so.13) and rerun." >&2
+  echo "       (libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13, libcudart.so.13)" >&2
+  echo "       and cuDNN 9 (libcudnn.so.9 and its libcudnn_*.so.9) and rerun." >&2
   exit 3
 fi
 echo "ldd: every library resolved"
 "$NVP" --version
+
+# ---------------------------------------------------------------------------------- t
+hdr "t. CUDA test binaries (GPU vs CPU f64)"
+if [ "${#TEST_BINS[@]}" -eq 0 ]; then
+  echo "SKIPPED: no dist/cuda/tests/*.xz (build-cuda.sh with NVP_CUDA_TESTS=0?)"
+fi
+for b in "${TEST_BINS[@]}"; do
+  run_part "t_$(basename "$b")" 120 "$b" --test-threads=1 --nocapture
+done
 
 # ---------------------------------------------------------------------------------- c
 hdr "c. exactness on the GPU (tiny model: cuda vs cpu)"
@@ -182,7 +210,8 @@ samples = 16
 seed = 0
 EOF
 run_part c_train_tiny_cuda 120 "$NVP" train --config "$WORK/tiny.toml" --out "$WORK/tiny" --device cuda --max-steps 20
-run_part c_eval_tiny_cuda 60 "$NVP" eval --ckpt "$WORK/tiny" --device cuda --json --limit 500 --check-inverse
+run_part c_eval_tiny_cuda 60 env NVP_TF32=0 "$NVP" eval --ckpt "$WORK/tiny" --device cuda --json --limit 500 --check-inverse
+run_part c_eval_tiny_cuda_tf32 60 "$NVP" eval --ckpt "$WORK/tiny" --device cuda --json --limit 500 --check-inverse
 run_part c_eval_tiny_cpu 90 "$NVP" eval --ckpt "$WORK/tiny" --device cpu --json --limit 500 --check-inverse
 run_part c_sample_tiny_cuda 60 "$NVP" sample --ckpt "$WORK/tiny" --device cuda --n 64 --temperature 0.7 --out "$WORK/samples-tiny.png"
 BPD_GPU=$(json "$WORK/c_eval_tiny_cuda.out" bpd)
@@ -194,11 +223,12 @@ try:
 except ValueError:
     print("UNKNOWN (an eval failed)"); sys.exit()
 rel = abs(g - c) / abs(c)
-print(f"{'PASS' if rel <= 1e-4 else 'FAIL'}: bpd cuda {g:.7f} vs cpu {c:.7f}, relative difference {rel:.2e} (tolerance 1e-4)")
+print(f"{'PASS' if rel <= 1e-4 else 'FAIL'}: bpd cuda (FP32 convolutions) {g:.7f} vs cpu {c:.7f}, relative difference {rel:.2e} (tolerance 1e-4)")
 EOF
 )
 echo "exactness: $EXACT"
-echo "inverse max |f^-1(f(y)) - y| (logit space, 500 test images): cuda $(json "$WORK/c_eval_tiny_cuda.out" inverse_max_abs_error), cpu $(json "$WORK/c_eval_tiny_cpu.out" inverse_max_abs_error)"
+echo "bpd cuda with TF32 convolutions (the default): $(json "$WORK/c_eval_tiny_cuda_tf32.out" bpd)"
+echo "inverse max |f^-1(f(y)) - y| (logit space, 500 test images): cuda $(json "$WORK/c_eval_tiny_cuda.out" inverse_max_abs_error) (TF32: $(json "$WORK/c_eval_tiny_cuda_tf32.out" inverse_max_abs_error)), cpu $(json "$WORK/c_eval_tiny_cpu.out" inverse_max_abs_error)"
 if [ "${GPU_CHECK_ONLY_EXACTNESS:-0}" = 1 ]; then
   echo "GPU_CHECK_ONLY_EXACTNESS=1: stopping after part c (total $(elapsed)s)"
   exit 0
@@ -209,11 +239,14 @@ hdr "d. nvp bench on cuda"
 BENCH_ARGS=(--device cuda --json --batch 64 --warmup "$WARM" --steps "$STEPS" --eval-batch 256 --eval-reps "$REPS" --sample-n 64 --sample-reps "$REPS")
 run_part d_bench_paper 150 "$NVP" bench --config configs/cifar10.toml "${BENCH_ARGS[@]}"
 run_part d_bench_small 90 "$NVP" bench --config configs/cifar10-small.toml "${BENCH_ARGS[@]}"
-# A/B: the convolution input gradient by conv2d instead of candle's naive CUDA
-# conv_transpose2d (opt-in, NVP_DX_AS_CONV=1), same bench, training only.
-run_part d_bench_small_dx 60 env NVP_DX_AS_CONV=1 "$NVP" bench --config configs/cifar10-small.toml \
-  --device cuda --json --batch 64 --warmup "$WARM" --steps "$STEPS" --eval-reps 0 --sample-reps 0
-echo "cifar10-small training img/s: default $(json "$WORK/d_bench_small.out" train_img_per_s), NVP_DX_AS_CONV=1 $(json "$WORK/d_bench_small_dx.out" train_img_per_s)"
+# A/B, cifar10-small training only: strict FP32 cuDNN; candle's convolution ops (its
+# conv2d is cuDNN's forward in this build; its backward is candle's own); the same with
+# the input gradient by conv2d.
+AB_ARGS=(--device cuda --json --batch 64 --warmup "$WARM" --steps "$STEPS" --eval-reps 0 --sample-reps 0)
+run_part d_bench_small_fp32 60 env NVP_TF32=0 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
+run_part d_bench_small_candle 60 env NVP_CUDNN=0 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
+run_part d_bench_small_dx 60 env NVP_CUDNN=0 NVP_DX_AS_CONV=1 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
+echo "cifar10-small training img/s: cuDNN+TF32 (default) $(json "$WORK/d_bench_small.out" train_img_per_s), cuDNN FP32 $(json "$WORK/d_bench_small_fp32.out" train_img_per_s), candle $(json "$WORK/d_bench_small_candle.out" train_img_per_s), candle+dx-as-conv $(json "$WORK/d_bench_small_dx.out" train_img_per_s)"
 
 # ---------------------------------------------------------------------------------- f
 hdr "f. PyTorch peer on the same GPU (scripts/torch_peer_cuda.py)"
@@ -278,6 +311,22 @@ for cfg, ours_f, torch_f in (("cifar10", "d_bench_paper", "f_torch_paper"),
         print(f"{cfg:<14}{m:<10}{fmt(ov)}{fmt(tv)}{(f'{r:12.3f}' if r else f'{chr(45):>12}')}")
         summary[cfg][k + "_ratio"] = r
 print("(img/s; train batch 64, eval batch 256, 64 samples; medians)")
+ab = {}
+for name, label in (("d_bench_small", "cuDNN + TF32 (default)"), ("d_bench_small_fp32", "cuDNN, strict FP32"),
+                    ("d_bench_small_candle", "candle's conv ops (NVP_CUDNN=0)"),
+                    ("d_bench_small_dx", "candle, dx by conv2d")):
+    o = last_json(name)
+    if o:
+        ab[name] = {"conv": o.get("conv"), "train_img_per_s": o.get("train_img_per_s")}
+        print(f"cifar10-small training, {label:<32} [{o.get('conv')}]: {o.get('train_img_per_s'):9.1f} img/s")
+summary["cifar10_small_training_ab"] = ab
+tests = {}
+for f in sorted(os.listdir(work)):
+    if f.startswith("t_") and f.endswith(".out"):
+        res = [l.strip() for l in open(os.path.join(work, f)) if l.startswith("test result:")]
+        tests[f[2:-4]] = res[-1] if res else "no result (crashed or timed out)"
+        print(f"CUDA tests {f[2:-4]}: {tests[f[2:-4]]}")
+summary["cuda_tests"] = tests
 e = last_json("e_eval_small")
 if e:
     print(f"\nshort training run (cifar10-small): test bpd {e.get('bpd'):.4f} ± {e.get('stderr') or float('nan'):.4f} on {e.get('images')} images")

@@ -1,0 +1,182 @@
+//! The whole multi-scale flow on a CUDA device against the CPU in f64: latents,
+//! per-sample log-det (train mode with batch statistics, eval mode with running
+//! averages), the inverse, and the gradients of the mean log-likelihood with respect
+//! to every parameter (train mode: through batch norm's batch statistics, the
+//! couplings and the convolutions' backward passes).
+//!
+//! Built only with the `cuda` feature (never in CI: no GPU there); `scripts/build-cuda.sh`
+//! builds this test binary and `scripts/gpu-check.sh` runs it on a GPU machine.
+//! Without a CUDA device every test fails with that message.
+//!
+//! Tolerances (max |got − want| / max |want| over a tensor):
+//! - CUDA f64: 1e-9 (latents, log-det, gradients), inverse error 1e-9 absolute.
+//! - CUDA f32 with strict FP32 convolutions (`nvp_kernels::set_tf32(false)`): 1e-4
+//!   (log-det, latents), inverse error 1e-3 absolute.
+//! - CUDA f32 with TF32 convolutions (the default on CUDA, as in PyTorch): 1e-2 (the
+//!   s/t networks' inputs rounded to 10 mantissa bits); the inverse stays within 1e-3:
+//!   the coupling is inverted exactly whatever its s and t, which are recomputed from
+//!   the same unchanged half.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use std::sync::{Mutex, MutexGuard};
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use nvp::flow::{Flow, Mode, ParamStore, RealNvp, RealNvpConfig};
+
+static SWITCHES: Mutex<()> = Mutex::new(());
+
+fn lock() -> MutexGuard<'static, ()> {
+    SWITCHES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn gpu() -> Device {
+    Device::new_cuda(0).unwrap_or_else(|e| panic!("no CUDA device 0: {e}"))
+}
+
+fn cfg() -> RealNvpConfig {
+    RealNvpConfig {
+        channels: 3,
+        height: 16,
+        width: 16,
+        scales: 2,
+        res_blocks: 2,
+        features: 16,
+        ..RealNvpConfig::cifar10()
+    }
+}
+
+/// The same randomised parameters on `device` in `dtype`.
+fn model(device: &Device, dtype: DType) -> (ParamStore, RealNvp) {
+    let cpu = ParamStore::new(5);
+    let _ = RealNvp::new(&cfg(), cpu.var_builder(DType::F64, &Device::Cpu)).unwrap();
+    randomise(&cpu, 6);
+    let store = ParamStore::new(5);
+    let m = RealNvp::new(&cfg(), store.var_builder(dtype, device)).unwrap();
+    store.load_tensors(&cpu.tensors()).unwrap();
+    (store, m)
+}
+
+fn input() -> Tensor {
+    randn(&[8, 3, 16, 16], 1.0, DType::F64, &mut rng(9))
+}
+
+fn rel(got: &Tensor, want: &Tensor) -> f64 {
+    let g = got.to_device(&Device::Cpu).unwrap();
+    max_abs_diff(&g.to_dtype(DType::F64).unwrap(), want)
+        / to_vec_f64(want)
+            .iter()
+            .fold(1e-300f64, |m, v| m.max(v.abs()))
+}
+
+/// Forward in both modes, inverse (eval mode), on `dev` in `dtype` against CPU f64.
+fn check_forward(what: &str, dev: &Device, dtype: DType, tol: f64, inv_tol: f64) {
+    let x = input();
+    for mode in [Mode::Train, Mode::Eval] {
+        let (_, want_m) = model(&Device::Cpu, DType::F64);
+        let (z0, ld0) = want_m.forward(&x, mode).unwrap();
+        let (_, m) = model(dev, dtype);
+        let xd = x.to_dtype(dtype).unwrap().to_device(dev).unwrap();
+        let (z, ld) = m.forward(&xd, mode).unwrap();
+        assert!(
+            z.device().is_cuda() && ld.device().is_cuda(),
+            "{what}: not on the GPU"
+        );
+        let (ez, eld) = (rel(&z, &z0), rel(&ld, &ld0));
+        println!(
+            "{what} {mode:?}: latents {ez:.2e}, log-det {eld:.2e} (log-det[0] {:.6})",
+            to_vec_f64(&ld0)[0]
+        );
+        assert!(
+            ez < tol,
+            "{what} {mode:?}: latents relative error {ez:.2e} >= {tol:.0e}"
+        );
+        assert!(
+            eld < tol,
+            "{what} {mode:?}: log-det relative error {eld:.2e} >= {tol:.0e}"
+        );
+        if mode == Mode::Eval {
+            let back = m.inverse(&z).unwrap().to_device(&Device::Cpu).unwrap();
+            let e = max_abs_diff(&back.to_dtype(DType::F64).unwrap(), &x);
+            println!("{what}: inverse max |x - f^-1(f(x))| {e:.2e}");
+            assert!(
+                e < inv_tol,
+                "{what}: inverse error {e:.2e} >= {inv_tol:.0e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn f64_forward_inverse_match_cpu() {
+    let _g = lock();
+    check_forward("CUDA f64", &gpu(), DType::F64, 1e-9, 1e-9);
+}
+
+#[test]
+fn f32_forward_inverse_match_cpu() {
+    let _g = lock();
+    nvp_kernels::set_tf32(false);
+    check_forward(
+        "CUDA f32 (FP32 convolutions)",
+        &gpu(),
+        DType::F32,
+        1e-4,
+        1e-3,
+    );
+    nvp_kernels::set_tf32(true);
+    check_forward(
+        "CUDA f32 (TF32 convolutions)",
+        &gpu(),
+        DType::F32,
+        1e-2,
+        1e-3,
+    );
+}
+
+/// Gradients of the train-mode mean log-likelihood for every parameter, CUDA f64
+/// against CPU f64.
+#[test]
+fn f64_train_gradients_match_cpu() {
+    let _g = lock();
+    let x = input();
+    let grads = |dev: &Device| {
+        let (store, m) = model(dev, DType::F64);
+        let lp = m.log_prob(&x.to_device(dev).unwrap(), Mode::Train).unwrap();
+        let g = lp.mean_all().unwrap().backward().unwrap();
+        store
+            .trainable_vars()
+            .into_iter()
+            .map(|(n, v)| {
+                let t = g
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("no gradient for {n}"));
+                (n, t.to_device(&Device::Cpu).unwrap())
+            })
+            .collect::<Vec<_>>()
+    };
+    let (want, got) = (grads(&Device::Cpu), grads(&gpu()));
+    assert_eq!(want.len(), got.len());
+    let mut worst = (0.0f64, String::new());
+    for ((n, w), (n2, g)) in want.iter().zip(&got) {
+        assert_eq!(n, n2);
+        let e = rel(g, w);
+        if e > worst.0 {
+            worst = (e, n.clone());
+        }
+    }
+    println!(
+        "CUDA f64 train gradients: {} tensors, worst relative error {:.2e} ({})",
+        want.len(),
+        worst.0,
+        worst.1
+    );
+    assert!(
+        worst.0 < 1e-9,
+        "gradient of {}: relative error {:.2e}",
+        worst.1,
+        worst.0
+    );
+}
