@@ -25,7 +25,8 @@
 #      vs on cpu (same images, same noise: must agree to 1e-4 relative), on cuda with
 #      TF32 (the default, reported), and sampling on cuda
 #   d  nvp bench, configs/cifar10.toml and configs/cifar10-small.toml, on cuda (cuDNN,
-#      TF32); then cifar10-small training again with strict FP32 cuDNN (NVP_TF32=0),
+#      TF32, cuDNN batch norm); then cifar10-small training again with strict FP32
+#      cuDNN (NVP_TF32=0), with candle's batch norm (NVP_CUDNN_BN=0),
 #      with candle's convolution ops (NVP_CUDNN=0; in this build candle's own conv2d
 #      forward goes through cuDNN too, its backward is candle's: conv_transpose2d for
 #      the input gradient, a direct kernel for the weight gradient) and with those plus
@@ -244,9 +245,10 @@ run_part d_bench_small 90 "$NVP" bench --config configs/cifar10-small.toml "${BE
 # the input gradient by conv2d.
 AB_ARGS=(--device cuda --json --batch 64 --warmup "$WARM" --steps "$STEPS" --eval-reps 0 --sample-reps 0)
 run_part d_bench_small_fp32 60 env NVP_TF32=0 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
+run_part d_bench_small_nobn 60 env NVP_CUDNN_BN=0 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
 run_part d_bench_small_candle 60 env NVP_CUDNN=0 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
 run_part d_bench_small_dx 60 env NVP_CUDNN=0 NVP_DX_AS_CONV=1 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
-echo "cifar10-small training img/s: cuDNN+TF32 (default) $(json "$WORK/d_bench_small.out" train_img_per_s), cuDNN FP32 $(json "$WORK/d_bench_small_fp32.out" train_img_per_s), candle $(json "$WORK/d_bench_small_candle.out" train_img_per_s), candle+dx-as-conv $(json "$WORK/d_bench_small_dx.out" train_img_per_s)"
+echo "cifar10-small training img/s: cuDNN+TF32 (default) $(json "$WORK/d_bench_small.out" train_img_per_s), cuDNN FP32 $(json "$WORK/d_bench_small_fp32.out" train_img_per_s), candle batch norm $(json "$WORK/d_bench_small_nobn.out" train_img_per_s), candle $(json "$WORK/d_bench_small_candle.out" train_img_per_s), candle+dx-as-conv $(json "$WORK/d_bench_small_dx.out" train_img_per_s)"
 
 # ---------------------------------------------------------------------------------- f
 hdr "f. PyTorch peer on the same GPU (scripts/torch_peer_cuda.py)"
@@ -313,12 +315,13 @@ for cfg, ours_f, torch_f in (("cifar10", "d_bench_paper", "f_torch_paper"),
 print("(img/s; train batch 64, eval batch 256, 64 samples; medians)")
 ab = {}
 for name, label in (("d_bench_small", "cuDNN + TF32 (default)"), ("d_bench_small_fp32", "cuDNN, strict FP32"),
+                    ("d_bench_small_nobn", "cuDNN conv, candle batch norm"),
                     ("d_bench_small_candle", "candle's conv ops (NVP_CUDNN=0)"),
                     ("d_bench_small_dx", "candle, dx by conv2d")):
     o = last_json(name)
     if o:
-        ab[name] = {"conv": o.get("conv"), "train_img_per_s": o.get("train_img_per_s")}
-        print(f"cifar10-small training, {label:<32} [{o.get('conv')}]: {o.get('train_img_per_s'):9.1f} img/s")
+        ab[name] = {"conv": o.get("conv"), "batch_norm": o.get("batch_norm"), "train_img_per_s": o.get("train_img_per_s")}
+        print(f"cifar10-small training, {label:<32} [{o.get('conv')}, bn {o.get('batch_norm')}]: {o.get('train_img_per_s'):9.1f} img/s")
 summary["cifar10_small_training_ab"] = ab
 tests = {}
 for f in sorted(os.listdir(work)):

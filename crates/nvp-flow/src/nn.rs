@@ -229,7 +229,10 @@ impl BatchNorm {
         if self.fast_path_for(x) {
             return self.forward_fast(x, mode, relu);
         }
-        let y = self.forward_reference(x, mode)?;
+        let y = match self.forward_cudnn(x, mode)? {
+            Some(y) => y,
+            None => self.forward_reference(x, mode)?,
+        };
         if relu {
             y.relu()
         } else {
@@ -252,6 +255,32 @@ impl BatchNorm {
                 let running = Some((&self.running_mean, &self.running_var));
                 Ok(nvp_kernels::batch_norm(x, affine, running, self.cfg.eps, relu, false)?.y)
             }
+        }
+    }
+
+    /// cuDNN's batch norm on CUDA (`nvp_kernels::try_batch_norm_cudnn`): the same
+    /// statistics, normalisation and running-average update as the reference; in eval
+    /// mode only without an autograd graph (cuDNN's inference op has no backward).
+    /// `None` where it does not apply.
+    fn forward_cudnn(&self, x: &Tensor, mode: Mode) -> Result<Option<Tensor>> {
+        if x.device().is_cpu() {
+            return Ok(None);
+        }
+        let (w, b, eps) = (&self.weight, &self.bias, self.cfg.eps);
+        match mode {
+            Mode::Train => {
+                let Some(out) = nvp_kernels::try_batch_norm_cudnn(x, w, b, None, eps)? else {
+                    return Ok(None);
+                };
+                let n = x.elem_count() / x.dim(1)?.max(1);
+                self.record_batch_stats(&out.mean, &out.var, n)?;
+                Ok(Some(out.y))
+            }
+            Mode::Eval if !(x.track_op() || w.track_op() || b.track_op()) => {
+                let running = Some((&self.running_mean, &self.running_var));
+                Ok(nvp_kernels::try_batch_norm_cudnn(x, w, b, running, eps)?.map(|o| o.y))
+            }
+            Mode::Eval => Ok(None),
         }
     }
 

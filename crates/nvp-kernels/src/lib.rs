@@ -53,7 +53,7 @@ pub use coupling::{
 };
 
 #[cfg(feature = "cudnn")]
-pub use cudnn::conv2d_3x3_cudnn;
+pub use cudnn::{batch_norm_cudnn, conv2d_3x3_cudnn};
 
 pub use resnet::{resnet_train, resnet_train_applies, ResNetShape, ResNetTrainOutput};
 
@@ -75,6 +75,9 @@ static DX_AS_CONV: AtomicU8 = AtomicU8::new(0);
 /// Same states, for cuDNN convolutions of CUDA tensors (environment variable
 /// `NVP_CUDNN`; only with the `cudnn` feature).
 static CUDNN: AtomicU8 = AtomicU8::new(0);
+/// Same states, for cuDNN batch normalisation of CUDA tensors (environment variable
+/// `NVP_CUDNN_BN`; only with the `cudnn` feature and [`cudnn_enabled`]).
+static CUDNN_BN: AtomicU8 = AtomicU8::new(0);
 /// Same states, for TF32 tensor cores in cuDNN's f32 convolutions (environment
 /// variable `NVP_TF32`).
 static TF32: AtomicU8 = AtomicU8::new(0);
@@ -165,6 +168,39 @@ pub fn cudnn_enabled() -> bool {
     cfg!(feature = "cudnn") && switch_enabled(&CUDNN, "NVP_CUDNN")
 }
 
+/// Whether batch normalisation of CUDA tensors goes to cuDNN
+/// ([`try_batch_norm_cudnn`]). Only with the `cudnn` feature and [`cudnn_enabled`];
+/// defaults to true unless the environment variable `NVP_CUDNN_BN` is `0`, `false`,
+/// `off` or `no`; see [`tuning::set_cudnn_batch_norm`].
+pub fn cudnn_batch_norm_enabled() -> bool {
+    cudnn_enabled() && switch_enabled(&CUDNN_BN, "NVP_CUDNN_BN")
+}
+
+/// Batch normalisation with affine by cuDNN (`batch_norm_cudnn`, feature `cudnn`)
+/// where it applies: [`cudnn_batch_norm_enabled`], CUDA tensors, all f32 or all f64,
+/// rank 2 to 4, at least two values per channel, `eps ≥ 1e-5`. `running = None`:
+/// batch statistics, differentiable in `x`, `weight` and `bias`, returned (mean and
+/// biased variance, detached); `Some((mean, var))`: those, no gradient (graph-free
+/// inference only). `Ok(None)` where it does not apply.
+pub fn try_batch_norm_cudnn(
+    x: &candle_core::Tensor,
+    weight: &candle_core::Tensor,
+    bias: &candle_core::Tensor,
+    running: Option<(&candle_core::Tensor, &candle_core::Tensor)>,
+    eps: f64,
+) -> candle_core::Result<Option<BatchNormOutput>> {
+    #[cfg(feature = "cudnn")]
+    {
+        let mut params = vec![weight, bias];
+        params.extend(running.iter().flat_map(|(m, v)| [*m, *v]));
+        if cudnn_batch_norm_enabled() && cudnn::bn_applies(x, &params, eps) {
+            return cudnn::batch_norm_cudnn(x, weight, bias, running, eps).map(Some);
+        }
+    }
+    let _ = (x, weight, bias, running, eps);
+    Ok(None)
+}
+
 /// Allows (true) or forbids (false) TF32 tensor cores in cuDNN's f32 convolutions.
 pub fn set_tf32(enabled: bool) {
     TF32.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
@@ -211,6 +247,12 @@ pub mod tuning {
     /// (true) or candle's `conv_transpose2d` (false, the default).
     pub fn set_dx_as_conv(on: bool) {
         crate::DX_AS_CONV.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    /// Batch normalisation of CUDA tensors by cuDNN (true, the default where the
+    /// `cudnn` feature is built in) or by candle's ops (false).
+    pub fn set_cudnn_batch_norm(on: bool) {
+        crate::CUDNN_BN.store(if on { 1 } else { 2 }, Ordering::Relaxed);
     }
 
     /// Train the s/t networks as one op (true, the default) or op by op (false).

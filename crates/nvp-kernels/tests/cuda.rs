@@ -14,6 +14,10 @@
 //!   FP32 is — or equal, where cuDNN's heuristics pick a kernel without tensor cores.
 //! - candle's own CUDA `conv2d` + `conv_transpose2d` (`set_cudnn(false)`), and the
 //!   input gradient by `conv2d` (`set_dx_as_conv(true)`): f32 within 1e-5.
+//! - cuDNN batch norm (`batch_norm_cudnn`) against `batch_norm_reference` on the CPU in
+//!   f64: training (batch statistics: y, mean, biased variance, and the gradients of
+//!   `sum(y · r)` for x, weight and bias) and inference (running statistics), ranks 2 to
+//!   4; f64 within 1e-10, f32 within 1e-5.
 //!
 //! Relative error: max |got − want| over all elements / max |want|. Set
 //! `NVP_TEST_VERBOSE=1` (with `--nocapture`) to print every measured error.
@@ -195,4 +199,127 @@ fn comparison_detects_a_wrong_gradient() {
     let b = Tensor::zeros(4, DType::F64, &Device::Cpu).unwrap();
     let want = run(&x, &w, &b, &r, &Device::Cpu, DType::F64, true);
     assert!(rel_err(&wrong, &want[1]) > 1e-2);
+}
+
+/// cuDNN batch norm, both modes, against the CPU reference in f64.
+#[cfg(feature = "cudnn")]
+fn check_batch_norm(dtype: DType, tol: f64) {
+    use nvp_kernels::{batch_norm_cudnn, batch_norm_reference};
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(11);
+    for dims in [
+        &[8, 16, 8, 8][..],
+        &[2, 3, 5, 7],
+        &[4, 6],
+        &[3, 4, 10],
+        &[64, 32, 4, 4],
+    ] {
+        let c = dims[1];
+        let x = (rand_f64(&mut rng, dims) * 3.0)
+            .unwrap()
+            .affine(1.0, 0.5)
+            .unwrap();
+        let w = rand_f64(&mut rng, &[c]).affine(0.5, 1.0).unwrap();
+        let b = rand_f64(&mut rng, &[c]);
+        let rm = rand_f64(&mut rng, &[c]);
+        let rv = rand_f64(&mut rng, &[c]).affine(0.4, 1.0).unwrap();
+        let r = rand_f64(&mut rng, dims);
+        let eps = 1e-5;
+        // Training: batch statistics and gradients.
+        let train = |dev: &Device, dt: DType, cudnn: bool| {
+            let var = |t: &Tensor| {
+                Var::from_tensor(&t.to_dtype(dt).unwrap().to_device(dev).unwrap()).unwrap()
+            };
+            let (xv, wv, bv) = (var(&x), var(&w), var(&b));
+            let out = if cudnn {
+                batch_norm_cudnn(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), None, eps)
+            } else {
+                batch_norm_reference(
+                    xv.as_tensor(),
+                    Some((wv.as_tensor(), bv.as_tensor())),
+                    None,
+                    eps,
+                    false,
+                )
+            }
+            .unwrap();
+            let rr = r.to_dtype(dt).unwrap().to_device(dev).unwrap();
+            let g = (&out.y * &rr)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gr = |v: &Var| g.get(v.as_tensor()).expect("no gradient").clone();
+            [
+                out.y.clone(),
+                out.mean.clone(),
+                out.var.detach(),
+                gr(&xv),
+                gr(&wv),
+                gr(&bv),
+            ]
+        };
+        let want = train(&Device::Cpu, DType::F64, false);
+        let got = train(&dev, dtype, true);
+        for (name, (g, wa)) in ["y", "mean", "var", "dx", "dweight", "dbias"]
+            .iter()
+            .zip(got.iter().zip(&want))
+        {
+            assert!(g.device().is_cuda(), "batch norm {name} is not on the GPU");
+            let e = rel_err(g, wa);
+            if verbose() {
+                println!("cuDNN batch norm {dtype:?} train {dims:?} {name}: {e:.3e}");
+            }
+            assert!(e < tol, "cuDNN batch norm {dtype:?} train {dims:?} {name}: relative error {e:.3e} >= {tol:.0e}");
+        }
+        // Inference: running statistics.
+        let to = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+        let got =
+            batch_norm_cudnn(&to(&x), &to(&w), &to(&b), Some((&to(&rm), &to(&rv))), eps).unwrap();
+        let want = batch_norm_reference(&x, Some((&w, &b)), Some((&rm, &rv)), eps, false).unwrap();
+        let e = rel_err(&got.y, &want.y);
+        if verbose() {
+            println!("cuDNN batch norm {dtype:?} inference {dims:?} y: {e:.3e}");
+        }
+        assert!(
+            e < tol,
+            "cuDNN batch norm {dtype:?} inference {dims:?}: relative error {e:.3e} >= {tol:.0e}"
+        );
+    }
+}
+
+#[cfg(feature = "cudnn")]
+#[test]
+fn cudnn_batch_norm_matches_cpu() {
+    check_batch_norm(DType::F64, 1e-10);
+    check_batch_norm(DType::F32, 1e-5);
+}
+
+/// The dispatcher: cuDNN where it applies, nothing (the caller's candle ops) where it
+/// does not — CPU tensors, eps below cuDNN's minimum, switched off.
+#[cfg(feature = "cudnn")]
+#[test]
+fn cudnn_batch_norm_dispatch() {
+    let _g = lock();
+    let dev = gpu();
+    let x = Tensor::ones((4, 3, 2, 2), DType::F32, &dev).unwrap();
+    let (w, b) = (
+        Tensor::ones(3, DType::F32, &dev).unwrap(),
+        Tensor::zeros(3, DType::F32, &dev).unwrap(),
+    );
+    let try_bn = |x: &Tensor, w: &Tensor, b: &Tensor, eps| {
+        nvp_kernels::try_batch_norm_cudnn(x, w, b, None, eps)
+            .unwrap()
+            .is_some()
+    };
+    nvp_kernels::set_cudnn(true);
+    tuning::set_cudnn_batch_norm(true);
+    assert!(try_bn(&x, &w, &b, 1e-5));
+    assert!(!try_bn(&x, &w, &b, 1e-6), "eps below cuDNN's minimum");
+    let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+    assert!(!try_bn(&cpu(&x), &cpu(&w), &cpu(&b), 1e-5), "CPU tensors");
+    tuning::set_cudnn_batch_norm(false);
+    assert!(!try_bn(&x, &w, &b, 1e-5), "switched off");
+    tuning::set_cudnn_batch_norm(true);
 }

@@ -175,12 +175,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
     // What the convolutions ran on: this crate's CPU kernels, cuDNN (with or without
     // TF32 tensor cores) or candle's own ops.
     let conv = conv_backend(&device);
+    let bn = match (device.is_cpu(), nvp_kernels::fast_cpu_enabled()) {
+        (true, true) => "nvp",
+        (false, _) if nvp_kernels::cudnn_batch_norm_enabled() => "cudnn",
+        _ => "candle",
+    };
     let train_ips = a.batch as f64 / train_step_s;
     let eval_ips = a.eval_batch as f64 / eval_s;
     let sample_ips = a.sample_n as f64 / sample_s;
     if a.json {
         println!(
-            "{{\"config\":\"{}\",\"device\":\"{}\",\"params\":{params},\"batch\":{},\"train_step_s\":{train_step_s:.4},\"train_img_per_s\":{train_ips:.3},\"eval_batch\":{},\"eval_img_per_s\":{eval_ips:.3},\"sample_n\":{},\"sample_img_per_s\":{sample_ips:.3},\"peak_rss_mib\":{peak:.1},\"peak_rss_train_mib\":{peak_train:.1},\"rss_before_train_mib\":{rss_before:.1},\"skipped_steps\":{skipped},\"threads\":{},\"conv\":\"{conv}\"}}",
+            "{{\"config\":\"{}\",\"device\":\"{}\",\"params\":{params},\"batch\":{},\"train_step_s\":{train_step_s:.4},\"train_img_per_s\":{train_ips:.3},\"eval_batch\":{},\"eval_img_per_s\":{eval_ips:.3},\"sample_n\":{},\"sample_img_per_s\":{sample_ips:.3},\"peak_rss_mib\":{peak:.1},\"peak_rss_train_mib\":{peak_train:.1},\"rss_before_train_mib\":{rss_before:.1},\"skipped_steps\":{skipped},\"threads\":{},\"conv\":\"{conv}\",\"batch_norm\":\"{bn}\"}}",
             s.name,
             s.train.device,
             a.batch,
@@ -190,7 +195,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     } else {
         println!(
-            "config {} on {} (convolutions: {conv}): {params} parameters",
+            "config {} on {} (convolutions: {conv}, batch norm: {bn}): {params} parameters",
             s.name, s.train.device
         );
         println!(
