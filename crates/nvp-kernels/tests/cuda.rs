@@ -10,8 +10,7 @@
 //! - cuDNN (feature `cudnn`): f64 within 1e-10; f32 with strict FP32 math
 //!   (`set_tf32(false)`, `CUDNN_FMA_MATH`) within 1e-5; f32 with TF32 allowed (the
 //!   default, as PyTorch's) within 1e-2 (TF32 rounds the inputs to 10 mantissa bits:
-//!   about 5e-4 relative per product), and further from the f64 result than strict
-//!   FP32 is — or equal, where cuDNN's heuristics pick a kernel without tensor cores.
+//!   about 5e-4 relative per product); both worst errors are printed.
 //! - candle's own CUDA `conv2d` + `conv_transpose2d` (`set_cudnn(false)`), and the
 //!   input gradient by `conv2d` (`set_dx_as_conv(true)`): f32 within 1e-5.
 //! - cuDNN batch norm (`batch_norm_cudnn`) against `batch_norm_reference` on the CPU in
@@ -152,11 +151,9 @@ fn cudnn_f32_strict_and_tf32() {
     let strict = check("cuDNN f32 (FP32 math)", DType::F32, 1e-5);
     nvp_kernels::set_tf32(true);
     let tf32 = check("cuDNN f32 (TF32 allowed)", DType::F32, 1e-2);
+    // Printed, not compared: where cuDNN's heuristics pick no tensor-core kernel the two
+    // differ only by the algorithms' rounding, in either direction.
     println!("cuDNN f32: worst relative error {strict:.2e} strict FP32, {tf32:.2e} TF32 allowed");
-    assert!(
-        tf32 >= strict,
-        "TF32 ({tf32:.2e}) closer than strict FP32 ({strict:.2e})?"
-    );
 }
 
 #[test]
