@@ -1,0 +1,152 @@
+//! Adam and the global gradient norm against hand computations: PyTorch's Adam
+//! (`torch.optim.Adam`, no weight decay, `amsgrad=False`):
+//!
+//! ```text
+//! m ← β₁·m + (1 − β₁)·g        v ← β₂·v + (1 − β₂)·g²
+//! p ← p − lr · (m / (1 − β₁ᵗ)) / (sqrt(v / (1 − β₂ᵗ)) + ε)
+//! ```
+//!
+//! with the gradient first multiplied by the clipping scale; the norm is
+//! `sqrt(Σ g²)` over every optimised tensor that has a gradient.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use nvp::flow::{Adam, AdamConfig};
+
+fn var(v: &[f64]) -> Var {
+    Var::from_tensor(&Tensor::new(v, &Device::Cpu).unwrap()).unwrap()
+}
+
+/// Gradients of `Σ cᵢ·pᵢ` for each (var, c): exactly c.
+fn grads_of(pairs: &[(&Var, &[f64])]) -> GradStore {
+    let mut loss = Tensor::new(0f64, &Device::Cpu).unwrap();
+    for (v, c) in pairs {
+        let c = Tensor::new(*c, &Device::Cpu).unwrap();
+        loss = (loss + (v.as_tensor() * c).unwrap().sum_all().unwrap()).unwrap();
+    }
+    loss.backward().unwrap()
+}
+
+fn values(v: &Var) -> Vec<f64> {
+    v.as_tensor().to_vec1().unwrap()
+}
+
+#[test]
+fn adam_matches_the_formula_over_steps_with_clipping() {
+    let cfg = AdamConfig {
+        lr: 0.1,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+    };
+    let p = var(&[1.0, -2.0]);
+    let q = var(&[0.5]);
+    let mut adam = Adam::new(vec![("p".into(), p.clone()), ("q".into(), q.clone())], cfg).unwrap();
+    // Hand-rolled state: parameters, m, v per element.
+    let mut want = [(1.0f64, 0.0f64, 0.0f64), (-2.0, 0.0, 0.0), (0.5, 0.0, 0.0)];
+    let steps: [([f64; 2], [f64; 1], f64); 3] = [
+        ([0.5, -1.0], [2.0], 1.0),
+        ([0.25, 3.0], [-1.0], 0.5),
+        ([-0.75, 0.0], [0.125], 1.0),
+    ];
+    for (t, (gp, gq, clip)) in steps.iter().enumerate() {
+        let grads = grads_of(&[(&p, gp), (&q, gq)]);
+        adam.step(&grads, *clip).unwrap();
+        let t = (t + 1) as i32;
+        for (s, g) in want.iter_mut().zip(gp.iter().chain(gq)) {
+            let g = g * clip;
+            s.1 = cfg.beta1 * s.1 + (1.0 - cfg.beta1) * g;
+            s.2 = cfg.beta2 * s.2 + (1.0 - cfg.beta2) * g * g;
+            let mh = s.1 / (1.0 - cfg.beta1.powi(t));
+            let vh = s.2 / (1.0 - cfg.beta2.powi(t));
+            s.0 -= cfg.lr * mh / (vh.sqrt() + cfg.eps);
+        }
+        let got: Vec<f64> = values(&p).into_iter().chain(values(&q)).collect();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w.0).abs() < 1e-14,
+                "step {t}, element {i}: {g} vs {}",
+                w.0
+            );
+        }
+    }
+    assert_eq!(adam.steps(), 3);
+    // The first step moves each element by lr·sign(g) (m̂/sqrt(v̂) = ±1 up to ε).
+    let p2 = var(&[0.0]);
+    let mut a2 = Adam::new(vec![("p".into(), p2.clone())], cfg).unwrap();
+    a2.step(&grads_of(&[(&p2, &[-3.0])]), 1.0).unwrap();
+    assert!((values(&p2)[0] - 0.1).abs() < 1e-8);
+}
+
+#[test]
+fn grad_norm_is_the_global_l2_norm() {
+    let (p, q, r) = (var(&[1.0, 1.0]), var(&[1.0]), var(&[7.0]));
+    let adam = Adam::new(
+        vec![
+            ("p".into(), p.clone()),
+            ("q".into(), q.clone()),
+            ("r".into(), r.clone()),
+        ],
+        AdamConfig::default(),
+    )
+    .unwrap();
+    // r has no gradient: left out of the norm (and of the step).
+    let grads = grads_of(&[(&p, &[3.0, 0.0]), (&q, &[-4.0])]);
+    assert_eq!(adam.grad_norm(&grads).unwrap(), 5.0);
+    let grads = grads_of(&[(&p, &[1.0, 2.0]), (&q, &[2.0])]);
+    assert_eq!(adam.grad_norm(&grads).unwrap(), 3.0);
+    // A non-finite gradient anywhere makes the norm non-finite (the training
+    // loop's guard relies on it).
+    let grads = grads_of(&[(&p, &[1.0, f64::NAN]), (&q, &[2.0])]);
+    assert!(adam.grad_norm(&grads).unwrap().is_nan());
+    let grads = grads_of(&[(&p, &[1.0, 0.0]), (&q, &[f64::INFINITY])]);
+    assert!(adam.grad_norm(&grads).unwrap().is_infinite());
+    // No gradient at all: zero.
+    let none = grads_of(&[]);
+    assert_eq!(adam.grad_norm(&none).unwrap(), 0.0);
+    // f32 gradients are summed in f64.
+    let f = Var::from_tensor(&Tensor::new(&[0.1f32, 0.2, 0.3], &Device::Cpu).unwrap()).unwrap();
+    let a32 = Adam::new(vec![("f".into(), f.clone())], AdamConfig::default()).unwrap();
+    let c = Tensor::new(&[0.1f32, 0.2, 0.3], &Device::Cpu).unwrap();
+    let g = (f.as_tensor() * c)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let want = (0.1f32 as f64).powi(2) + (0.2f32 as f64).powi(2) + (0.3f32 as f64).powi(2);
+    let got = a32.grad_norm(&g).unwrap();
+    assert!((got - want.sqrt()).abs() < 1e-7, "{got} vs {}", want.sqrt());
+    assert_eq!(f.as_tensor().dtype(), DType::F32);
+}
+
+#[test]
+fn state_round_trip_resumes_exactly() {
+    let cfg = AdamConfig::default();
+    let g1: &[f64] = &[0.3, -0.7];
+    let g2: &[f64] = &[-0.2, 0.9];
+    // Two steps in one go …
+    let p = var(&[1.0, 2.0]);
+    let mut a = Adam::new(vec![("p".into(), p.clone())], cfg).unwrap();
+    a.step(&grads_of(&[(&p, g1)]), 1.0).unwrap();
+    a.step(&grads_of(&[(&p, g2)]), 1.0).unwrap();
+    // … and one step, the state saved and loaded into a fresh optimiser, one more.
+    let q = var(&[1.0, 2.0]);
+    let mut b = Adam::new(vec![("p".into(), q.clone())], cfg).unwrap();
+    b.step(&grads_of(&[(&q, g1)]), 1.0).unwrap();
+    let (state, steps) = (b.state(), b.steps());
+    assert_eq!(state.len(), 2, "m.p and v.p");
+    let q2 = var(&values(&q));
+    let mut c = Adam::new(vec![("p".into(), q2.clone())], cfg).unwrap();
+    c.load_state(&state, steps).unwrap();
+    c.step(&grads_of(&[(&q2, g2)]), 1.0).unwrap();
+    assert_eq!(values(&p), values(&q2));
+    // A state of the wrong shape is refused, naming the tensor.
+    let mut bad = state.clone();
+    bad.insert(
+        "m.p".into(),
+        Tensor::zeros(3, DType::F64, &Device::Cpu).unwrap(),
+    );
+    let err = c.load_state(&bad, 1).unwrap_err().to_string();
+    assert!(err.contains("m.p"), "{err}");
+}
