@@ -313,6 +313,12 @@ for cfg, ours_f, torch_f in (("cifar10", "d_bench_paper", "f_torch_paper"),
         print(f"{cfg:<14}{m:<10}{fmt(ov)}{fmt(tv)}{(f'{r:12.3f}' if r else f'{chr(45):>12}')}")
         summary[cfg][k + "_ratio"] = r
 print("(img/s; train batch 64, eval batch 256, 64 samples; medians)")
+for cfg, ours_f in (("cifar10", "d_bench_paper"), ("cifar10-small", "d_bench_small")):
+    o = last_json(ours_f)
+    if o and "train_forward_s" in o:
+        print(f"nvp {cfg} training step phases (synchronised): forward {o['train_forward_s']:.4f} s, "
+              f"backward {o['train_backward_s']:.4f} s, update {o['train_update_s']:.4f} s "
+              f"(unsynchronised step {o.get('train_step_s')} s; conv {o.get('conv')}, batch norm {o.get('batch_norm')})")
 ab = {}
 for name, label in (("d_bench_small", "cuDNN + TF32 (default)"), ("d_bench_small_fp32", "cuDNN, strict FP32"),
                     ("d_bench_small_nobn", "cuDNN conv, candle batch norm"),

@@ -60,6 +60,16 @@ impl Trainer {
     /// Flip/dequantise/logit were done by the loader; here: forward, loss =
     /// mean bits/dim + L2 · Σ (scale parameters)², backward, clip, Adam.
     pub fn step(&mut self, batch: &Batch) -> Result<StepOutcome> {
+        self.step_marked(batch, |_| Ok(()))
+    }
+
+    /// [`Trainer::step`], calling `mark` as each phase ends (`nvp bench` synchronises
+    /// the device there and times the phases). A skipped step ends early.
+    pub fn step_marked(
+        &mut self,
+        batch: &Batch,
+        mut mark: impl FnMut(Phase) -> Result<()>,
+    ) -> Result<StepOutcome> {
         let dims = self.model.dims();
         let buffers: Vec<_> = self
             .store
@@ -98,7 +108,9 @@ impl Trainer {
                 skipped: true,
             });
         }
+        mark(Phase::Forward)?;
         let grads = loss.backward()?;
+        mark(Phase::Backward)?;
         let grad_norm = self.adam.grad_norm(&grads)?;
         if !grad_norm.is_finite() {
             restore(&buffers)?;
@@ -114,12 +126,24 @@ impl Trainer {
             1.0
         };
         self.adam.step(&grads, scale)?;
+        mark(Phase::Update)?;
         Ok(StepOutcome {
             bpd,
             grad_norm,
             skipped: false,
         })
     }
+}
+
+/// The phases of a training step, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Forward pass, loss, and the loss read back for the non-finite guard.
+    Forward,
+    /// Backward pass through the whole graph.
+    Backward,
+    /// Gradient norm, clipping and the Adam update.
+    Update,
 }
 
 /// Bits/dim of each image of `batches` in evaluation mode.

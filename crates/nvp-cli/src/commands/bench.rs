@@ -139,6 +139,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let train_step_s = median(times);
     let peak_train = peak_rss_mib();
+    // Where a step's time goes: a few more steps, the device synchronised at the end of
+    // each phase (forward + loss, backward, gradient norm + Adam). Not part of the
+    // figure above, which has no synchronisation inside a step.
+    let mut phases: [Vec<f64>; 3] = Default::default();
+    for _ in 0..a.steps.min(5) {
+        let b = make_batch(&px, a.batch, &s, s.data.flip, &mut rng, &device)?;
+        device_sync(&device)?;
+        let mut t = Instant::now();
+        trainer.step_marked(&b, |phase| {
+            device_sync(&device)?;
+            phases[phase as usize].push(t.elapsed().as_secs_f64());
+            t = Instant::now();
+            Ok(())
+        })?;
+    }
+    let [fwd_s, bwd_s, upd_s] = phases.map(|p| if p.is_empty() { f64::NAN } else { median(p) });
 
     // Evaluation.
     let px = random_pixels(a.eval_batch, &mut rng);
@@ -185,7 +201,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let sample_ips = a.sample_n as f64 / sample_s;
     if a.json {
         println!(
-            "{{\"config\":\"{}\",\"device\":\"{}\",\"params\":{params},\"batch\":{},\"train_step_s\":{train_step_s:.4},\"train_img_per_s\":{train_ips:.3},\"eval_batch\":{},\"eval_img_per_s\":{eval_ips:.3},\"sample_n\":{},\"sample_img_per_s\":{sample_ips:.3},\"peak_rss_mib\":{peak:.1},\"peak_rss_train_mib\":{peak_train:.1},\"rss_before_train_mib\":{rss_before:.1},\"skipped_steps\":{skipped},\"threads\":{},\"conv\":\"{conv}\",\"batch_norm\":\"{bn}\"}}",
+            "{{\"config\":\"{}\",\"device\":\"{}\",\"params\":{params},\"batch\":{},\"train_step_s\":{train_step_s:.4},\"train_img_per_s\":{train_ips:.3},\"eval_batch\":{},\"eval_img_per_s\":{eval_ips:.3},\"sample_n\":{},\"sample_img_per_s\":{sample_ips:.3},\"peak_rss_mib\":{peak:.1},\"peak_rss_train_mib\":{peak_train:.1},\"rss_before_train_mib\":{rss_before:.1},\"skipped_steps\":{skipped},\"threads\":{},\"conv\":\"{conv}\",\"batch_norm\":\"{bn}\",\"train_forward_s\":{fwd_s:.4},\"train_backward_s\":{bwd_s:.4},\"train_update_s\":{upd_s:.4}}}",
             s.name,
             s.train.device,
             a.batch,
@@ -201,6 +217,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!(
             "train   batch {:>4}: {train_ips:8.2} img/s (median step {:.3} s over {} steps)",
             a.batch, train_step_s, a.steps
+        );
+        println!(
+            "        phases (synchronised): forward {fwd_s:.3} s, backward {bwd_s:.3} s, update {upd_s:.3} s"
         );
         println!("eval    batch {:>4}: {eval_ips:8.2} img/s", a.eval_batch);
         println!("sample  n     {:>4}: {sample_ips:8.2} img/s", a.sample_n);
