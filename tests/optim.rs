@@ -134,7 +134,7 @@ fn state_round_trip_resumes_exactly() {
     let q = var(&[1.0, 2.0]);
     let mut b = Adam::new(vec![("p".into(), q.clone())], cfg).unwrap();
     b.step(&grads_of(&[(&q, g1)]), 1.0).unwrap();
-    let (state, steps) = (b.state(), b.steps());
+    let (state, steps) = (b.state().unwrap(), b.steps());
     assert_eq!(state.len(), 2, "m.p and v.p");
     let q2 = var(&values(&q));
     let mut c = Adam::new(vec![("p".into(), q2.clone())], cfg).unwrap();
@@ -149,4 +149,107 @@ fn state_round_trip_resumes_exactly() {
     );
     let err = c.load_state(&bad, 1).unwrap_err().to_string();
     assert!(err.contains("m.p"), "{err}");
+}
+
+/// All variables with a gradient: one update on the flat moments; one without: variable
+/// by variable. The arithmetic per element is the same, so the results must be equal to
+/// the bit (f32, with and without clipping), and the variable without a gradient, and
+/// its moments, stay untouched.
+#[test]
+fn flat_update_equals_per_variable_update_bitwise() {
+    let mk = |seed: u32| {
+        let v: Vec<f32> = (0..37)
+            .map(|i| ((i as f32 + seed as f32) * 0.731).sin())
+            .collect();
+        Var::from_tensor(&Tensor::from_vec(v, (37,), &Device::Cpu).unwrap()).unwrap()
+    };
+    let shaped = |seed: u32| {
+        let v: Vec<f32> = (0..24)
+            .map(|i| (i as f32 * 1.37 + seed as f32).cos())
+            .collect();
+        Var::from_tensor(&Tensor::from_vec(v, (2, 3, 4), &Device::Cpu).unwrap()).unwrap()
+    };
+    let (p1, q1) = (mk(1), shaped(2));
+    let (p2, q2, z2) = (mk(1), shaped(2), mk(9));
+    let cfg = AdamConfig {
+        lr: 0.01,
+        ..AdamConfig::default()
+    };
+    let mut flat = Adam::new(
+        vec![("p".into(), p1.clone()), ("q".into(), q1.clone())],
+        cfg,
+    )
+    .unwrap();
+    let mut each = Adam::new(
+        vec![
+            ("p".into(), p2.clone()),
+            ("z".into(), z2.clone()),
+            ("q".into(), q2.clone()),
+        ],
+        cfg,
+    )
+    .unwrap();
+    let z0: Vec<f32> = z2.as_tensor().to_vec1().unwrap();
+    for step in 0..5u32 {
+        let loss = |p: &Var, q: &Var| {
+            let a = (p.as_tensor().sqr().unwrap() * (1.0 + step as f64))
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let b = q.as_tensor().sin().unwrap().sum_all().unwrap();
+            (a + b).unwrap()
+        };
+        let g1 = loss(&p1, &q1).backward().unwrap();
+        let g2 = loss(&p2, &q2).backward().unwrap();
+        assert!(g2.get(z2.as_tensor()).is_none());
+        let clip = if step % 2 == 0 { 1.0 } else { 0.37 };
+        flat.step(&g1, clip).unwrap();
+        each.step(&g2, clip).unwrap();
+        let bits = |v: &Var| -> Vec<u32> {
+            v.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&p1), bits(&p2), "step {step}: p");
+        assert_eq!(bits(&q1), bits(&q2), "step {step}: q");
+    }
+    assert_eq!(
+        z2.as_tensor().to_vec1::<f32>().unwrap(),
+        z0,
+        "z has no gradient: unchanged"
+    );
+    let (s1, s2) = (flat.state().unwrap(), each.state().unwrap());
+    for k in ["m.p", "v.p", "m.q", "v.q"] {
+        assert_eq!(s1[k].dims(), s2[k].dims(), "{k}");
+        let a: Vec<f32> = s1[k].flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = s2[k].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a, b, "{k}");
+    }
+    assert_eq!(s2["m.q"].dims(), &[2, 3, 4]);
+    assert!(s2["m.z"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|&x| x == 0.0));
+}
+
+#[test]
+fn mixed_dtypes_are_refused_by_name() {
+    let a = var(&[1.0]);
+    let b = Var::from_tensor(&Tensor::new(&[1.0f32], &Device::Cpu).unwrap()).unwrap();
+    let err = Adam::new(
+        vec![("a".into(), a), ("b".into(), b)],
+        AdamConfig::default(),
+    )
+    .err()
+    .expect("mixed dtypes must be refused")
+    .to_string();
+    assert!(err.contains("`b`"), "{err}");
 }

@@ -33,30 +33,54 @@ impl Default for AdamConfig {
 struct Slot {
     name: String,
     var: Var,
-    m: Var,
-    v: Var,
+    /// Where this variable's moments start in the flat `m` and `v`.
+    offset: usize,
 }
 
 /// Adam over named variables.
+///
+/// The moments of all variables live in two flat vectors, and when every variable has
+/// a gradient the update runs on them at once: the gradients are concatenated, the
+/// moment and step arithmetic is a dozen ops on the whole vector, and each variable
+/// then takes its slice of the step. The arithmetic per element is the same as one
+/// variable at a time (the fallback when some variable has no gradient), so the
+/// results are the same to the bit; on a GPU it is a few launches per variable
+/// instead of fifteen.
 pub struct Adam {
     cfg: AdamConfig,
     slots: Vec<Slot>,
+    m: Var,
+    v: Var,
     step: u64,
 }
 
 impl Adam {
+    /// All variables must share one dtype and device.
     pub fn new(vars: Vec<(String, Var)>, cfg: AdamConfig) -> Result<Self> {
-        let slots = vars
-            .into_iter()
-            .map(|(name, var)| {
-                let m = Var::zeros(var.shape(), var.dtype(), var.device())?;
-                let v = Var::zeros(var.shape(), var.dtype(), var.device())?;
-                Ok(Slot { name, var, m, v })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let (dtype, device) = match vars.first() {
+            Some((_, v)) => (v.dtype(), v.device().clone()),
+            None => (DType::F32, candle_core::Device::Cpu),
+        };
+        let mut offset = 0;
+        let mut slots = Vec::with_capacity(vars.len());
+        for (name, var) in vars {
+            if var.dtype() != dtype || !var.device().same_device(&device) {
+                candle_core::bail!(
+                    "Adam: variable `{name}` is {:?} on {:?}, the others {dtype:?} on {:?}",
+                    var.dtype(),
+                    var.device().location(),
+                    device.location()
+                );
+            }
+            let len = var.elem_count();
+            slots.push(Slot { name, var, offset });
+            offset += len;
+        }
         Ok(Self {
             cfg,
             slots,
+            m: Var::zeros(offset, dtype, &device)?,
+            v: Var::zeros(offset, dtype, &device)?,
             step: 0,
         })
     }
@@ -96,63 +120,123 @@ impl Adam {
 
     /// One Adam step; gradients are first scaled by `clip_scale` (use
     /// `min(1, max_norm / norm)` for norm clipping). Variables without a
-    /// gradient are left alone.
+    /// gradient are left alone (their moments too).
     pub fn step(&mut self, grads: &GradStore, clip_scale: f64) -> Result<()> {
         self.step += 1;
-        let t = self.step as i32;
+        let gs: Vec<Option<&Tensor>> = self
+            .slots
+            .iter()
+            .map(|s| grads.get(s.var.as_tensor()))
+            .collect();
+        if gs.iter().all(Option::is_some) {
+            self.step_flat(&gs.into_iter().flatten().collect::<Vec<_>>(), clip_scale)
+        } else {
+            self.step_each(&gs, clip_scale)
+        }
+    }
+
+    /// `(new m, new v, lr · m̂ / (sqrt(v̂) + ε))` for moments `m`, `v` and gradient `g`
+    /// (all the same shape), with the step count already advanced.
+    fn moments(&self, m: &Tensor, v: &Tensor, g: &Tensor, clip_scale: f64) -> Result<[Tensor; 3]> {
         let c = &self.cfg;
+        let t = self.step as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
+        let g = if clip_scale != 1.0 {
+            (g * clip_scale)?
+        } else {
+            g.clone()
+        };
+        let m = ((m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+        let v = ((v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+        let denom = ((&v / bc2)?.sqrt()? + c.eps)?;
+        let update = (((&m / bc1)? / denom)? * c.lr)?;
+        Ok([m, v, update])
+    }
+
+    /// The update on the flat moments (every variable has a gradient).
+    fn step_flat(&mut self, gs: &[&Tensor], clip_scale: f64) -> Result<()> {
+        if self.slots.is_empty() {
+            return Ok(());
+        }
+        let flat = gs
+            .iter()
+            .map(|g| g.flatten_all())
+            .collect::<Result<Vec<_>>>()?;
+        let g = Tensor::cat(&flat, 0)?;
+        let [m, v, update] =
+            self.moments(self.m.as_tensor(), self.v.as_tensor(), &g, clip_scale)?;
+        self.m.set(&m)?;
+        self.v.set(&v)?;
         for s in &self.slots {
-            let Some(g) = grads.get(s.var.as_tensor()) else {
-                continue;
-            };
-            let g = if clip_scale != 1.0 {
-                (g * clip_scale)?
-            } else {
-                g.clone()
-            };
-            let m = ((s.m.as_tensor() * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            let v = ((s.v.as_tensor() * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let denom = ((&v / bc2)?.sqrt()? + c.eps)?;
-            let update = ((&m / bc1)? / denom)?;
-            let new = (s.var.as_tensor() - (update * c.lr)?)?;
-            s.m.set(&m)?;
-            s.v.set(&v)?;
-            s.var.set(&new)?;
+            let u = update
+                .narrow(0, s.offset, s.var.elem_count())?
+                .reshape(s.var.shape())?;
+            s.var.set(&(s.var.as_tensor() - u)?)?;
         }
         Ok(())
     }
 
-    /// The moments by name (`m.<param>`, `v.<param>`) for a checkpoint.
-    pub fn state(&self) -> HashMap<String, Tensor> {
+    /// The update variable by variable, skipping those without a gradient.
+    fn step_each(&mut self, gs: &[Option<&Tensor>], clip_scale: f64) -> Result<()> {
+        for (s, g) in self.slots.iter().zip(gs) {
+            let Some(g) = g else { continue };
+            let n = s.var.elem_count();
+            let g = g.flatten_all()?;
+            let m0 = self.m.as_tensor().narrow(0, s.offset, n)?;
+            let v0 = self.v.as_tensor().narrow(0, s.offset, n)?;
+            let [m, v, update] = self.moments(&m0, &v0, &g, clip_scale)?;
+            self.m.as_tensor().slice_set(&m, 0, s.offset)?;
+            self.v.as_tensor().slice_set(&v, 0, s.offset)?;
+            s.var
+                .set(&(s.var.as_tensor() - update.reshape(s.var.shape())?)?)?;
+        }
+        Ok(())
+    }
+
+    /// The moments by name (`m.<param>`, `v.<param>`, each shaped as its parameter)
+    /// for a checkpoint: copies, unaffected by later steps.
+    pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for s in &self.slots {
-            out.insert(format!("m.{}", s.name), s.m.as_tensor().clone());
-            out.insert(format!("v.{}", s.name), s.v.as_tensor().clone());
+            for (prefix, flat) in [("m", &self.m), ("v", &self.v)] {
+                let t = flat
+                    .as_tensor()
+                    .narrow(0, s.offset, s.var.elem_count())?
+                    .reshape(s.var.shape())?
+                    .copy()?;
+                out.insert(format!("{prefix}.{}", s.name), t);
+            }
         }
-        out
+        Ok(out)
     }
 
     /// Restore the moments and the step count saved by [`Adam::state`].
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>, steps: u64) -> Result<()> {
+        let mut loaded = Vec::with_capacity(2 * self.slots.len());
         for s in &self.slots {
-            for (key, var) in [
-                (format!("m.{}", s.name), &s.m),
-                (format!("v.{}", s.name), &s.v),
-            ] {
+            for (prefix, flat) in [("m", &self.m), ("v", &self.v)] {
+                let key = format!("{prefix}.{}", s.name);
                 let t = state.get(&key).ok_or_else(|| {
                     candle_core::Error::Msg(format!("optimizer state `{key}` is missing"))
                 })?;
-                if t.dims() != var.dims() {
+                if t.dims() != s.var.dims() {
                     candle_core::bail!(
                         "optimizer state `{key}` has shape {:?}, the parameter has {:?}",
                         t.dims(),
-                        var.dims()
+                        s.var.dims()
                     );
                 }
-                var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+                let t = t
+                    .to_dtype(flat.dtype())?
+                    .to_device(flat.device())?
+                    .flatten_all()?;
+                loaded.push((flat, t, s.offset));
             }
+        }
+        // Everything checked first: a bad state changes nothing.
+        for (flat, t, offset) in loaded {
+            flat.as_tensor().slice_set(&t, 0, offset)?;
         }
         self.step = steps;
         Ok(())

@@ -309,7 +309,7 @@ fn periodic(
     }
     let ckpt = Checkpoint {
         store: &trainer.store,
-        optimizer: trainer.adam.state(),
+        optimizer: trainer.adam.state()?,
         state,
         settings: s,
     };
