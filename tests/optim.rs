@@ -11,7 +11,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
-use nvp::flow::{Adam, AdamConfig};
+use nvp::flow::{Adam, AdamConfig, UpdateMode};
 
 fn var(v: &[f64]) -> Var {
     Var::from_tensor(&Tensor::new(v, &Device::Cpu).unwrap()).unwrap()
@@ -151,10 +151,10 @@ fn state_round_trip_resumes_exactly() {
     assert!(err.contains("m.p"), "{err}");
 }
 
-/// All variables with a gradient: one update on the flat moments; one without: variable
-/// by variable. The arithmetic per element is the same, so the results must be equal to
-/// the bit (f32, with and without clipping), and the variable without a gradient, and
-/// its moments, stay untouched.
+/// The flat update against the variable-by-variable one (forced, and where a variable
+/// has no gradient): the arithmetic per element is the same, so the results must be
+/// equal to the bit (f32, with and without clipping), and the variable without a
+/// gradient, and its moments, stay untouched.
 #[test]
 fn flat_update_equals_per_variable_update_bitwise() {
     let mk = |seed: u32| {
@@ -180,6 +180,14 @@ fn flat_update_equals_per_variable_update_bitwise() {
         cfg,
     )
     .unwrap();
+    flat.set_update_mode(UpdateMode::Flat);
+    let (p3, q3) = (mk(1), shaped(2));
+    let mut per_var = Adam::new(
+        vec![("p".into(), p3.clone()), ("q".into(), q3.clone())],
+        cfg,
+    )
+    .unwrap();
+    per_var.set_update_mode(UpdateMode::PerVariable);
     let mut each = Adam::new(
         vec![
             ("p".into(), p2.clone()),
@@ -189,6 +197,7 @@ fn flat_update_equals_per_variable_update_bitwise() {
         cfg,
     )
     .unwrap();
+    each.set_update_mode(UpdateMode::Flat);
     let z0: Vec<f32> = z2.as_tensor().to_vec1().unwrap();
     for step in 0..5u32 {
         let loss = |p: &Var, q: &Var| {
@@ -201,10 +210,12 @@ fn flat_update_equals_per_variable_update_bitwise() {
         };
         let g1 = loss(&p1, &q1).backward().unwrap();
         let g2 = loss(&p2, &q2).backward().unwrap();
+        let g3 = loss(&p3, &q3).backward().unwrap();
         assert!(g2.get(z2.as_tensor()).is_none());
         let clip = if step % 2 == 0 { 1.0 } else { 0.37 };
         flat.step(&g1, clip).unwrap();
         each.step(&g2, clip).unwrap();
+        per_var.step(&g3, clip).unwrap();
         let bits = |v: &Var| -> Vec<u32> {
             v.as_tensor()
                 .flatten_all()
@@ -217,6 +228,8 @@ fn flat_update_equals_per_variable_update_bitwise() {
         };
         assert_eq!(bits(&p1), bits(&p2), "step {step}: p");
         assert_eq!(bits(&q1), bits(&q2), "step {step}: q");
+        assert_eq!(bits(&p1), bits(&p3), "step {step}: p, forced per variable");
+        assert_eq!(bits(&q1), bits(&q3), "step {step}: q, forced per variable");
     }
     assert_eq!(
         z2.as_tensor().to_vec1::<f32>().unwrap(),

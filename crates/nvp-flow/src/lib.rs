@@ -35,7 +35,7 @@ pub use coupling::AffineCoupling;
 pub use flow::{Flow, Mode, Sequential};
 pub use mask::{Mask, MaskKind};
 pub use multiscale::RealNvp;
-pub use optim::{Adam, AdamConfig};
+pub use optim::{Adam, AdamConfig, UpdateMode};
 pub use params::ParamStore;
 pub use prior::StandardNormal;
 

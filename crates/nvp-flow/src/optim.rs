@@ -37,21 +37,34 @@ struct Slot {
     offset: usize,
 }
 
+/// How [`Adam::step`] runs its arithmetic; the results are the same to the bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpdateMode {
+    /// [`UpdateMode::Flat`] off the CPU, [`UpdateMode::PerVariable`] on it.
+    #[default]
+    Auto,
+    /// When every variable has a gradient: the gradients concatenated, the moment
+    /// and step arithmetic as a dozen ops on the whole vector, then each variable
+    /// takes its slice of the step — on a GPU a few kernel launches per variable
+    /// instead of fifteen.
+    Flat,
+    /// Variable by variable (on the CPU each variable's arithmetic stays in cache).
+    PerVariable,
+}
+
 /// Adam over named variables.
 ///
-/// The moments of all variables live in two flat vectors, and when every variable has
-/// a gradient the update runs on them at once: the gradients are concatenated, the
-/// moment and step arithmetic is a dozen ops on the whole vector, and each variable
-/// then takes its slice of the step. The arithmetic per element is the same as one
-/// variable at a time (the fallback when some variable has no gradient), so the
-/// results are the same to the bit; on a GPU it is a few launches per variable
-/// instead of fifteen.
+/// The moments of all variables live in two flat vectors (one allocation each); the
+/// update runs over them at once or variable by variable ([`UpdateMode`]), with the
+/// same arithmetic per element either way. Variables without a gradient are always
+/// updated one by one, the others left alone.
 pub struct Adam {
     cfg: AdamConfig,
     slots: Vec<Slot>,
     m: Var,
     v: Var,
     step: u64,
+    mode: UpdateMode,
 }
 
 impl Adam {
@@ -82,7 +95,13 @@ impl Adam {
             m: Var::zeros(offset, dtype, &device)?,
             v: Var::zeros(offset, dtype, &device)?,
             step: 0,
+            mode: UpdateMode::Auto,
         })
+    }
+
+    /// Chooses how the update runs (default [`UpdateMode::Auto`]).
+    pub fn set_update_mode(&mut self, mode: UpdateMode) {
+        self.mode = mode;
     }
 
     pub fn config(&self) -> &AdamConfig {
@@ -128,7 +147,12 @@ impl Adam {
             .iter()
             .map(|s| grads.get(s.var.as_tensor()))
             .collect();
-        if gs.iter().all(Option::is_some) {
+        let flat = match self.mode {
+            UpdateMode::Flat => true,
+            UpdateMode::PerVariable => false,
+            UpdateMode::Auto => !self.m.device().is_cpu(),
+        };
+        if flat && gs.iter().all(Option::is_some) {
             self.step_flat(&gs.into_iter().flatten().collect::<Vec<_>>(), clip_scale)
         } else {
             self.step_each(&gs, clip_scale)
