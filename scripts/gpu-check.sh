@@ -246,8 +246,8 @@ run_part d_bench_small 90 "$NVP" bench --config configs/cifar10-small.toml "${BE
 AB_ARGS=(--device cuda --json --batch 64 --warmup "$WARM" --steps "$STEPS" --eval-reps 0 --sample-reps 0)
 run_part d_bench_small_fp32 60 env NVP_TF32=0 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
 run_part d_bench_small_nobn 60 env NVP_CUDNN_BN=0 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
-run_part d_bench_small_candle 60 env NVP_CUDNN=0 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
-run_part d_bench_small_dx 60 env NVP_CUDNN=0 NVP_DX_AS_CONV=1 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
+run_part d_bench_small_candle 40 env NVP_CUDNN=0 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
+run_part d_bench_small_dx 40 env NVP_CUDNN=0 NVP_DX_AS_CONV=1 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
 echo "cifar10-small training img/s: cuDNN+TF32 (default) $(json "$WORK/d_bench_small.out" train_img_per_s), cuDNN FP32 $(json "$WORK/d_bench_small_fp32.out" train_img_per_s), candle batch norm $(json "$WORK/d_bench_small_nobn.out" train_img_per_s), candle $(json "$WORK/d_bench_small_candle.out" train_img_per_s), candle+dx-as-conv $(json "$WORK/d_bench_small_dx.out" train_img_per_s)"
 
 # ---------------------------------------------------------------------------------- f
@@ -313,12 +313,13 @@ for cfg, ours_f, torch_f in (("cifar10", "d_bench_paper", "f_torch_paper"),
         print(f"{cfg:<14}{m:<10}{fmt(ov)}{fmt(tv)}{(f'{r:12.3f}' if r else f'{chr(45):>12}')}")
         summary[cfg][k + "_ratio"] = r
 print("(img/s; train batch 64, eval batch 256, 64 samples; medians)")
-for cfg, ours_f in (("cifar10", "d_bench_paper"), ("cifar10-small", "d_bench_small")):
-    o = last_json(ours_f)
-    if o and "train_forward_s" in o:
-        print(f"nvp {cfg} training step phases (synchronised): forward {o['train_forward_s']:.4f} s, "
-              f"backward {o['train_backward_s']:.4f} s, update {o['train_update_s']:.4f} s "
-              f"(unsynchronised step {o.get('train_step_s')} s; conv {o.get('conv')}, batch norm {o.get('batch_norm')})")
+for cfg, ours_f, torch_f in (("cifar10", "d_bench_paper", "f_torch_paper"),
+                             ("cifar10-small", "d_bench_small", "f_torch_small")):
+    for who, o in (("nvp", last_json(ours_f)), ("torch", last_json(torch_f))):
+        if o and "train_forward_s" in o:
+            print(f"{who:<5} {cfg} training step phases (synchronised): forward {o['train_forward_s']:.4f} s, "
+                  f"backward {o['train_backward_s']:.4f} s, update {o['train_update_s']:.4f} s"
+                  + (f" (conv {o.get('conv')}, batch norm {o.get('batch_norm')})" if who == "nvp" else ""))
 ab = {}
 for name, label in (("d_bench_small", "cuDNN + TF32 (default)"), ("d_bench_small_fp32", "cuDNN, strict FP32"),
                     ("d_bench_small_nobn", "cuDNN conv, candle batch norm"),

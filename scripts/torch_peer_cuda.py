@@ -159,6 +159,39 @@ def main(argv=None):
                             first_bpd=bpds[0], last_bpd=bpds[-1])
         log(f"[torch {name}] train: median {med * 1e3:.1f} ms/step -> {bs / med:.1f} img/s "
             f"(bpd {bpds[0]:.3f} -> {bpds[-1]:.3f})")
+        # Where a step's time goes, as `nvp bench` splits it: a few more steps, the device
+        # synchronised after forward + loss (read back), backward, and clip + Adam. The
+        # forward phase here includes the on-device flip/dequantise/logit (nvp's loader
+        # does that before the step).
+        phases = {"forward": [], "backward": [], "update": []}
+        for i in range(min(5, a.train_steps)):
+            idx = torch.randint(0, pix_all.shape[0], (bs,), generator=gen_host)
+            batch = pix_all[idx]
+            sync()
+            t0 = time.perf_counter()
+            pix = flip(batch.to(dev), gen_dev)
+            y, ld_pre = preprocess(pix, gen_dev)
+            bpd = P.bits_per_dim(model, y, ld_pre).mean()
+            reg = sum((q * q).sum() for q in model.scale_parameters())
+            loss = bpd + kw["l2"] * reg
+            float(loss.item())
+            sync()
+            t1 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sync()
+            t2 = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), kw["clip"])
+            opt.step()
+            sync()
+            t3 = time.perf_counter()
+            phases["forward"].append(t1 - t0)
+            phases["backward"].append(t2 - t1)
+            phases["update"].append(t3 - t2)
+        for k, v in phases.items():
+            res[f"train_{k}_s"] = statistics.median(v) if v else float("nan")
+        log(f"[torch {name}] train phases (synchronised): forward {res['train_forward_s']:.4f} s, "
+            f"backward {res['train_backward_s']:.4f} s, update {res['train_update_s']:.4f} s")
 
         # 2. evaluation
         model.eval()
