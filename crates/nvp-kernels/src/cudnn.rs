@@ -83,10 +83,7 @@ fn handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
     })
 }
 
-fn cudnn_err(
-    pass: Pass,
-    d: ConvDims,
-) -> impl Fn(candle_core::cuda::cudarc::cudnn::CudnnError) -> candle_core::Error {
+fn cudnn_err(pass: Pass, d: ConvDims) -> impl Fn(CudnnError) -> candle_core::Error {
     move |e| {
         candle_core::Error::Msg(format!(
             "cuDNN 3x3 convolution ({pass:?}; x ({}, {}, {}, {}), w ({}, {}, 3, 3)): {e:?}",
@@ -383,7 +380,8 @@ pub fn conv2d_3x3_cudnn(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Te
 // ------------------------------------------------------------------------ batch norm
 
 /// A cuDNN handle on candle's stream for the calls cudarc's safe API does not wrap
-/// (batch normalisation), destroyed with its thread.
+/// (batch normalisation: the safe [`Cudnn`] keeps its raw handle private), destroyed
+/// with its thread.
 struct RawHandle(sys::cudnnHandle_t);
 
 impl Drop for RawHandle {
