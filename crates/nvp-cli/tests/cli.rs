@@ -459,3 +459,55 @@ fn killed_run_resumes_to_the_same_parameters() {
     }
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// `nvp bench --json` on the embedded demo model: one JSON line with the throughputs,
+/// the paths that ran (on the CPU: this crate's kernels, or candle's with
+/// `NVP_FAST_CPU=0`) and the phase split of a training step.
+#[test]
+fn bench_reports_throughput_paths_and_phases() {
+    let args = [
+        "bench",
+        "--json",
+        "--batch",
+        "2",
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+        "--eval-batch",
+        "2",
+        "--eval-reps",
+        "1",
+        "--sample-n",
+        "2",
+        "--sample-reps",
+        "1",
+    ];
+    let out = ok(&args);
+    let line = out
+        .lines()
+        .rfind(|l| l.starts_with('{'))
+        .expect("a JSON line");
+    for key in ["train_img_per_s", "eval_img_per_s", "sample_img_per_s"] {
+        assert!(json_number(line, key) > 0.0, "{key} in {line}");
+    }
+    for key in ["train_forward_s", "train_backward_s", "train_update_s"] {
+        let v = json_number(line, key);
+        assert!(v.is_finite() && v > 0.0, "{key} = {v} in {line}");
+    }
+    assert!(line.contains("\"device\":\"cpu\""), "{line}");
+    assert!(line.contains("\"conv\":\"nvp-"), "{line}");
+    assert!(line.contains("\"batch_norm\":\"nvp\""), "{line}");
+    let o = Command::new(env!("CARGO_BIN_EXE_nvp"))
+        .args(args)
+        .env("NVP_FAST_CPU", "0")
+        .output()
+        .expect("run nvp");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("\"conv\":\"candle\""), "{out}");
+    assert!(out.contains("\"batch_norm\":\"candle\""), "{out}");
+    // Steps below one are refused, not divided by.
+    let err = fails(&["bench", "--steps", "0"]);
+    assert!(err.contains("--steps"), "{err}");
+}
