@@ -28,7 +28,8 @@
 #      and the first that works is kept for the rest of the check (said loudly)
 #   d  nvp bench, configs/cifar10.toml and configs/cifar10-small.toml, on cuda (cuDNN,
 #      TF32, cuDNN batch norm); then cifar10-small training again with strict FP32
-#      cuDNN (NVP_TF32=0), with candle's batch norm (NVP_CUDNN_BN=0),
+#      cuDNN (NVP_TF32=0), with algorithms chosen by timing (NVP_CUDNN_BENCHMARK=1),
+#      with candle's batch norm (NVP_CUDNN_BN=0),
 #      with candle's convolution ops (NVP_CUDNN=0; in this build candle's own conv2d
 #      forward goes through cuDNN too, its backward is candle's: conv_transpose2d for
 #      the input gradient, a direct kernel for the weight gradient) and with those plus
@@ -258,10 +259,11 @@ run_part d_bench_small 90 "$NVP" bench --config configs/cifar10-small.toml "${BE
 # the input gradient by conv2d.
 AB_ARGS=(--device cuda --json --batch 64 --warmup "$WARM" --steps "$STEPS" --eval-reps 0 --sample-reps 0)
 run_part d_bench_small_fp32 60 env NVP_TF32=0 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
+run_part d_bench_small_timed 60 env NVP_CUDNN_BENCHMARK=1 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
 run_part d_bench_small_nobn 60 env NVP_CUDNN_BN=0 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
 run_part d_bench_small_candle 40 env NVP_CUDNN=0 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
 run_part d_bench_small_dx 40 env NVP_CUDNN=0 NVP_DX_AS_CONV=1 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
-echo "cifar10-small training img/s: cuDNN+TF32 (default) $(json "$WORK/d_bench_small.out" train_img_per_s), cuDNN FP32 $(json "$WORK/d_bench_small_fp32.out" train_img_per_s), candle batch norm $(json "$WORK/d_bench_small_nobn.out" train_img_per_s), candle $(json "$WORK/d_bench_small_candle.out" train_img_per_s), candle+dx-as-conv $(json "$WORK/d_bench_small_dx.out" train_img_per_s)"
+echo "cifar10-small training img/s: cuDNN+TF32 (default) $(json "$WORK/d_bench_small.out" train_img_per_s), cuDNN FP32 $(json "$WORK/d_bench_small_fp32.out" train_img_per_s), cuDNN timed algorithms $(json "$WORK/d_bench_small_timed.out" train_img_per_s), candle batch norm $(json "$WORK/d_bench_small_nobn.out" train_img_per_s), candle $(json "$WORK/d_bench_small_candle.out" train_img_per_s), candle+dx-as-conv $(json "$WORK/d_bench_small_dx.out" train_img_per_s)"
 
 # ---------------------------------------------------------------------------------- f
 hdr "f. PyTorch peer on the same GPU (scripts/torch_peer_cuda.py)"
@@ -335,6 +337,7 @@ for cfg, ours_f, torch_f in (("cifar10", "d_bench_paper", "f_torch_paper"),
                   + (f" (conv {o.get('conv')}, batch norm {o.get('batch_norm')})" if who == "nvp" else ""))
 ab = {}
 for name, label in (("d_bench_small", "cuDNN + TF32 (default)"), ("d_bench_small_fp32", "cuDNN, strict FP32"),
+                    ("d_bench_small_timed", "cuDNN, algorithms timed"),
                     ("d_bench_small_nobn", "cuDNN conv, candle batch norm"),
                     ("d_bench_small_candle", "candle's conv ops (NVP_CUDNN=0)"),
                     ("d_bench_small_dx", "candle, dx by conv2d")):

@@ -6,7 +6,9 @@
 //! training on a GPU several times slower than PyTorch. Here the three convolutions of
 //! a training step are cuDNN's own — forward, backward data, backward filter — the
 //! calls PyTorch makes, with the algorithms cuDNN's heuristics pick (PyTorch's choice
-//! with `cudnn.benchmark` off, its default), cached per shape.
+//! with `cudnn.benchmark` off, its default) or, with [`crate::set_cudnn_benchmark`] /
+//! `NVP_CUDNN_BENCHMARK=1`, the fastest of them all timed on the real buffers (its
+//! `cudnn.benchmark = True`), cached per shape.
 //!
 //! Math: TF32 tensor cores are allowed in these convolutions unless switched off
 //! ([`crate::set_tf32`], `NVP_TF32=0`): `CUDNN_DEFAULT_MATH` when allowed (PyTorch's
@@ -62,7 +64,128 @@ enum Algo {
     Filter(sys::cudnnConvolutionBwdFilterAlgo_t),
 }
 
-type AlgoKey = (DeviceId, Pass, DType, ConvDims, bool);
+/// Device, pass, dtype, sizes, TF32 allowed, picked by timing.
+type AlgoKey = (DeviceId, Pass, DType, ConvDims, bool, bool);
+
+/// The algorithms `NVP_CUDNN_BENCHMARK=1` times, per pass.
+const FWD_ALGOS: [sys::cudnnConvolutionFwdAlgo_t; 8] = {
+    use sys::cudnnConvolutionFwdAlgo_t as A;
+    [
+        A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+        A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+    ]
+};
+const DATA_ALGOS: [sys::cudnnConvolutionBwdDataAlgo_t; 6] = {
+    use sys::cudnnConvolutionBwdDataAlgo_t as A;
+    [
+        A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+        A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+        A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
+        A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
+        A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
+        A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
+    ]
+};
+const FILTER_ALGOS: [sys::cudnnConvolutionBwdFilterAlgo_t; 7] = {
+    use sys::cudnnConvolutionBwdFilterAlgo_t as A;
+    [
+        A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+        A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+        A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+        A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
+        A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD,
+        A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
+        A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
+    ]
+};
+
+/// The largest workspace an algorithm may ask for when algorithms are timed (1 GiB).
+const BENCH_WORKSPACE_LIMIT: usize = 1 << 30;
+
+/// Scratch space of `bytes` bytes on `dev` (none for 0).
+fn workspace(dev: &CudaDevice, bytes: usize) -> Result<Option<CudaSlice<u8>>> {
+    // SAFETY: a workspace is scratch space; cuDNN needs no particular contents.
+    Ok(if bytes == 0 {
+        None
+    } else {
+        Some(unsafe { dev.alloc::<u8>(bytes)? })
+    })
+}
+
+/// How one pass's algorithm is chosen: cached per [`AlgoKey`]; otherwise cuDNN's
+/// heuristics, or (`bench`) each algorithm run and timed on the real buffers, the
+/// fastest kept (PyTorch's `cudnn.benchmark`).
+struct Pick<'a, F: Fn(CudnnError) -> candle_core::Error> {
+    key: AlgoKey,
+    bench: bool,
+    dev: &'a CudaDevice,
+    err: &'a F,
+}
+
+impl<F: Fn(CudnnError) -> candle_core::Error> Pick<'_, F> {
+    #[allow(clippy::too_many_arguments)]
+    fn choose<A: Copy>(
+        &self,
+        candidates: &[A],
+        wrap: fn(A) -> Algo,
+        unwrap: fn(Algo) -> Option<A>,
+        heuristic: impl FnOnce() -> std::result::Result<A, CudnnError>,
+        ws_size: impl Fn(A) -> std::result::Result<usize, CudnnError>,
+        mut launch: impl FnMut(A, Option<&mut CudaSlice<u8>>) -> std::result::Result<(), CudnnError>,
+    ) -> Result<A> {
+        if let Some(a) = ALGOS
+            .with(|m| m.borrow().get(&self.key).copied())
+            .and_then(unwrap)
+        {
+            return Ok(a);
+        }
+        let mut chosen = None;
+        if self.bench {
+            let stream = self.dev.cuda_stream();
+            let sync = || {
+                stream
+                    .synchronize()
+                    .map_err(|e| candle_core::Error::Msg(format!("cuDNN benchmark: {e:?}")))
+            };
+            let mut best: Option<(f64, A)> = None;
+            for &a in candidates {
+                // Unsupported here, or too hungry: not a candidate.
+                let Ok(bytes) = ws_size(a) else { continue };
+                if bytes > BENCH_WORKSPACE_LIMIT {
+                    continue;
+                }
+                let mut ws = workspace(self.dev, bytes)?;
+                // One warm-up run, one timed run.
+                if launch(a, ws.as_mut()).is_err() {
+                    continue;
+                }
+                sync()?;
+                let t0 = std::time::Instant::now();
+                if launch(a, ws.as_mut()).is_err() {
+                    continue;
+                }
+                sync()?;
+                let t = t0.elapsed().as_secs_f64();
+                if best.is_none_or(|(bt, _)| t < bt) {
+                    best = Some((t, a));
+                }
+            }
+            chosen = best.map(|(_, a)| a);
+        }
+        let a = match chosen {
+            Some(a) => a,
+            None => heuristic().map_err(self.err)?,
+        };
+        ALGOS.with(|m| m.borrow_mut().insert(self.key, wrap(a)));
+        Ok(a)
+    }
+}
 
 // cuDNN handles are neither Send nor Sync: one per thread and device (as candle does),
 // with the algorithm picks beside them.
@@ -164,8 +287,8 @@ where
     let c = handle(&dev)?;
     let ds = descs::<T>(&c, d, tf32, pass)?;
     let e = cudnn_err(pass, d);
-    let key: AlgoKey = (dev.id(), pass, T::DTYPE, d, tf32);
-    let cached = ALGOS.with(|m| m.borrow().get(&key).copied());
+    let bench = crate::cudnn_benchmark_enabled();
+    let key: AlgoKey = (dev.id(), pass, T::DTYPE, d, tf32, bench);
     let (one, zero) = (T::from_f64(1.0), T::from_f64(0.0));
     let (av, bv) = (
         view::<T>(a.0, a.1, "first input")?,
@@ -178,13 +301,11 @@ where
     };
     // SAFETY: every element of `out` is written by the convolution (beta = 0).
     let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(out_len)? };
-    let workspace = |bytes: usize| -> Result<Option<CudaSlice<u8>>> {
-        // SAFETY: a workspace is scratch space; cuDNN needs no particular contents.
-        Ok(if bytes == 0 {
-            None
-        } else {
-            Some(unsafe { dev.alloc::<u8>(bytes)? })
-        })
+    let pick = Pick {
+        key,
+        bench,
+        dev: &dev,
+        err: &e,
     };
     match pass {
         Pass::Forward => {
@@ -194,16 +315,19 @@ where
                 w: &ds.w,
                 y: &ds.y,
             };
-            let algo = match cached {
-                Some(Algo::Forward(a)) => a,
-                _ => {
-                    let a = op.pick_algorithm().map_err(&e)?;
-                    ALGOS.with(|m| m.borrow_mut().insert(key, Algo::Forward(a)));
-                    a
-                }
-            };
-            let mut ws = workspace(op.get_workspace_size(algo).map_err(&e)?)?;
-            // SAFETY: the descriptors describe `av` (x), `bv` (w) and `out` (y).
+            // SAFETY (each launch): the descriptors describe `av` (x), `bv` (w), `out` (y).
+            let algo = pick.choose(
+                &FWD_ALGOS,
+                Algo::Forward,
+                |a| match a {
+                    Algo::Forward(a) => Some(a),
+                    _ => None,
+                },
+                || op.pick_algorithm(),
+                |a| op.get_workspace_size(a),
+                |a, ws| unsafe { op.launch(a, ws, (one, zero), &av, &bv, &mut out) },
+            )?;
+            let mut ws = workspace(&dev, op.get_workspace_size(algo).map_err(&e)?)?;
             unsafe { op.launch(algo, ws.as_mut(), (one, zero), &av, &bv, &mut out) }.map_err(&e)?;
         }
         Pass::Data => {
@@ -213,16 +337,19 @@ where
                 w: &ds.w,
                 dy: &ds.y,
             };
-            let algo = match cached {
-                Some(Algo::Data(a)) => a,
-                _ => {
-                    let a = op.pick_algorithm().map_err(&e)?;
-                    ALGOS.with(|m| m.borrow_mut().insert(key, Algo::Data(a)));
-                    a
-                }
-            };
-            let mut ws = workspace(op.get_workspace_size(algo).map_err(&e)?)?;
-            // SAFETY: the descriptors describe `out` (dx), `bv` (w) and `av` (dy).
+            // SAFETY (each launch): the descriptors describe `out` (dx), `bv` (w), `av` (dy).
+            let algo = pick.choose(
+                &DATA_ALGOS,
+                Algo::Data,
+                |a| match a {
+                    Algo::Data(a) => Some(a),
+                    _ => None,
+                },
+                || op.pick_algorithm(),
+                |a| op.get_workspace_size(a),
+                |a, ws| unsafe { op.launch(a, ws, (one, zero), &mut out, &bv, &av) },
+            )?;
+            let mut ws = workspace(&dev, op.get_workspace_size(algo).map_err(&e)?)?;
             unsafe { op.launch(algo, ws.as_mut(), (one, zero), &mut out, &bv, &av) }.map_err(&e)?;
         }
         Pass::Filter => {
@@ -232,16 +359,19 @@ where
                 dw: &ds.w,
                 dy: &ds.y,
             };
-            let algo = match cached {
-                Some(Algo::Filter(a)) => a,
-                _ => {
-                    let a = op.pick_algorithm().map_err(&e)?;
-                    ALGOS.with(|m| m.borrow_mut().insert(key, Algo::Filter(a)));
-                    a
-                }
-            };
-            let mut ws = workspace(op.get_workspace_size(algo).map_err(&e)?)?;
-            // SAFETY: the descriptors describe `av` (x), `out` (dw) and `bv` (dy).
+            // SAFETY (each launch): the descriptors describe `av` (x), `out` (dw), `bv` (dy).
+            let algo = pick.choose(
+                &FILTER_ALGOS,
+                Algo::Filter,
+                |a| match a {
+                    Algo::Filter(a) => Some(a),
+                    _ => None,
+                },
+                || op.pick_algorithm(),
+                |a| op.get_workspace_size(a),
+                |a, ws| unsafe { op.launch(a, ws, (one, zero), &av, &mut out, &bv) },
+            )?;
+            let mut ws = workspace(&dev, op.get_workspace_size(algo).map_err(&e)?)?;
             unsafe { op.launch(algo, ws.as_mut(), (one, zero), &av, &mut out, &bv) }.map_err(&e)?;
         }
     }

@@ -78,6 +78,9 @@ static CUDNN: AtomicU8 = AtomicU8::new(0);
 /// Same states, for cuDNN batch normalisation of CUDA tensors (environment variable
 /// `NVP_CUDNN_BN`; only with the `cudnn` feature and [`cudnn_enabled`]).
 static CUDNN_BN: AtomicU8 = AtomicU8::new(0);
+/// Same states, for timing cuDNN's convolution algorithms (environment variable
+/// `NVP_CUDNN_BENCHMARK`; off unless set).
+static CUDNN_BENCHMARK: AtomicU8 = AtomicU8::new(0);
 /// Same states, for TF32 tensor cores in cuDNN's f32 convolutions (environment
 /// variable `NVP_TF32`).
 static TF32: AtomicU8 = AtomicU8::new(0);
@@ -199,6 +202,22 @@ pub fn try_batch_norm_cudnn(
     }
     let _ = (x, weight, bias, running, eps);
     Ok(None)
+}
+
+/// Chooses cuDNN's convolution algorithms by timing each on the first call at a
+/// size (true) or by cuDNN's heuristics (false, the default).
+pub fn set_cudnn_benchmark(enabled: bool) {
+    CUDNN_BENCHMARK.store(if enabled { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether cuDNN's convolution algorithms are chosen by running and timing each one on
+/// the first call at each size (PyTorch's `torch.backends.cudnn.benchmark = True`:
+/// faster kernels, a slower first step, results that may differ in the last bits from
+/// run to run) rather than by cuDNN's heuristics. Off by default unless the
+/// environment variable `NVP_CUDNN_BENCHMARK` is `1`, `true`, `on` or `yes`; see
+/// [`set_cudnn_benchmark`].
+pub fn cudnn_benchmark_enabled() -> bool {
+    switch_with_default(&CUDNN_BENCHMARK, "NVP_CUDNN_BENCHMARK", false)
 }
 
 /// Allows (true) or forbids (false) TF32 tensor cores in cuDNN's f32 convolutions.

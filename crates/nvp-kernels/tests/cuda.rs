@@ -11,6 +11,7 @@
 //!   (`set_tf32(false)`, `CUDNN_FMA_MATH`) within 1e-5; f32 with TF32 allowed (the
 //!   default, as PyTorch's) within 1e-2 (TF32 rounds the inputs to 10 mantissa bits:
 //!   about 5e-4 relative per product); both worst errors are printed.
+//! - the same with algorithms chosen by timing (`set_cudnn_benchmark(true)`).
 //! - candle's own CUDA `conv2d` + `conv_transpose2d` (`set_cudnn(false)`), and the
 //!   input gradient by `conv2d` (`set_dx_as_conv(true)`): f32 within 1e-5.
 //! - cuDNN batch norm (`batch_norm_cudnn`) against `batch_norm_reference` on the CPU in
@@ -154,6 +155,26 @@ fn cudnn_f32_strict_and_tf32() {
     // Printed, not compared: where cuDNN's heuristics pick no tensor-core kernel the two
     // differ only by the algorithms' rounding, in either direction.
     println!("cuDNN f32: worst relative error {strict:.2e} strict FP32, {tf32:.2e} TF32 allowed");
+}
+
+/// Algorithms chosen by timing (`NVP_CUDNN_BENCHMARK=1`): any of them must agree with
+/// the CPU as the heuristic's choice does.
+#[cfg(feature = "cudnn")]
+#[test]
+fn cudnn_benchmark_mode_matches_cpu() {
+    let _g = lock();
+    nvp_kernels::set_cudnn(true);
+    nvp_kernels::set_cudnn_benchmark(true);
+    nvp_kernels::set_tf32(false);
+    check("cuDNN f32 (FP32, timed algorithms)", DType::F32, 1e-5);
+    check("cuDNN f64 (timed algorithms)", DType::F64, 1e-10);
+    nvp_kernels::set_tf32(true);
+    check(
+        "cuDNN f32 (TF32 allowed, timed algorithms)",
+        DType::F32,
+        1e-2,
+    );
+    nvp_kernels::set_cudnn_benchmark(false);
 }
 
 #[test]

@@ -238,8 +238,15 @@ fn conv_backend(d: &candle_core::Device) -> &'static str {
         (true, true, _) if nvp_kernels::winograd_enabled() => "nvp-winograd",
         (true, true, _) => "nvp-im2col",
         (true, false, _) => "candle",
-        (false, _, true) if nvp_kernels::tf32_enabled() => "cudnn-tf32",
-        (false, _, true) => "cudnn-fp32",
+        (false, _, true) => match (
+            nvp_kernels::tf32_enabled(),
+            nvp_kernels::cudnn_benchmark_enabled(),
+        ) {
+            (true, false) => "cudnn-tf32",
+            (false, false) => "cudnn-fp32",
+            (true, true) => "cudnn-tf32-timed",
+            (false, true) => "cudnn-fp32-timed",
+        },
         (false, _, false) if nvp_kernels::dx_as_conv_enabled() => "candle-dx-as-conv",
         (false, _, false) => "candle",
     }
