@@ -184,7 +184,7 @@ if [ "${#TEST_BINS[@]}" -eq 0 ]; then
   echo "SKIPPED: no dist/cuda/tests/*.xz (build-cuda.sh with NVP_CUDA_TESTS=0?)"
 fi
 for b in "${TEST_BINS[@]}"; do
-  run_part "t_$(basename "$b")" 120 "$b" --test-threads=1 --nocapture
+  run_part "t_$(basename "$b")" 90 "$b" --test-threads=1 --nocapture
 done
 
 # ---------------------------------------------------------------------------------- c
