@@ -331,7 +331,7 @@ print("(img/s; train batch 64, eval batch 256, 64 samples; medians)")
 for cfg, ours_f, torch_f in (("cifar10", "d_bench_paper", "f_torch_paper"),
                              ("cifar10-small", "d_bench_small", "f_torch_small")):
     for who, o in (("nvp", last_json(ours_f)), ("torch", last_json(torch_f))):
-        if o and "train_forward_s" in o:
+        if o and o.get("train_forward_s") is not None:
             print(f"{who:<5} {cfg} training step phases (synchronised): forward {o['train_forward_s']:.4f} s, "
                   f"backward {o['train_backward_s']:.4f} s, update {o['train_update_s']:.4f} s"
                   + (f" (conv {o.get('conv')}, batch norm {o.get('batch_norm')})" if who == "nvp" else ""))

@@ -164,7 +164,7 @@ def main(argv=None):
         # forward phase here includes the on-device flip/dequantise/logit (nvp's loader
         # does that before the step).
         phases = {"forward": [], "backward": [], "update": []}
-        for i in range(min(5, a.train_steps)):
+        for i in range(min(3, a.train_steps)):
             idx = torch.randint(0, pix_all.shape[0], (bs,), generator=gen_host)
             batch = pix_all[idx]
             sync()
@@ -189,9 +189,10 @@ def main(argv=None):
             phases["backward"].append(t2 - t1)
             phases["update"].append(t3 - t2)
         for k, v in phases.items():
-            res[f"train_{k}_s"] = statistics.median(v) if v else float("nan")
-        log(f"[torch {name}] train phases (synchronised): forward {res['train_forward_s']:.4f} s, "
-            f"backward {res['train_backward_s']:.4f} s, update {res['train_update_s']:.4f} s")
+            res[f"train_{k}_s"] = statistics.median(v) if v else None
+        if phases["forward"]:
+            log(f"[torch {name}] train phases (synchronised): forward {res['train_forward_s']:.4f} s, "
+                f"backward {res['train_backward_s']:.4f} s, update {res['train_update_s']:.4f} s")
 
         # 2. evaluation
         model.eval()

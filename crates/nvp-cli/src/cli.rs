@@ -163,6 +163,10 @@ pub struct BenchArgs {
     /// Timed sampling calls.
     #[arg(long, default_value_t = 3)]
     pub sample_reps: usize,
+    /// Extra training steps timed phase by phase (forward, backward, update; the device
+    /// synchronised after each); 0 skips the split.
+    #[arg(long, default_value_t = 3)]
+    pub phase_steps: usize,
     #[arg(long)]
     pub device: Option<String>,
     /// Print one JSON object.

@@ -507,6 +507,12 @@ fn bench_reports_throughput_paths_and_phases() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("\"conv\":\"candle\""), "{out}");
     assert!(out.contains("\"batch_norm\":\"candle\""), "{out}");
+    // No phase split asked for: the fields are JSON nulls, not NaN.
+    let mut no_phases = args.to_vec();
+    no_phases.extend(["--phase-steps", "0"]);
+    let out = ok(&no_phases);
+    assert!(out.contains("\"train_forward_s\":null"), "{out}");
+    assert!(!out.contains("NaN"), "{out}");
     // Steps below one are refused, not divided by.
     let err = fails(&["bench", "--steps", "0"]);
     assert!(err.contains("--steps"), "{err}");

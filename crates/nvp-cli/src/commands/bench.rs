@@ -143,7 +143,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     // each phase (forward + loss, backward, gradient norm + Adam). Not part of the
     // figure above, which has no synchronisation inside a step.
     let mut phases: [Vec<f64>; 3] = Default::default();
-    for _ in 0..a.steps.min(5) {
+    for _ in 0..a.phase_steps {
         let b = make_batch(&px, a.batch, &s, s.data.flip, &mut rng, &device)?;
         device_sync(&device)?;
         let mut t = Instant::now();
@@ -154,7 +154,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             Ok(())
         })?;
     }
-    let [fwd_s, bwd_s, upd_s] = phases.map(|p| if p.is_empty() { f64::NAN } else { median(p) });
+    // (no figure where no step finished: `--phase-steps 0`, or only skipped steps)
+    let [fwd_s, bwd_s, upd_s] = phases.map(|p| (!p.is_empty()).then(|| median(p)));
+    let js = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.4}"));
+    let txt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3} s"));
 
     // Evaluation.
     let px = random_pixels(a.eval_batch, &mut rng);
@@ -201,13 +204,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let sample_ips = a.sample_n as f64 / sample_s;
     if a.json {
         println!(
-            "{{\"config\":\"{}\",\"device\":\"{}\",\"params\":{params},\"batch\":{},\"train_step_s\":{train_step_s:.4},\"train_img_per_s\":{train_ips:.3},\"eval_batch\":{},\"eval_img_per_s\":{eval_ips:.3},\"sample_n\":{},\"sample_img_per_s\":{sample_ips:.3},\"peak_rss_mib\":{peak:.1},\"peak_rss_train_mib\":{peak_train:.1},\"rss_before_train_mib\":{rss_before:.1},\"skipped_steps\":{skipped},\"threads\":{},\"conv\":\"{conv}\",\"batch_norm\":\"{bn}\",\"train_forward_s\":{fwd_s:.4},\"train_backward_s\":{bwd_s:.4},\"train_update_s\":{upd_s:.4}}}",
+            "{{\"config\":\"{}\",\"device\":\"{}\",\"params\":{params},\"batch\":{},\"train_step_s\":{train_step_s:.4},\"train_img_per_s\":{train_ips:.3},\"eval_batch\":{},\"eval_img_per_s\":{eval_ips:.3},\"sample_n\":{},\"sample_img_per_s\":{sample_ips:.3},\"peak_rss_mib\":{peak:.1},\"peak_rss_train_mib\":{peak_train:.1},\"rss_before_train_mib\":{rss_before:.1},\"skipped_steps\":{skipped},\"threads\":{},\"conv\":\"{conv}\",\"batch_norm\":\"{bn}\",\"train_forward_s\":{},\"train_backward_s\":{},\"train_update_s\":{}}}",
             s.name,
             s.train.device,
             a.batch,
             a.eval_batch,
             a.sample_n,
-            rayon_threads()
+            rayon_threads(),
+            js(fwd_s),
+            js(bwd_s),
+            js(upd_s)
         );
     } else {
         println!(
@@ -219,7 +225,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             a.batch, train_step_s, a.steps
         );
         println!(
-            "        phases (synchronised): forward {fwd_s:.3} s, backward {bwd_s:.3} s, update {upd_s:.3} s"
+            "        phases (synchronised): forward {}, backward {}, update {}",
+            txt(fwd_s),
+            txt(bwd_s),
+            txt(upd_s)
         );
         println!("eval    batch {:>4}: {eval_ips:8.2} img/s", a.eval_batch);
         println!("sample  n     {:>4}: {sample_ips:8.2} img/s", a.sample_n);
