@@ -263,9 +263,6 @@ impl BatchNorm {
     /// mode only without an autograd graph (cuDNN's inference op has no backward).
     /// `None` where it does not apply.
     fn forward_cudnn(&self, x: &Tensor, mode: Mode) -> Result<Option<Tensor>> {
-        if x.device().is_cpu() {
-            return Ok(None);
-        }
         let (w, b, eps) = (&self.weight, &self.bias, self.cfg.eps);
         match mode {
             Mode::Train => {

@@ -118,7 +118,7 @@ fn workspace(dev: &CudaDevice, bytes: usize) -> Result<Option<CudaSlice<u8>>> {
     })
 }
 
-/// How one pass's algorithm is chosen: cached per [`AlgoKey`]; otherwise cuDNN's
+/// One pass's algorithm, chosen and run: cached per [`AlgoKey`]; otherwise cuDNN's
 /// heuristics, or (`bench`) each algorithm run and timed on the real buffers, the
 /// fastest kept (PyTorch's `cudnn.benchmark`).
 struct Pick<'a, F: Fn(CudnnError) -> candle_core::Error> {
@@ -129,8 +129,10 @@ struct Pick<'a, F: Fn(CudnnError) -> candle_core::Error> {
 }
 
 impl<F: Fn(CudnnError) -> candle_core::Error> Pick<'_, F> {
+    /// Chooses the algorithm (see [`Pick`]) and launches it on the pass's buffers, last,
+    /// so that the output is the chosen algorithm's.
     #[allow(clippy::too_many_arguments)]
-    fn choose<A: Copy>(
+    fn run<A: Copy>(
         &self,
         candidates: &[A],
         wrap: fn(A) -> Algo,
@@ -138,52 +140,65 @@ impl<F: Fn(CudnnError) -> candle_core::Error> Pick<'_, F> {
         heuristic: impl FnOnce() -> std::result::Result<A, CudnnError>,
         ws_size: impl Fn(A) -> std::result::Result<usize, CudnnError>,
         mut launch: impl FnMut(A, Option<&mut CudaSlice<u8>>) -> std::result::Result<(), CudnnError>,
-    ) -> Result<A> {
-        if let Some(a) = ALGOS
-            .with(|m| m.borrow().get(&self.key).copied())
-            .and_then(unwrap)
-        {
-            return Ok(a);
-        }
-        let mut chosen = None;
-        if self.bench {
-            let stream = self.dev.cuda_stream();
-            let sync = || {
-                stream
-                    .synchronize()
-                    .map_err(|e| candle_core::Error::Msg(format!("cuDNN benchmark: {e:?}")))
-            };
-            let mut best: Option<(f64, A)> = None;
-            for &a in candidates {
-                // Unsupported here, or too hungry: not a candidate.
-                let Ok(bytes) = ws_size(a) else { continue };
-                if bytes > BENCH_WORKSPACE_LIMIT {
-                    continue;
-                }
-                let mut ws = workspace(self.dev, bytes)?;
-                // One warm-up run, one timed run.
-                if launch(a, ws.as_mut()).is_err() {
-                    continue;
-                }
-                sync()?;
-                let t0 = std::time::Instant::now();
-                if launch(a, ws.as_mut()).is_err() {
-                    continue;
-                }
-                sync()?;
-                let t = t0.elapsed().as_secs_f64();
-                if best.is_none_or(|(bt, _)| t < bt) {
-                    best = Some((t, a));
-                }
-            }
-            chosen = best.map(|(_, a)| a);
-        }
-        let a = match chosen {
+    ) -> Result<()> {
+        let cached = ALGOS.with(|m| m.borrow().get(&self.key).copied());
+        let a = match cached.and_then(unwrap) {
             Some(a) => a,
-            None => heuristic().map_err(self.err)?,
+            None => {
+                let timed = if self.bench {
+                    self.fastest(candidates, &ws_size, &mut launch)?
+                } else {
+                    None
+                };
+                let a = match timed {
+                    Some(a) => a,
+                    None => heuristic().map_err(self.err)?,
+                };
+                ALGOS.with(|m| m.borrow_mut().insert(self.key, wrap(a)));
+                a
+            }
         };
-        ALGOS.with(|m| m.borrow_mut().insert(self.key, wrap(a)));
-        Ok(a)
+        let mut ws = workspace(self.dev, ws_size(a).map_err(self.err)?)?;
+        launch(a, ws.as_mut()).map_err(self.err)
+    }
+
+    /// The fastest of `candidates` on these buffers (one warm-up run, one timed run
+    /// each); `None` if none runs.
+    fn fastest<A: Copy>(
+        &self,
+        candidates: &[A],
+        ws_size: &impl Fn(A) -> std::result::Result<usize, CudnnError>,
+        launch: &mut impl FnMut(A, Option<&mut CudaSlice<u8>>) -> std::result::Result<(), CudnnError>,
+    ) -> Result<Option<A>> {
+        let stream = self.dev.cuda_stream();
+        let sync = || {
+            stream
+                .synchronize()
+                .map_err(|e| candle_core::Error::Msg(format!("cuDNN benchmark: {e:?}")))
+        };
+        let mut best: Option<(f64, A)> = None;
+        for &a in candidates {
+            // Unsupported here, or too hungry: not a candidate.
+            let Ok(bytes) = ws_size(a) else { continue };
+            if bytes > BENCH_WORKSPACE_LIMIT {
+                continue;
+            }
+            let mut ws = workspace(self.dev, bytes)?;
+            if launch(a, ws.as_mut()).is_err() {
+                continue;
+            }
+            sync()?;
+            let t0 = std::time::Instant::now();
+            if launch(a, ws.as_mut()).is_err() {
+                continue;
+            }
+            sync()?;
+            let t = t0.elapsed().as_secs_f64();
+            if best.is_none_or(|(bt, _)| t < bt) {
+                best = Some((t, a));
+            }
+        }
+        Ok(best.map(|(_, a)| a))
     }
 }
 
@@ -316,7 +331,7 @@ where
                 y: &ds.y,
             };
             // SAFETY (each launch): the descriptors describe `av` (x), `bv` (w), `out` (y).
-            let algo = pick.choose(
+            pick.run(
                 &FWD_ALGOS,
                 Algo::Forward,
                 |a| match a {
@@ -327,8 +342,6 @@ where
                 |a| op.get_workspace_size(a),
                 |a, ws| unsafe { op.launch(a, ws, (one, zero), &av, &bv, &mut out) },
             )?;
-            let mut ws = workspace(&dev, op.get_workspace_size(algo).map_err(&e)?)?;
-            unsafe { op.launch(algo, ws.as_mut(), (one, zero), &av, &bv, &mut out) }.map_err(&e)?;
         }
         Pass::Data => {
             let op = ConvBackwardData {
@@ -338,7 +351,7 @@ where
                 dy: &ds.y,
             };
             // SAFETY (each launch): the descriptors describe `out` (dx), `bv` (w), `av` (dy).
-            let algo = pick.choose(
+            pick.run(
                 &DATA_ALGOS,
                 Algo::Data,
                 |a| match a {
@@ -349,8 +362,6 @@ where
                 |a| op.get_workspace_size(a),
                 |a, ws| unsafe { op.launch(a, ws, (one, zero), &mut out, &bv, &av) },
             )?;
-            let mut ws = workspace(&dev, op.get_workspace_size(algo).map_err(&e)?)?;
-            unsafe { op.launch(algo, ws.as_mut(), (one, zero), &mut out, &bv, &av) }.map_err(&e)?;
         }
         Pass::Filter => {
             let op = ConvBackwardFilter {
@@ -360,7 +371,7 @@ where
                 dy: &ds.y,
             };
             // SAFETY (each launch): the descriptors describe `av` (x), `out` (dw), `bv` (dy).
-            let algo = pick.choose(
+            pick.run(
                 &FILTER_ALGOS,
                 Algo::Filter,
                 |a| match a {
@@ -371,11 +382,27 @@ where
                 |a| op.get_workspace_size(a),
                 |a, ws| unsafe { op.launch(a, ws, (one, zero), &av, &mut out, &bv) },
             )?;
-            let mut ws = workspace(&dev, op.get_workspace_size(algo).map_err(&e)?)?;
-            unsafe { op.launch(algo, ws.as_mut(), (one, zero), &av, &mut out, &bv) }.map_err(&e)?;
         }
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// `f32_run` where every input is f32, `f64_run` where every input is f64; an error
+/// naming `what` otherwise.
+fn by_dtype(
+    what: &str,
+    ins: &[&CudaStorage],
+    f32_run: impl FnOnce() -> Result<CudaStorage>,
+    f64_run: impl FnOnce() -> Result<CudaStorage>,
+) -> Result<CudaStorage> {
+    let dtypes: Vec<DType> = ins.iter().map(|s| s.dtype()).collect();
+    if dtypes.iter().all(|&t| t == DType::F32) {
+        f32_run()
+    } else if dtypes.iter().all(|&t| t == DType::F64) {
+        f64_run()
+    } else {
+        bail!("{what}: dtypes {dtypes:?}; want all f32 or all f64")
+    }
 }
 
 /// One pass as a candle custom op on two tensors.
@@ -423,14 +450,12 @@ impl CustomOp2 for CudnnConv {
         l2: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let (a, b) = ((s1, l1), (s2, l2));
-        let out = match (s1.dtype(), s2.dtype()) {
-            (DType::F32, DType::F32) => run::<f32>(self.pass, self.d, a, b)?,
-            (DType::F64, DType::F64) => run::<f64>(self.pass, self.d, a, b)?,
-            (t1, t2) => bail!(
-                "{}: dtypes {t1:?}, {t2:?}; want both f32 or both f64",
-                self.name()
-            ),
-        };
+        let out = by_dtype(
+            self.name(),
+            &[s1, s2],
+            || run::<f32>(self.pass, self.d, a, b),
+            || run::<f64>(self.pass, self.d, a, b),
+        )?;
         Ok((out, self.out_shape()))
     }
 
@@ -626,6 +651,14 @@ impl CudnnBn {
         self.n * self.c * self.hw
     }
 
+    /// The flat output: `[y | two per-channel vectors]`, or y alone for inference.
+    fn out_len(&self) -> usize {
+        match self.pass {
+            BnPass::Train | BnPass::Backward => self.nchw() + 2 * self.c,
+            BnPass::Inference => self.nchw(),
+        }
+    }
+
     fn run<T>(&self, ins: &[(&CudaStorage, &Layout)]) -> Result<CudaStorage>
     where
         T: CudnnDataType + CudaDType + DeviceRepr + WithDType + ValidAsZeroBits,
@@ -643,10 +676,7 @@ impl CudnnBn {
         let ptrs: Vec<_> = views.iter().map(|v| v.device_ptr(&stream)).collect();
         let p = |i: usize| ptrs[i].0 as *const std::ffi::c_void;
         let (nchw, c) = (self.nchw(), self.c);
-        let len = match self.pass {
-            BnPass::Train | BnPass::Backward => nchw + 2 * c,
-            BnPass::Inference => nchw,
-        };
+        let len = self.out_len();
         // SAFETY: every element is written by cuDNN (y/dx, then the two per-channel
         // vectors), except the running statistics of `Train`, zeroed below first.
         let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(len)? };
@@ -748,19 +778,14 @@ impl CudnnBn {
     }
 
     fn dispatch(&self, ins: &[(&CudaStorage, &Layout)]) -> Result<(CudaStorage, Shape)> {
-        let dtypes: Vec<DType> = ins.iter().map(|(s, _)| s.dtype()).collect();
-        let out = if dtypes.iter().all(|&t| t == DType::F32) {
-            self.run::<f32>(ins)?
-        } else if dtypes.iter().all(|&t| t == DType::F64) {
-            self.run::<f64>(ins)?
-        } else {
-            bail!("cuDNN batch norm: dtypes {dtypes:?}; want all f32 or all f64")
-        };
-        let len = match self.pass {
-            BnPass::Train | BnPass::Backward => self.nchw() + 2 * self.c,
-            BnPass::Inference => self.nchw(),
-        };
-        Ok((out, Shape::from(len)))
+        let storages: Vec<&CudaStorage> = ins.iter().map(|(s, _)| *s).collect();
+        let out = by_dtype(
+            "cuDNN batch norm",
+            &storages,
+            || self.run::<f32>(ins),
+            || self.run::<f64>(ins),
+        )?;
+        Ok((out, Shape::from(self.out_len())))
     }
 }
 
@@ -853,15 +878,24 @@ impl candle_core::CustomOp3 for CudnnBn {
 
 /// Whether [`batch_norm_cudnn`] takes these tensors: CUDA, all f32 or all f64, rank 2
 /// to 4, at least two values per channel, `eps` at least cuDNN's minimum (1e-5).
-pub(crate) fn bn_applies(x: &Tensor, params: &[&Tensor], eps: f64) -> bool {
+pub(crate) fn bn_applies(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running: Option<(&Tensor, &Tensor)>,
+    eps: f64,
+) -> bool {
     let dt = x.dtype();
+    let params = [weight, bias]
+        .into_iter()
+        .chain(running.into_iter().flat_map(|(m, v)| [m, v]));
     x.device().is_cuda()
         && matches!(dt, DType::F32 | DType::F64)
         && (2..=4).contains(&x.rank())
         && x.elem_count() / x.dim(1).unwrap_or(1).max(1) >= 2
         && eps >= BN_MIN_EPSILON
         && params
-            .iter()
+            .into_iter()
             .all(|p| p.dtype() == dt && p.device().same_device(x.device()))
 }
 
@@ -891,9 +925,7 @@ pub fn batch_norm_cudnn(
             );
         }
     }
-    let mut params = vec![weight, bias];
-    params.extend(running.iter().flat_map(|(m, v)| [*m, *v]));
-    if !bn_applies(x, &params, eps) {
+    if !bn_applies(x, weight, bias, running, eps) {
         bail!(
             "cuDNN batch norm: wants CUDA tensors, all f32 or all f64, eps >= {BN_MIN_EPSILON:e}; got x {:?} on {:?}, eps {eps:e}",
             x.dtype(),

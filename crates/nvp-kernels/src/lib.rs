@@ -194,9 +194,7 @@ pub fn try_batch_norm_cudnn(
 ) -> candle_core::Result<Option<BatchNormOutput>> {
     #[cfg(feature = "cudnn")]
     {
-        let mut params = vec![weight, bias];
-        params.extend(running.iter().flat_map(|(m, v)| [*m, *v]));
-        if cudnn_batch_norm_enabled() && cudnn::bn_applies(x, &params, eps) {
+        if cudnn_batch_norm_enabled() && cudnn::bn_applies(x, weight, bias, running, eps) {
             return cudnn::batch_norm_cudnn(x, weight, bias, running, eps).map(Some);
         }
     }
