@@ -228,7 +228,9 @@ impl Adam {
                     .as_tensor()
                     .narrow(0, s.offset, s.var.elem_count())?
                     .reshape(s.var.shape())?
-                    .copy()?;
+                    // A compact copy of this variable's slice: `copy()` would clone the
+                    // whole flat vector behind the view, once per variable.
+                    .force_contiguous()?;
                 out.insert(format!("{prefix}.{}", s.name), t);
             }
         }
