@@ -1,17 +1,46 @@
-//! Opening the configured dataset as u8 images.
+//! Opening the configured dataset as u8 images: in memory, or (image folders with
+//! `data.stream = true`) decoded by the loader's workers as batches need them.
+
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use nvp_data::folder::{read_folder, FolderOptions, OnError, Preprocess};
 use nvp_data::imagenet::{read_imagenet, ImagenetOptions};
-use nvp_data::{ImageSet, Procedural, ProceduralConfig, Split};
+use nvp_data::{ImageSource, Prefix, Procedural, ProceduralConfig, Split, StreamedFolder};
 
 use crate::settings::{DatasetKind, FolderPreprocess, Settings};
 
 /// Seed stream of the procedural test split (distinct from the train split).
 const PROCEDURAL_TEST_SEED: u64 = 0x7e57;
 
-/// Read `split` of the configured dataset and check it fits the model.
-pub fn open(s: &Settings, split: Split) -> Result<ImageSet> {
+/// One split of the configured dataset.
+pub struct Opened {
+    /// The images.
+    pub images: Arc<dyn ImageSource>,
+    /// The folder, when its files are decoded as read (for its skipped-file report).
+    pub streamed: Option<Arc<StreamedFolder>>,
+}
+
+impl Opened {
+    /// Only the first `n` images.
+    pub fn limit(self, n: usize) -> Self {
+        Opened {
+            images: Arc::new(Prefix::new(self.images, n)),
+            streamed: self.streamed,
+        }
+    }
+
+    /// Unreadable files skipped so far by a streamed folder (`data.skip-bad-images`).
+    pub fn skipped(&self) -> Vec<(std::path::PathBuf, String)> {
+        self.streamed
+            .as_ref()
+            .map(|f| f.skipped_files())
+            .unwrap_or_default()
+    }
+}
+
+/// Open `split` of the configured dataset and check it fits the model.
+pub fn open(s: &Settings, split: Split) -> Result<Opened> {
     let d = &s.data;
     let set = match d.dataset {
         DatasetKind::Procedural => {
@@ -63,6 +92,16 @@ pub fn open(s: &Settings, split: Split) -> Result<ImageSet> {
                 crop_seed: s.train.seed,
                 threads: 0,
             };
+            if d.stream {
+                let f = StreamedFolder::open(p, split, &opts)
+                    .with_context(|| format!("opening the image folder {}", p.display()))?;
+                let f = Arc::new(f);
+                check_fits(s, f.as_ref(), split)?;
+                return Ok(Opened {
+                    images: f.clone(),
+                    streamed: Some(f),
+                });
+            }
             let fs = read_folder(p, split, &opts)
                 .with_context(|| format!("reading images from {}", p.display()))?;
             if fs.skipped > 0 {
@@ -76,7 +115,10 @@ pub fn open(s: &Settings, split: Split) -> Result<ImageSet> {
         }
     };
     check_fits(s, &set, split)?;
-    Ok(set)
+    Ok(Opened {
+        images: Arc::new(set),
+        streamed: None,
+    })
 }
 
 fn path(s: &Settings) -> Result<&std::path::Path> {
@@ -87,7 +129,7 @@ fn path(s: &Settings) -> Result<&std::path::Path> {
 }
 
 /// The images must have the model's shape.
-pub fn check_fits(s: &Settings, set: &ImageSet, split: Split) -> Result<()> {
+pub fn check_fits(s: &Settings, set: &dyn ImageSource, split: Split) -> Result<()> {
     let m = &s.model;
     let (c, h, w) = set.shape();
     if (c, h, w) != (m.channels, m.height, m.width) {

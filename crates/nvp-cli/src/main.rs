@@ -39,11 +39,29 @@ fn tune_runtime() {
     }
 }
 
+/// The error and its causes on one line, `a: b: c`, leaving out a cause whose text
+/// the line already ends with (errors that quote their source, as the data crate's
+/// `"{path}: {io error}"`, would otherwise print it twice).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !out.is_empty() && out.ends_with(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
 fn main() {
     tune_runtime();
     let cli = cli::Cli::parse();
     if let Err(e) = commands::run(cli.command) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
     }
 }

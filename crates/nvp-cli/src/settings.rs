@@ -47,6 +47,10 @@ pub struct DataSettings {
     pub skip_bad_images: bool,
     /// Image folders: sub-folders are classes.
     pub class_subfolders: bool,
+    /// Image folders: decode the files as batches need them (in the loader's workers)
+    /// instead of all at start — for datasets larger than memory (LSUN); the LSUN
+    /// training crop is then drawn anew each epoch.
+    pub stream: bool,
     /// Random horizontal flips in training.
     pub flip: bool,
     /// Logit α.
@@ -69,6 +73,7 @@ impl Default for DataSettings {
             holdout: 0.05,
             skip_bad_images: false,
             class_subfolders: false,
+            stream: false,
             flip: true,
             alpha: 0.05,
             train_size: 4096,
@@ -252,6 +257,9 @@ impl Settings {
             bail!(
                 "data.path is not set: give the dataset folder with --data DIR or `path` in [data]"
             );
+        }
+        if d.stream && d.dataset != DatasetKind::Folder {
+            bail!("data.stream applies to image folders (dataset = \"folder\") only");
         }
         if d.dataset == DatasetKind::Procedural {
             if self.model.height != self.model.width {

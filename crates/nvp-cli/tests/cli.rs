@@ -517,3 +517,143 @@ fn bench_reports_throughput_paths_and_phases() {
     let err = fails(&["bench", "--steps", "0"]);
     assert!(err.contains("--steps"), "{err}");
 }
+
+/// `data.stream = true`: an image folder decoded by the loader's workers trains to the
+/// same parameters as the same folder read into memory, and evaluates, interpolates and
+/// reports bad files the same way; `stream` is refused for other datasets.
+#[test]
+fn streamed_image_folder_trains_like_the_in_memory_one() {
+    let d = tmp("stream");
+    let data = d.join("images");
+    for k in 0..40u32 {
+        let img = image::RgbImage::from_fn(8, 8, |x, y| {
+            image::Rgb([
+                (x * 30 + k) as u8,
+                (y * 30) as u8,
+                ((x + y) * 7 + 3 * k) as u8,
+            ])
+        });
+        let sub = data.join(if k % 2 == 0 { "a" } else { "b" });
+        std::fs::create_dir_all(&sub).unwrap();
+        img.save(sub.join(format!("{k:03}.png"))).unwrap();
+    }
+    let folder = |stream: bool| {
+        TINY.replace(
+            "dataset = \"procedural\"\ntrain-size = 48\ntest-size = 12",
+            &format!("dataset = \"folder\"\nholdout = 0.25\nstream = {stream}"),
+        )
+    };
+    let mem_cfg = write(&d, "mem.toml", &folder(false));
+    let st_cfg = write(&d, "st.toml", &folder(true));
+    let (mem, st) = (d.join("mem"), d.join("st"));
+    for (cfg, run) in [(&mem_cfg, &mem), (&st_cfg, &st)] {
+        ok(&[
+            "train",
+            "--config",
+            s(cfg),
+            "--data",
+            s(&data),
+            "--out",
+            s(run),
+        ]);
+    }
+    let a = std::fs::read(mem.join("last/model.safetensors")).unwrap();
+    let b = std::fs::read(st.join("last/model.safetensors")).unwrap();
+    assert!(a == b, "streamed and in-memory training differ");
+    let saved = std::fs::read_to_string(st.join("config.toml")).unwrap();
+    assert!(saved.contains("stream = true"), "{saved}");
+    let e_mem = ok(&["eval", "--ckpt", s(&mem), "--json"]);
+    let e_st = ok(&["eval", "--ckpt", s(&st), "--json", "--limit", "4"]);
+    assert!(e_mem.contains("\"images\":10"), "{e_mem}");
+    assert!(e_st.contains("\"images\":4"), "{e_st}");
+    let out = d.join("walk.png");
+    ok(&[
+        "interpolate",
+        "--ckpt",
+        s(&st),
+        "--data",
+        s(&data),
+        "--indices",
+        "0,1,2,3",
+        "--steps",
+        "3",
+        "--out",
+        s(&out),
+    ]);
+    let err = fails(&[
+        "interpolate",
+        "--ckpt",
+        s(&st),
+        "--data",
+        s(&data),
+        "--indices",
+        "0,1,2,99",
+        "--out",
+        s(&out),
+    ]);
+    assert!(err.contains("99") && err.contains("out of range"), "{err}");
+    // a broken file stops a streamed run with its name, or is skipped with a warning
+    std::fs::write(data.join("a/000.png"), b"broken").unwrap();
+    let err = fails(&[
+        "train",
+        "--config",
+        s(&st_cfg),
+        "--data",
+        s(&data),
+        "--out",
+        s(&d.join("bad")),
+        "--max-steps",
+        "40",
+    ]);
+    assert!(err.contains("000.png"), "{err}");
+    let skip_cfg = write(
+        &d,
+        "skip.toml",
+        &folder(true).replace("stream = true", "stream = true\nskip-bad-images = true"),
+    );
+    let o = nvp(&[
+        "train",
+        "--config",
+        s(&skip_cfg),
+        "--data",
+        s(&data),
+        "--out",
+        s(&d.join("skip")),
+        "--max-steps",
+        "8",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("unreadable") && err.contains("000.png"),
+        "{err}"
+    );
+    // stream is for image folders only; a missing folder is named once, not twice
+    let cifar = write(
+        &d,
+        "c.toml",
+        "[data]\ndataset = \"cifar10\"\nstream = true\n",
+    );
+    let out = d.join("refused");
+    let err = fails(&[
+        "train",
+        "--config",
+        s(&cifar),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+    ]);
+    assert!(err.contains("data.stream"), "{err}");
+    let err = fails(&[
+        "train",
+        "--config",
+        s(&st_cfg),
+        "--data",
+        s(&d.join("none")),
+        "--out",
+        s(&out),
+    ]);
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -1,7 +1,8 @@
-//! Image folders (PNG / JPEG), read recursively in sorted, deterministic order, with the
+//! Image folders (PNG / JPEG / WebP), read recursively in sorted, deterministic order, with the
 //! paper's preprocessing presets (CelebA, LSUN) and a generic resize-and-crop.
 //!
-//! - Files whose extension is `png`, `jpg` or `jpeg` (any case) are read; names starting
+//! - Files whose extension is `png`, `jpg`, `jpeg` or `webp` (any case) are read (WebP
+//!   is what LSUN's export tool writes); names starting
 //!   with `.` are ignored. Grey and RGBA images become RGB (alpha is dropped).
 //! - With `class_subfolders`, each immediate sub-folder of the root is a class (labels in
 //!   sorted folder-name order) and every image must lie inside one.
@@ -11,12 +12,13 @@
 //! - Unreadable images either stop the read with an error naming the file
 //!   ([`OnError::Fail`]) or are skipped and counted ([`OnError::Skip`]).
 //! - LSUN training crops are random but seeded per file (by its index in the sorted list),
-//!   so a folder always gives the same images for a seed. The crop is drawn once, at load
-//!   time.
+//!   so a folder always gives the same images for a seed. [`read_folder`] draws the crop
+//!   once, at load time (epoch 0's crop); [`crate::streamed::StreamedFolder`], which
+//!   decodes files as batches need them, draws a new one each epoch ([`crop_rng`]).
 
 use crate::error::{Error, Result};
 use crate::image_set::{holdout_indices, rgb_to_planar, ImageSet, Split};
-use crate::seed::mix_seed;
+use crate::seed::mix_seed2;
 use image::imageops::{self, FilterType};
 use image::RgbImage;
 use rand::rngs::StdRng;
@@ -121,7 +123,7 @@ fn is_image_name(p: &Path) -> bool {
         .extension()
         .and_then(|e| e.to_str())
         .map(|e| e.to_ascii_lowercase())
-        .is_some_and(|e| e == "png" || e == "jpg" || e == "jpeg");
+        .is_some_and(|e| matches!(e.as_str(), "png" | "jpg" | "jpeg" | "webp"));
     !hidden && ext_ok
 }
 
@@ -156,7 +158,7 @@ fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// All PNG / JPEG files under `dir`, recursively, sorted by path. An error naming the
+/// All PNG / JPEG / WebP files under `dir`, recursively, sorted by path. An error naming the
 /// folder if it holds none.
 pub fn list_images(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
     let dir = dir.as_ref();
@@ -169,7 +171,7 @@ pub fn list_images(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
     if out.is_empty() {
         return Err(Error::EmptyFolder {
             dir: dir.to_path_buf(),
-            what: "no .png, .jpg or .jpeg files, searched recursively".into(),
+            what: "no .png, .jpg, .jpeg or .webp files, searched recursively".into(),
         });
     }
     out.sort();
@@ -254,6 +256,12 @@ pub fn apply_preprocess<R: Rng + ?Sized>(
     })
 }
 
+/// The RNG of the LSUN training crop of file `pos` (its index in the sorted file list)
+/// in `epoch`.
+pub fn crop_rng(crop_seed: u64, pos: usize, epoch: usize) -> StdRng {
+    StdRng::seed_from_u64(mix_seed2(crop_seed, pos as u64, epoch as u64))
+}
+
 /// Class of each file (index into the returned names) from the root's sub-folders.
 fn classes_of(dir: &Path, files: &[PathBuf]) -> Result<(Vec<String>, Vec<u32>)> {
     let mut tops = Vec::with_capacity(files.len());
@@ -294,7 +302,7 @@ fn decode_all(
     let work = |pos: usize| -> Result<RgbImage> {
         let path = &files[pos];
         let img = decode_rgb(path)?;
-        let mut rng = StdRng::seed_from_u64(mix_seed(opts.crop_seed, pos as u64));
+        let mut rng = crop_rng(opts.crop_seed, pos, 0);
         apply_preprocess(&img, opts.preprocess, &mut rng).map_err(|e| Error::Inconsistent {
             path: path.clone(),
             message: e.to_string(),
@@ -331,9 +339,20 @@ fn decode_all(
     out
 }
 
-/// Reads `split` of the image folder `dir`.
-pub fn read_folder(dir: impl AsRef<Path>, split: Split, opts: &FolderOptions) -> Result<FolderSet> {
-    let dir = dir.as_ref();
+/// The files of one split of a folder.
+pub(crate) struct SplitFiles {
+    /// Every image file under the root, sorted.
+    pub files: Vec<PathBuf>,
+    /// The split's files: indices into `files`, ascending (never empty).
+    pub positions: Vec<usize>,
+    /// The class of every file in `files`, with `class_subfolders`.
+    pub all_labels: Option<Vec<u32>>,
+    /// Class names in label order.
+    pub class_names: Vec<String>,
+}
+
+/// Lists the folder and picks `split`'s files (no decoding).
+pub(crate) fn split_files(dir: &Path, split: Split, opts: &FolderOptions) -> Result<SplitFiles> {
     let files = list_images(dir)?;
     let (class_names, all_labels) = if opts.class_subfolders {
         let (n, l) = classes_of(dir, &files)?;
@@ -356,6 +375,23 @@ pub fn read_folder(dir: impl AsRef<Path>, split: Split, opts: &FolderOptions) ->
             ),
         });
     }
+    Ok(SplitFiles {
+        files,
+        positions,
+        all_labels,
+        class_names,
+    })
+}
+
+/// Reads `split` of the image folder `dir`.
+pub fn read_folder(dir: impl AsRef<Path>, split: Split, opts: &FolderOptions) -> Result<FolderSet> {
+    let dir = dir.as_ref();
+    let SplitFiles {
+        files,
+        positions,
+        all_labels,
+        class_names,
+    } = split_files(dir, split, opts)?;
     let decoded = decode_all(&files, &positions, opts);
     let mut images = Vec::new();
     let mut labels = all_labels.as_ref().map(|_| Vec::new());

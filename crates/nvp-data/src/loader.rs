@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::image_set::ImageSet;
 use crate::preprocess::{Dequantize, DEFAULT_ALPHA};
 use crate::seed::{mix_seed, mix_seed2};
+use crate::source::ImageSource;
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -151,7 +152,7 @@ struct Plan {
 /// Everything a worker needs.
 #[derive(Clone)]
 struct Core {
-    data: Arc<ImageSet>,
+    data: Arc<dyn ImageSource>,
     batch_size: usize,
     seed: u64,
     dq: Dequantize,
@@ -190,14 +191,16 @@ impl Core {
         let (c, h, w) = data.shape();
         let d = data.dims();
         let b = indices.len();
-        let mut pixels = Vec::with_capacity(b * d);
-        for &i in &indices {
-            pixels.extend_from_slice(data.image(i));
+        let mut pixels = vec![0u8; b * d];
+        let mut labels = data.labelled().then(|| Vec::with_capacity(b));
+        for (&i, out) in indices.iter().zip(pixels.chunks_exact_mut(d)) {
+            let label = data.read_into(i, epoch, out)?;
+            if let Some(l) = labels.as_mut() {
+                l.push(label.ok_or_else(|| {
+                    Error::arg(format!("image {i} of a labelled dataset has no label"))
+                })?);
+            }
         }
-        let labels = data
-            .labels
-            .as_ref()
-            .map(|l| indices.iter().map(|&i| l[i]).collect());
         let stream = if plan.eval {
             mix_seed(self.seed, EVAL_STREAM)
         } else {
@@ -265,7 +268,8 @@ impl Core {
     }
 }
 
-/// The data loader: an [`ImageSet`] shared with background workers.
+/// The data loader: an [`ImageSource`] (an in-memory [`ImageSet`], or images read from
+/// disk as batches need them) shared with background workers.
 pub struct Loader {
     core: Core,
     cfg: LoaderConfig,
@@ -282,13 +286,20 @@ impl std::fmt::Debug for Loader {
 }
 
 impl Loader {
-    /// A loader over `data`. Errors for an empty set, a zero batch size, an invalid α, or
-    /// `drop_last` with fewer images than one batch.
+    /// A loader over the in-memory `data`. Errors for an invalid or empty set, a zero
+    /// batch size, an invalid α, or `drop_last` with fewer images than one batch.
     pub fn new(data: Arc<ImageSet>, cfg: LoaderConfig) -> Result<Self> {
+        data.validate()?;
+        Self::from_source(data, cfg)
+    }
+
+    /// A loader over any [`ImageSource`]; errors as [`Loader::new`]. Images are read by the
+    /// workers as their batches are made, so a source that decodes files does so in the
+    /// background threads (`workers` of them).
+    pub fn from_source(data: Arc<dyn ImageSource>, cfg: LoaderConfig) -> Result<Self> {
         if cfg.batch_size == 0 {
             return Err(Error::arg("batch size must be positive"));
         }
-        data.validate()?;
         if data.is_empty() {
             return Err(Error::arg("the data loader got an empty image set"));
         }
@@ -320,7 +331,7 @@ impl Loader {
     }
 
     /// The images.
-    pub fn dataset(&self) -> &Arc<ImageSet> {
+    pub fn dataset(&self) -> &Arc<dyn ImageSource> {
         &self.core.data
     }
 

@@ -1,7 +1,6 @@
 //! `nvp eval`: bits/dim of a checkpoint on a split, in evaluation mode, with
 //! its standard error (the paper's Table 1 metric).
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -24,13 +23,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
         if n == 0 {
             bail!("--limit must be at least 1");
         }
-        set = set.take(n);
+        set = set.limit(n);
     }
-    let n = set.len();
+    let n = set.images.len();
     let mut cfg = LoaderConfig::eval(a.batch, a.seed);
     cfg.alpha = l.settings.data.alpha;
     cfg.device = l.device.clone();
-    let loader = Loader::new(Arc::new(set), cfg)?;
+    let loader = Loader::from_source(set.images.clone(), cfg)?;
     let t0 = Instant::now();
     let bpd = engine::evaluate(&l.model, loader.eval_batches()?)?;
     let secs = t0.elapsed().as_secs_f64();

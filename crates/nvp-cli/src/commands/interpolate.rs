@@ -8,7 +8,7 @@ use std::f64::consts::FRAC_PI_2;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use image::Rgb;
-use nvp_data::{Dequantize, ImageSet};
+use nvp_data::Dequantize;
 use nvp_flow::{Flow, Mode};
 
 use crate::cli::InterpolateArgs;
@@ -52,17 +52,18 @@ pub fn run(a: InterpolateArgs) -> Result<()> {
             if let Some(p) = &a.data {
                 l.settings.data.path = Some(p.clone());
             }
-            let set: ImageSet = crate::data::open(&l.settings, super::parse_split(&a.split)?)?;
-            let mut v = Vec::with_capacity(4 * d);
-            for &i in idx {
-                let img = set.get(i).with_context(|| {
-                    format!(
+            let set = crate::data::open(&l.settings, super::parse_split(&a.split)?)?.images;
+            let mut v = vec![0u8; 4 * d];
+            for (&i, out) in idx.iter().zip(v.chunks_exact_mut(d)) {
+                if i >= set.len() {
+                    bail!(
                         "--indices: image {i} is out of range (the {} split has {} images)",
                         a.split,
                         set.len()
-                    )
-                })?;
-                v.extend_from_slice(img);
+                    );
+                }
+                set.read_into(i, 0, out)
+                    .with_context(|| format!("--indices: reading image {i}"))?;
             }
             v
         }

@@ -3,7 +3,6 @@
 //! guard.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -65,12 +64,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
     std::fs::write(out.join("config.toml"), settings.to_toml()?)
         .with_context(|| format!("cannot write {}", out.join("config.toml").display()))?;
 
-    let train_set = Arc::new(crate::data::open(&settings, Split::Train)?);
-    let mut test_set = crate::data::open(&settings, Split::Test)?;
+    let train_data = crate::data::open(&settings, Split::Train)?;
+    let mut test_data = crate::data::open(&settings, Split::Test)?;
     if settings.data.test_limit > 0 {
-        test_set = test_set.take(settings.data.test_limit);
+        test_data = test_data.limit(settings.data.test_limit);
     }
-    let test_set = Arc::new(test_set);
+    let (train_set, test_set) = (train_data.images.clone(), test_data.images.clone());
 
     let (store, model) = crate::model::build(&settings, &device)?;
     let mut trainer = Trainer::new(store, model, &settings)?;
@@ -93,7 +92,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     lcfg.alpha = settings.data.alpha;
     lcfg.workers = t.workers;
     lcfg.device = device.clone();
-    let loader = Loader::new(train_set.clone(), lcfg)?;
+    let loader = Loader::from_source(train_set.clone(), lcfg)?;
     if loader.batches_per_epoch() == 0 {
         bail!(
             "the training split has {} images, fewer than one batch of {}",
@@ -104,7 +103,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let mut ecfg = LoaderConfig::eval(t.eval_batch_size, 0);
     ecfg.alpha = settings.data.alpha;
     ecfg.device = device.clone();
-    let eval_loader = Loader::new(test_set.clone(), ecfg)?;
+    let eval_loader = Loader::from_source(test_set.clone(), ecfg)?;
 
     eprintln!(
         "nvp train: {} — {} parameters, {} training / {} test images of {}×{}×{}, batch {}, device {}; run folder {}",
@@ -136,6 +135,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let mut bad_in_row = 0u32;
     let mut last_eval_step = state.step;
     let mut ema_bpd = f64::NAN;
+    let mut skips_reported = 0usize;
 
     while state.step < t.max_steps {
         if limit_secs > 0.0 && started.elapsed().as_secs_f64() >= limit_secs {
@@ -214,6 +214,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     row.step, row.train_bpd, row.test_bpd, row.test_bpd_stderr, row.img_per_s
                 ),
             );
+            warn_skipped(&pb, &train_data, &mut skips_reported);
             last_eval_step = state.step;
             (bpd_sum, bpd_n, imgs) = (0.0, 0, 0);
             window = Instant::now();
@@ -245,6 +246,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             ),
         );
     }
+    warn_skipped(&pb, &train_data, &mut skips_reported);
     pb.finish_and_clear();
     eprintln!(
         "done: {} steps in {:.0} s ({} skipped); best test bpd {:.4}; checkpoints in {}/last and {}/best, samples in {}/samples",
@@ -331,6 +333,24 @@ fn periodic(
     report::append_metrics(&csv, &row)?;
     report::plot_bpd(&report::read_metrics(&csv)?, &out.join("bpd.png"))?;
     Ok(row)
+}
+
+/// A warning for the unreadable training files a streamed folder has skipped since the
+/// last one (`data.skip-bad-images`).
+fn warn_skipped(pb: &indicatif::ProgressBar, data: &crate::data::Opened, reported: &mut usize) {
+    let skipped = data.skipped();
+    if skipped.len() > *reported {
+        let (path, why) = &skipped[*reported];
+        say(
+            pb,
+            format!(
+                "warning: {} unreadable training image(s) skipped so far (one: {}: {why})",
+                skipped.len(),
+                path.display()
+            ),
+        );
+        *reported = skipped.len();
+    }
 }
 
 /// A line above the progress bar, or on stderr when the bar is hidden.
