@@ -45,54 +45,82 @@ pub(crate) static PORTABLE: AtomicBool = AtomicBool::new(false);
 /// The weight gradient's block budget, as a multiple of [`BLOCK_BYTES`].
 pub(crate) static WGRAD_BLOCK_FACTOR: AtomicUsize = AtomicUsize::new(4);
 
-/// `G v` for one column/row `v` of a 3×3 kernel (6 values), in f64.
-#[inline]
-fn g_rows(g0: f64, g1: f64, g2: f64) -> [f64; 6] {
-    [
-        g0 / 4.0,
-        -(g0 + g1 + g2) / 6.0,
-        -(g0 - g1 + g2) / 6.0,
-        g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
-        g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
-        g2,
-    ]
+/// `G v` for one column/row `v` of a 3×3 kernel (6 values), in f64, on `L` kernels at
+/// once (lane by lane: the same operations as one kernel at a time, so the same bits).
+#[inline(always)]
+fn g_rows<const L: usize>(g0: [f64; L], g1: [f64; L], g2: [f64; L]) -> [[f64; L]; 6] {
+    let mut o = [[0.0f64; L]; 6];
+    for l in 0..L {
+        let (a, b, c) = (g0[l], g1[l], g2[l]);
+        o[0][l] = a / 4.0;
+        o[1][l] = -(a + b + c) / 6.0;
+        o[2][l] = -(a - b + c) / 6.0;
+        o[3][l] = a / 24.0 + b / 12.0 + c / 6.0;
+        o[4][l] = a / 24.0 - b / 12.0 + c / 6.0;
+        o[5][l] = c;
+    }
+    o
+}
+
+/// `G g Gᵀ` (6×6, row-major) of `L` 3×3 kernels `g[l]`, computed in f64 and rounded once.
+#[inline(always)]
+fn transform_kernels<const L: usize>(g: [&[f32]; L]) -> [[f32; L]; 36] {
+    let at = |i: usize| -> [f64; L] { std::array::from_fn(|l| g[l][i] as f64) };
+    // gg[i][col] = (G g)[i][col]
+    let mut gg = [[[0.0f64; L]; 3]; 6];
+    for col in 0..3 {
+        let v = g_rows(at(col), at(3 + col), at(6 + col));
+        for (i, row) in gg.iter_mut().enumerate() {
+            row[col] = v[i];
+        }
+    }
+    let mut out = [[0.0f32; L]; 36];
+    for (i, row) in gg.iter().enumerate() {
+        let v = g_rows(row[0], row[1], row[2]);
+        for (j, val) in v.iter().enumerate() {
+            for l in 0..L {
+                out[i * 6 + j][l] = val[l] as f32;
+            }
+        }
+    }
+    out
 }
 
 /// Transformed weights `U[ξ] = (G g Gᵀ)[ξ]` packed for the micro-kernel as
 /// `[ξ][kb][c][MR]` (`kb` = block of `MR` output channels; rows past `k` are zero).
-/// Computed in f64 and rounded once.
+/// Computed in f64 and rounded once; each block of `MR` output channels is one parallel
+/// task writing its rows straight into place, [`MR`] kernels at a time.
 fn transform_weights(w: &[f32], k: usize, c: usize) -> Vec<f32> {
     let kbn = k.div_ceil(MR);
-    // (G g Gᵀ) per (output, input) channel pair, in parallel; then packed.
-    let per_pair: Vec<[f32; 36]> = w
-        .par_chunks(9)
-        .map(|g| {
-            let mut gg = [[0.0f64; 3]; 6];
-            for col in 0..3 {
-                let v = g_rows(g[col] as f64, g[3 + col] as f64, g[6 + col] as f64);
-                for (i, row) in gg.iter_mut().enumerate() {
-                    row[col] = v[i];
-                }
-            }
-            let mut out = [0.0f32; 36];
-            for (i, row) in gg.iter().enumerate() {
-                let v = g_rows(row[0], row[1], row[2]);
-                for (j, &val) in v.iter().enumerate() {
-                    out[i * 6 + j] = val as f32;
-                }
-            }
-            out
-        })
-        .collect();
-    let mut u = vec![0.0f32; 36 * kbn * c * MR];
-    for ko in 0..k {
-        let (kb, r) = (ko / MR, ko % MR);
+    let len = 36 * kbn * c * MR;
+    let mut u: Vec<f32> = Vec::with_capacity(len);
+    let up = OutPtr(u.as_mut_ptr());
+    (0..kbn).into_par_iter().for_each(|kb| {
+        let up = &up;
         for ci in 0..c {
-            for (xi, &val) in per_pair[ko * c + ci].iter().enumerate() {
-                u[((xi * kbn + kb) * c + ci) * MR + r] = val;
+            // The MR kernels (kb·MR + r, ci); rows past `k` transform a zero kernel.
+            const ZERO: [f32; 9] = [0.0; 9];
+            let g: [&[f32]; MR] = std::array::from_fn(|r| {
+                let ko = kb * MR + r;
+                if ko < k {
+                    &w[(ko * c + ci) * 9..][..9]
+                } else {
+                    &ZERO[..]
+                }
+            });
+            let t = transform_kernels(g);
+            for (xi, vals) in t.iter().enumerate() {
+                // SAFETY: task `kb` writes the MR floats at ((ξ·kbn + kb)·c + ci)·MR for
+                // every ξ and ci: disjoint from every other task's, inside `len`.
+                unsafe {
+                    let dst = up.0.add(((xi * kbn + kb) * c + ci) * MR);
+                    std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, MR);
+                }
             }
         }
-    }
+    });
+    // SAFETY: the tasks kb = 0..kbn wrote all 36 · kbn · c · MR floats.
+    unsafe { u.set_len(len) };
     u
 }
 
@@ -1083,12 +1111,8 @@ pub(crate) fn conv3x3_grad_weight(
             du
         })
         .collect();
-    let mut du = vec![0.0f64; du_len];
-    for p in &parts {
-        for (a, b) in du.iter_mut().zip(p) {
-            *a += *b as f64;
-        }
-    }
+    // dU = Σ over the parts, in f64 (summed where it is read below).
+    let du = |i: usize| parts.iter().fold(0.0f64, |acc, p| acc + p[i] as f64);
     // dW = Gᵀ dU G per (k, c).
     const G: [[f64; 3]; 6] = [
         [0.25, 0.0, 0.0],
@@ -1103,7 +1127,11 @@ pub(crate) fn conv3x3_grad_weight(
         .enumerate()
         .for_each(|(ko, dwk)| {
             for (ci, out) in dwk.chunks_exact_mut(9).enumerate() {
-                let at = |xi: usize| du[(xi * d.k + ko) * d.c + ci];
+                let mut dui = [0.0f64; 36];
+                for (xi, v) in dui.iter_mut().enumerate() {
+                    *v = du((xi * d.k + ko) * d.c + ci);
+                }
+                let at = |xi: usize| dui[xi];
                 // t[i][s] = Σ_j dU[i][j] G[j][s]
                 let mut t = [[0.0f64; 3]; 6];
                 for (i, trow) in t.iter_mut().enumerate() {
@@ -1217,4 +1245,74 @@ pub(crate) fn conv3x3_fwd(
     // block wrote all k channels of its tiles.
     unsafe { out.set_len(y_len) };
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `G g Gᵀ` of one kernel, one value at a time in f64, rounded once.
+    fn reference(g: &[f32]) -> [f32; 36] {
+        let rows = |a: f64, b: f64, c: f64| {
+            [
+                a / 4.0,
+                -(a + b + c) / 6.0,
+                -(a - b + c) / 6.0,
+                a / 24.0 + b / 12.0 + c / 6.0,
+                a / 24.0 - b / 12.0 + c / 6.0,
+                c,
+            ]
+        };
+        let mut gg = [[0.0f64; 3]; 6];
+        for col in 0..3 {
+            let v = rows(g[col] as f64, g[3 + col] as f64, g[6 + col] as f64);
+            for i in 0..6 {
+                gg[i][col] = v[i];
+            }
+        }
+        let mut out = [0.0f32; 36];
+        for i in 0..6 {
+            let v = rows(gg[i][0], gg[i][1], gg[i][2]);
+            for j in 0..6 {
+                out[i * 6 + j] = v[j] as f32;
+            }
+        }
+        out
+    }
+
+    /// The packed, lane-parallel weight transform equals the kernel-by-kernel formula to
+    /// the bit, and its padding rows (output channels past `k`) are zero.
+    #[test]
+    fn weight_transform_matches_the_formula_bitwise() {
+        let mut s = 0x1234_5678_9abc_def0u64;
+        for (k, c) in [(1, 1), (5, 3), (6, 2), (7, 4), (13, 9), (32, 17)] {
+            let w: Vec<f32> = (0..k * c * 9)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
+                })
+                .collect();
+            let u = transform_weights(&w, k, c);
+            let kbn = k.div_ceil(MR);
+            assert_eq!(u.len(), 36 * kbn * c * MR);
+            for ko in 0..kbn * MR {
+                for ci in 0..c {
+                    let expected = if ko < k {
+                        reference(&w[(ko * c + ci) * 9..][..9])
+                    } else {
+                        [0.0; 36]
+                    };
+                    for (xi, e) in expected.iter().enumerate() {
+                        let got = u[((xi * kbn + ko / MR) * c + ci) * MR + ko % MR];
+                        assert!(
+                            got.to_bits() == e.to_bits() || (ko >= k && got == 0.0),
+                            "k={k} c={c} ko={ko} ci={ci} ξ={xi}: {got} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
