@@ -323,3 +323,129 @@ fn not_a_zip_and_missing_files_are_errors() {
     let err = read_imagenet(empty.path(), Split::Test, &ImagenetOptions::default()).unwrap_err();
     assert!(err.to_string().contains("val_data.npz"), "{err}");
 }
+
+/// The streamed reader (`data.stream = true`): the same images and labels as the
+/// in-memory one, read row by row with positioned reads, from any loader thread; the
+/// same errors; compressed archives refused by name (streaming needs stored ones).
+#[test]
+fn streamed_archives_read_the_same_images_as_the_in_memory_reader() {
+    use nvp::data::source::collect;
+    use nvp::data::{ImageSource, Loader, LoaderConfig, StreamedImagenet};
+    use std::sync::Arc;
+    let dir = TempDir::new("imagenet-stream");
+    let s = 8;
+    for (k, n, first) in [(1usize, 5usize, 0usize), (2, 3, 40), (3, 4, 80)] {
+        let labels: Vec<i64> = (0..n as i64)
+            .map(|i| 1 + (i * 37 + k as i64) % 1000)
+            .collect();
+        std::fs::write(
+            dir.path().join(format!("train_data_batch_{k}.npz")),
+            archive(n, s, first, &labels),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        dir.path().join("val_data.npz"),
+        archive(3, s, 50, &[7, 8, 9]),
+    )
+    .unwrap();
+    let opts = ImagenetOptions::default();
+    for split in [Split::Train, Split::Test] {
+        let mem = read_imagenet(dir.path(), split, &opts).unwrap();
+        let st = StreamedImagenet::open(dir.path(), split, &opts).unwrap();
+        assert_eq!((st.len(), st.shape()), (mem.len(), mem.shape()), "{split}");
+        assert_eq!(collect(&st, 0).unwrap(), mem, "{split}");
+    }
+    // through the loader, with 3 workers reading the same files at once
+    let mem = Arc::new(read_imagenet(dir.path(), Split::Train, &opts).unwrap());
+    let st: Arc<dyn ImageSource> =
+        Arc::new(StreamedImagenet::open(dir.path(), Split::Train, &opts).unwrap());
+    let cfg = LoaderConfig {
+        workers: 3,
+        ..LoaderConfig::train(3, 2)
+    };
+    let a: Vec<_> = Loader::new(mem, cfg.clone())
+        .unwrap()
+        .stream(0, 0)
+        .unwrap()
+        .take(8)
+        .map(Result::unwrap)
+        .collect();
+    let b: Vec<_> = Loader::from_source(st, cfg)
+        .unwrap()
+        .stream(0, 0)
+        .unwrap()
+        .take(8)
+        .map(Result::unwrap)
+        .collect();
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(
+            (&x.pixels, &x.labels, &x.ld_pre),
+            (&y.pixels, &y.labels, &y.ld_pre)
+        );
+    }
+
+    // errors: a stated size that does not match, a label out of range, float data,
+    // a missing array, a compressed archive — each naming the file
+    let err = |path: &std::path::Path, o: &ImagenetOptions| match StreamedImagenet::open(
+        path,
+        Split::Train,
+        o,
+    ) {
+        Ok(_) => panic!("{} opened", path.display()),
+        Err(e) => e.to_string(),
+    };
+    let one = dir.path().join("train_data_batch_2.npz");
+    let e = err(
+        &one,
+        &ImagenetOptions {
+            size: Some(32),
+            ..opts
+        },
+    );
+    assert!(
+        e.contains("train_data_batch_2.npz") && e.contains("3*32*32"),
+        "{e}"
+    );
+    let bad = dir.path().join("bad_label.npz");
+    std::fs::write(&bad, archive(2, s, 0, &[1, 1001])).unwrap();
+    let e = err(&bad, &opts);
+    assert!(e.contains("bad_label.npz") && e.contains("1001"), "{e}");
+    let float = dir.path().join("float.npz");
+    std::fs::write(
+        &float,
+        zip_stored(&[
+            ("data.npy", npy("<f4", "(1, 192)", &[0u8; 768])),
+            ("labels.npy", labels_i64(&[1])),
+        ]),
+    )
+    .unwrap();
+    let e = err(&float, &opts);
+    assert!(e.contains("float.npz") && e.contains("uint8"), "{e}");
+    let nodata = dir.path().join("nodata.npz");
+    std::fs::write(&nodata, zip_stored(&[("labels.npy", labels_i64(&[1]))])).unwrap();
+    let e = err(&nodata, &opts);
+    assert!(e.contains("nodata.npz") && e.contains("`data`"), "{e}");
+    let compressed = dir.path().join("compressed.npz");
+    {
+        use ndarray_npy::NpzWriter;
+        let data = ndarray::Array2::<u8>::zeros((2, 192));
+        let labels = ndarray::Array1::from(vec![1i64, 2]);
+        let mut w = NpzWriter::new_compressed(std::fs::File::create(&compressed).unwrap());
+        w.add_array("data", &data).unwrap();
+        w.add_array("labels", &labels).unwrap();
+        w.finish().unwrap();
+    }
+    assert_eq!(
+        read_imagenet(&compressed, Split::Train, &opts)
+            .unwrap()
+            .len(),
+        2,
+        "the in-memory reader takes compressed archives"
+    );
+    let e = err(&compressed, &opts);
+    assert!(
+        e.contains("compressed.npz") && e.contains("np.savez") && e.contains("stream = false"),
+        "{e}"
+    );
+}

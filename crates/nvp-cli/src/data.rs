@@ -1,11 +1,12 @@
-//! Opening the configured dataset as u8 images: in memory, or (image folders with
-//! `data.stream = true`) decoded by the loader's workers as batches need them.
+//! Opening the configured dataset as u8 images: in memory, or (image folders and
+//! ImageNet archives with `data.stream = true`) read by the loader's workers as batches
+//! need them.
 
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use nvp_data::folder::{read_folder, FolderOptions, OnError, Preprocess};
-use nvp_data::imagenet::{read_imagenet, ImagenetOptions};
+use nvp_data::imagenet::{read_imagenet, ImagenetOptions, StreamedImagenet};
 use nvp_data::{ImageSource, Prefix, Procedural, ProceduralConfig, Split, StreamedFolder};
 
 use crate::settings::{DatasetKind, FolderPreprocess, Settings};
@@ -64,6 +65,15 @@ pub fn open(s: &Settings, split: Split) -> Result<Opened> {
                 size: Some(s.model.height),
                 ..ImagenetOptions::default()
             };
+            if d.stream {
+                let f = StreamedImagenet::open(p, split, &opts)
+                    .with_context(|| format!("opening ImageNet at {}", p.display()))?;
+                check_fits(s, &f, split)?;
+                return Ok(Opened {
+                    images: Arc::new(f),
+                    streamed: None,
+                });
+            }
             read_imagenet(p, split, &opts)
                 .with_context(|| format!("reading ImageNet from {}", p.display()))?
         }

@@ -47,9 +47,9 @@ pub struct DataSettings {
     pub skip_bad_images: bool,
     /// Image folders: sub-folders are classes.
     pub class_subfolders: bool,
-    /// Image folders: decode the files as batches need them (in the loader's workers)
-    /// instead of all at start — for datasets larger than memory (LSUN); the LSUN
-    /// training crop is then drawn anew each epoch.
+    /// Image folders and ImageNet: read the images as batches need them (in the
+    /// loader's workers) instead of all at start — for datasets larger than memory
+    /// (LSUN, ImageNet 64); the LSUN training crop is then drawn anew each epoch.
     pub stream: bool,
     /// Random horizontal flips in training.
     pub flip: bool,
@@ -258,8 +258,8 @@ impl Settings {
                 "data.path is not set: give the dataset folder with --data DIR or `path` in [data]"
             );
         }
-        if d.stream && d.dataset != DatasetKind::Folder {
-            bail!("data.stream applies to image folders (dataset = \"folder\") only");
+        if d.stream && !matches!(d.dataset, DatasetKind::Folder | DatasetKind::Imagenet) {
+            bail!("data.stream applies to image folders and ImageNet archives (dataset = \"folder\" or \"imagenet\") only");
         }
         if d.dataset == DatasetKind::Procedural {
             if self.model.height != self.model.width {

@@ -8,6 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::image_set::{ImageSet, Split};
+use crate::source::{check_read, ImageSource};
 use ndarray::Array2;
 use ndarray_npy::{NpzReader, ReadNpzError};
 use std::fs::File;
@@ -186,6 +187,69 @@ fn read_labels<R: Read + Seek>(
     }
 }
 
+/// The image side for rows of `row` values: `opts.size` checked, or inferred.
+fn image_side(path: &Path, row: usize, opts: &ImagenetOptions) -> Result<usize> {
+    match opts.size {
+        Some(s) => {
+            let expected = s.checked_mul(s).and_then(|v| v.checked_mul(3));
+            if s == 0 || expected != Some(row) {
+                return Err(array_err(
+                    path,
+                    "data",
+                    format!(
+                        "rows have {row} values, expected 3*{s}*{s} = {} for {s}x{s} images",
+                        expected.map_or("(overflow)".to_string(), |e| e.to_string())
+                    ),
+                ));
+            }
+            Ok(s)
+        }
+        None => {
+            let s = ((row / 3) as f64).sqrt().round() as usize;
+            if row == 0 || 3 * s * s != row {
+                return Err(array_err(
+                    path,
+                    "data",
+                    format!("rows have {row} values, not 3*S*S for any image side S"),
+                ));
+            }
+            Ok(s)
+        }
+    }
+}
+
+/// `n` labels, range-checked and made 0-based.
+fn convert_labels(
+    path: &Path,
+    raw_labels: &[i64],
+    n: usize,
+    opts: &ImagenetOptions,
+) -> Result<Vec<u32>> {
+    if raw_labels.len() != n {
+        return Err(array_err(
+            path,
+            "labels",
+            format!("{} labels for {n} images", raw_labels.len()),
+        ));
+    }
+    let base: i64 = if opts.labels_one_based { 1 } else { 0 };
+    let max = opts.num_classes as i64 - 1 + base;
+    let mut labels = Vec::with_capacity(n);
+    for (i, &l) in raw_labels.iter().enumerate() {
+        if l < base || l > max {
+            return Err(Error::LabelOutOfRange {
+                path: path.to_path_buf(),
+                record: i,
+                offset: 0,
+                label: l,
+                max,
+            });
+        }
+        labels.push((l - base) as u32);
+    }
+    Ok(labels)
+}
+
 /// Reads one archive from any `Read + Seek` source; `path` is used in error messages.
 pub fn read_imagenet_npz<R: Read + Seek>(
     reader: R,
@@ -217,58 +281,234 @@ pub fn read_imagenet_npz<R: Read + Seek>(
         e => npz_err(path, e),
     })?;
     let (n, row) = data.dim();
-    let side = match opts.size {
-        Some(s) => {
-            let expected = s.checked_mul(s).and_then(|v| v.checked_mul(3));
-            if s == 0 || expected != Some(row) {
+    let side = image_side(path, row, opts)?;
+    let raw_labels = read_labels(&mut npz, path, "labels")?;
+    let labels = convert_labels(path, &raw_labels, n, opts)?;
+    let images = to_vec(data);
+    ImageSet::new(images, Some(labels), 3, side, side)
+}
+
+/// One archive of a [`StreamedImagenet`].
+struct Part {
+    path: PathBuf,
+    file: File,
+    /// Byte offset of the first image's first value in the file.
+    data_offset: u64,
+    rows: usize,
+}
+
+/// Downsampled ImageNet read row by row from the `.npz` archives as batches need it,
+/// for the 64×64 training split (1.28 M images, 15.7 GB) on machines where it does not
+/// fit in memory. Opening reads every archive's labels (small) and the position and
+/// shape of its `data` array; [`ImageSource::read_into`] then reads one image with one
+/// positioned read. The archives must store `data.npy` uncompressed, as `np.savez`
+/// writes it; a compressed one (`np.savez_compressed`) is an error naming it. Same files, order, labels and checks as [`read_imagenet`] (tested
+/// equal).
+pub struct StreamedImagenet {
+    parts: Vec<Part>,
+    /// Index of each part's first image.
+    starts: Vec<usize>,
+    labels: Vec<u32>,
+    side: usize,
+}
+
+/// Fills `buf` from `file` at `offset` without moving a shared cursor, so that loader
+/// threads can read at once.
+#[cfg(unix)]
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_read(buf, offset)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `(rows, row length)` of the uint8 C-order 2-D array whose `.npy` file starts at
+/// `offset` in `file`, and the offset of its data.
+fn npy_u8_matrix(file: &File, path: &Path, offset: u64) -> Result<(usize, usize, u64)> {
+    let bad = |m: String| array_err(path, "data", m);
+    let mut pre = [0u8; 12];
+    read_at(file, &mut pre, offset).map_err(|e| Error::io(path, e))?;
+    if &pre[..6] != b"\x93NUMPY" {
+        return Err(bad("not an .npy array (bad magic)".into()));
+    }
+    let (hlen, hstart) = match pre[6] {
+        1 => (u16::from_le_bytes([pre[8], pre[9]]) as usize, 10u64),
+        2 | 3 => (
+            u32::from_le_bytes([pre[8], pre[9], pre[10], pre[11]]) as usize,
+            12u64,
+        ),
+        v => return Err(bad(format!("unsupported .npy version {v}"))),
+    };
+    let mut h = vec![0u8; hlen];
+    read_at(file, &mut h, offset + hstart).map_err(|e| Error::io(path, e))?;
+    let h = String::from_utf8_lossy(&h);
+    let value = |key: &str| -> Option<&str> {
+        let at = h.find(&format!("'{key}'"))? + key.len() + 2;
+        let rest = h[at..].trim_start().strip_prefix(':')?.trim_start();
+        Some(rest)
+    };
+    let descr = value("descr")
+        .and_then(|r| r.strip_prefix('\''))
+        .and_then(|r| r.split('\'').next())
+        .ok_or_else(|| bad(format!("no dtype in the header {h}")))?;
+    if !matches!(descr, "|u1" | "<u1" | ">u1" | "u1" | "=u1") {
+        return Err(bad(format!(
+            "expected a 2-D uint8 array (N, 3*H*W), got dtype {descr}"
+        )));
+    }
+    if value("fortran_order").is_some_and(|r| r.starts_with("True")) {
+        return Err(bad("Fortran-order data is not supported".into()));
+    }
+    let shape: Vec<usize> = value("shape")
+        .and_then(|r| r.strip_prefix('('))
+        .and_then(|r| r.split(')').next())
+        .map(|t| {
+            t.split(',')
+                .map(str::trim)
+                .filter(|x| !x.is_empty())
+                .map(|x| x.trim_end_matches('L').parse::<usize>())
+                .collect::<std::result::Result<Vec<_>, _>>()
+        })
+        .and_then(|r| r.ok())
+        .ok_or_else(|| bad(format!("no shape in the header {h}")))?;
+    let [rows, row] = shape[..] else {
+        return Err(bad(format!(
+            "expected a 2-D uint8 array (N, 3*H*W), got shape {shape:?}"
+        )));
+    };
+    Ok((rows, row, offset + hstart + hlen as u64))
+}
+
+impl StreamedImagenet {
+    /// Opens `split` of downsampled ImageNet at `path` (a folder or one `.npz` file).
+    pub fn open(path: impl AsRef<Path>, split: Split, opts: &ImagenetOptions) -> Result<Self> {
+        let files = split_files(path, split)?;
+        let (mut parts, mut starts, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+        let mut side: Option<usize> = None;
+        let mut total = 0usize;
+        for f in files {
+            let file = File::open(&f).map_err(|e| Error::io(&f, e))?;
+            let mut zip = zip::ZipArchive::new(&file).map_err(|e| npz_err(&f, e))?;
+            let (method, start) = {
+                let entry = zip.by_name("data.npy").map_err(|e| match e {
+                    zip::result::ZipError::FileNotFound => Error::NpzMissingArray {
+                        path: f.clone(),
+                        array: "data".into(),
+                        present: zip_names(&f),
+                    },
+                    e => npz_err(&f, e),
+                })?;
+                (entry.compression(), entry.data_start())
+            };
+            if method != zip::CompressionMethod::Stored {
                 return Err(array_err(
-                    path,
+                    &f,
                     "data",
                     format!(
-                        "rows have {row} values, expected 3*{s}*{s} = {} for {s}x{s} images",
-                        expected.map_or("(overflow)".to_string(), |e| e.to_string())
+                        "stored compressed ({method}); streaming reads uncompressed archives \
+                         (as np.savez writes them) — set data.stream = false to read it \
+                         into memory"
                     ),
                 ));
             }
-            s
-        }
-        None => {
-            let s = ((row / 3) as f64).sqrt().round() as usize;
-            if row == 0 || 3 * s * s != row {
-                return Err(array_err(
-                    path,
-                    "data",
-                    format!("rows have {row} values, not 3*S*S for any image side S"),
-                ));
+            let (rows, row, data_offset) = npy_u8_matrix(&file, &f, start)?;
+            let s = image_side(&f, row, opts)?;
+            if side.is_some_and(|p| p != s) {
+                return Err(Error::Inconsistent {
+                    path: f.clone(),
+                    message: format!(
+                        "{s}x{s} images after {}x{} ones",
+                        side.unwrap_or(0),
+                        side.unwrap_or(0)
+                    ),
+                });
             }
-            s
-        }
-    };
-    let raw_labels = read_labels(&mut npz, path, "labels")?;
-    if raw_labels.len() != n {
-        return Err(array_err(
-            path,
-            "labels",
-            format!("{} labels for {n} images", raw_labels.len()),
-        ));
-    }
-    let base: i64 = if opts.labels_one_based { 1 } else { 0 };
-    let max = opts.num_classes as i64 - 1 + base;
-    let mut labels = Vec::with_capacity(n);
-    for (i, &l) in raw_labels.iter().enumerate() {
-        if l < base || l > max {
-            return Err(Error::LabelOutOfRange {
-                path: path.to_path_buf(),
-                record: i,
-                offset: 0,
-                label: l,
-                max,
+            side = Some(s);
+            let mut npz =
+                NpzReader::new(std::io::BufReader::new(&file)).map_err(|e| npz_err(&f, e))?;
+            let raw = read_labels(&mut npz, &f, "labels")?;
+            labels.extend(convert_labels(&f, &raw, rows, opts)?);
+            starts.push(total);
+            total += rows;
+            parts.push(Part {
+                path: f,
+                file,
+                data_offset,
+                rows,
             });
         }
-        labels.push((l - base) as u32);
+        let side = side.ok_or_else(|| Error::MissingFiles {
+            dir: PathBuf::new(),
+            expected: "at least one .npz archive".into(),
+        })?;
+        Ok(StreamedImagenet {
+            parts,
+            starts,
+            labels,
+            side,
+        })
     }
-    let images = to_vec(data);
-    ImageSet::new(images, Some(labels), 3, side, side)
+}
+
+/// The arrays in an archive, for the missing-array error.
+fn zip_names(path: &Path) -> String {
+    File::open(path)
+        .ok()
+        .and_then(|f| zip::ZipArchive::new(f).ok())
+        .map(|z| {
+            z.file_names()
+                .map(|n| n.trim_end_matches(".npy").to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+}
+
+impl ImageSource for StreamedImagenet {
+    fn shape(&self) -> (usize, usize, usize) {
+        (3, self.side, self.side)
+    }
+
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    fn labelled(&self) -> bool {
+        true
+    }
+
+    fn read_into(&self, i: usize, _epoch: usize, out: &mut [u8]) -> Result<Option<u32>> {
+        check_read(self, i, out)?;
+        let p = self.starts.partition_point(|&s| s <= i) - 1;
+        let part = &self.parts[p];
+        let r = i - self.starts[p];
+        debug_assert!(r < part.rows);
+        let at = part.data_offset + (r * out.len()) as u64;
+        read_at(&part.file, out, at).map_err(|e| Error::io(&part.path, e))?;
+        Ok(Some(self.labels[i]))
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} images of 3×{}×{} in {} .npz archive(s), read as needed",
+            self.labels.len(),
+            self.side,
+            self.side,
+            self.parts.len()
+        )
+    }
 }
 
 #[cfg(test)]

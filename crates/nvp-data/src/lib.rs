@@ -5,7 +5,8 @@
 //!
 //! Readers: CIFAR-10 binary ([`cifar`]), image folders with the CelebA / LSUN presets
 //! ([`folder`] reads them into memory; [`streamed`] decodes them as batches need them,
-//! for datasets larger than memory), downsampled ImageNet `.npz` ([`imagenet`]), a
+//! for datasets larger than memory), downsampled ImageNet `.npz` ([`imagenet`]: into
+//! memory, or row by row as batches need them), a
 //! procedural image set that needs no files ([`procedural`]) and 2-D toy distributions
 //! ([`toy2d`]).
 //!
@@ -27,6 +28,7 @@ pub mod toy2d;
 
 pub use error::{Error, Result};
 pub use image_set::{ImageSet, Split};
+pub use imagenet::StreamedImagenet;
 pub use loader::{Batch, Batches, Loader, LoaderConfig};
 pub use preprocess::{bits_per_dim, Dequantize, Logit, DEFAULT_ALPHA};
 pub use procedural::{Procedural, ProceduralConfig};
