@@ -1,8 +1,9 @@
 //! Every shipped config (`configs/*.toml`) trains one step on a small dataset written
 //! here in its format (CIFAR-10 binary batches, ImageNet `.npz`, an image folder, or
 //! none for the procedural demo), at the config's own model size, and writes a complete
-//! checkpoint: the full-size models (13 M parameters for `cifar10`, 63 M for the 64×64
-//! configs) are exercised, not only the tiny ones of `cli.rs`. (A one-copy-per-variable
+//! checkpoint, which then evaluates and samples: the full-size models (13 M parameters
+//! for `cifar10`, 63 M for the 64×64 configs) are exercised, not only the tiny ones of
+//! `cli.rs`. (A one-copy-per-variable
 //! bug in the optimizer's state made the first checkpoint of `cifar10` need tens of GB;
 //! this is the test that catches that class of fault.) Sequential, one config at a time.
 
@@ -72,7 +73,7 @@ fn folder(dir: &Path) {
 }
 
 #[test]
-fn every_shipped_config_trains_a_step_and_checkpoints() {
+fn every_shipped_config_trains_checkpoints_evaluates_and_samples() {
     let mut names: Vec<PathBuf> = std::fs::read_dir(configs_dir())
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -141,6 +142,29 @@ fn every_shipped_config_trains_a_step_and_checkpoints() {
         assert!(
             size >= 4 * params,
             "{name}: {size} bytes for {params} parameters"
+        );
+        // the checkpoint serves evaluation and sampling at full size too
+        let run_s = run.to_str().unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_nvp"))
+            .args(["eval", "--ckpt", run_s, "--json", "--limit", "2"])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && out.contains("\"bpd\":"),
+            "{name}: nvp eval failed: {out} {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let png = d.join("s.png");
+        let o = Command::new(env!("CARGO_BIN_EXE_nvp"))
+            .args(["sample", "--ckpt", run_s, "--n", "2", "--out"])
+            .arg(&png)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success() && png.is_file(),
+            "{name}: nvp sample failed: {}",
+            String::from_utf8_lossy(&o.stderr)
         );
         std::fs::remove_dir_all(&d).ok();
     }
