@@ -7,41 +7,15 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use nvp_data::folder::{read_folder, FolderOptions, OnError, Preprocess};
 use nvp_data::imagenet::{read_imagenet, ImagenetOptions, StreamedImagenet};
-use nvp_data::{ImageSource, Prefix, Procedural, ProceduralConfig, Split, StreamedFolder};
+use nvp_data::{ImageSource, Procedural, ProceduralConfig, Split, StreamedFolder};
 
 use crate::settings::{DatasetKind, FolderPreprocess, Settings};
 
 /// Seed stream of the procedural test split (distinct from the train split).
 const PROCEDURAL_TEST_SEED: u64 = 0x7e57;
 
-/// One split of the configured dataset.
-pub struct Opened {
-    /// The images.
-    pub images: Arc<dyn ImageSource>,
-    /// The folder, when its files are decoded as read (for its skipped-file report).
-    pub streamed: Option<Arc<StreamedFolder>>,
-}
-
-impl Opened {
-    /// Only the first `n` images.
-    pub fn limit(self, n: usize) -> Self {
-        Opened {
-            images: Arc::new(Prefix::new(self.images, n)),
-            streamed: self.streamed,
-        }
-    }
-
-    /// Unreadable files skipped so far by a streamed folder (`data.skip-bad-images`).
-    pub fn skipped(&self) -> Vec<(std::path::PathBuf, String)> {
-        self.streamed
-            .as_ref()
-            .map(|f| f.skipped_files())
-            .unwrap_or_default()
-    }
-}
-
 /// Open `split` of the configured dataset and check it fits the model.
-pub fn open(s: &Settings, split: Split) -> Result<Opened> {
+pub fn open(s: &Settings, split: Split) -> Result<Arc<dyn ImageSource>> {
     let d = &s.data;
     let set = match d.dataset {
         DatasetKind::Procedural => {
@@ -69,10 +43,7 @@ pub fn open(s: &Settings, split: Split) -> Result<Opened> {
                 let f = StreamedImagenet::open(p, split, &opts)
                     .with_context(|| format!("opening ImageNet at {}", p.display()))?;
                 check_fits(s, &f, split)?;
-                return Ok(Opened {
-                    images: Arc::new(f),
-                    streamed: None,
-                });
+                return Ok(Arc::new(f));
             }
             read_imagenet(p, split, &opts)
                 .with_context(|| format!("reading ImageNet from {}", p.display()))?
@@ -105,12 +76,8 @@ pub fn open(s: &Settings, split: Split) -> Result<Opened> {
             if d.stream {
                 let f = StreamedFolder::open(p, split, &opts)
                     .with_context(|| format!("opening the image folder {}", p.display()))?;
-                let f = Arc::new(f);
-                check_fits(s, f.as_ref(), split)?;
-                return Ok(Opened {
-                    images: f.clone(),
-                    streamed: Some(f),
-                });
+                check_fits(s, &f, split)?;
+                return Ok(Arc::new(f));
             }
             let fs = read_folder(p, split, &opts)
                 .with_context(|| format!("reading images from {}", p.display()))?;
@@ -125,10 +92,7 @@ pub fn open(s: &Settings, split: Split) -> Result<Opened> {
         }
     };
     check_fits(s, &set, split)?;
-    Ok(Opened {
-        images: Arc::new(set),
-        streamed: None,
-    })
+    Ok(Arc::new(set))
 }
 
 fn path(s: &Settings) -> Result<&std::path::Path> {

@@ -292,6 +292,28 @@ fn classes_of(dir: &Path, files: &[PathBuf]) -> Result<(Vec<String>, Vec<u32>)> 
     Ok((names, labels))
 }
 
+/// Decodes `path` (file `pos` of the sorted list) and applies the preset, with the LSUN
+/// training crop of `epoch`.
+pub(crate) fn load_file(
+    path: &Path,
+    pos: usize,
+    epoch: usize,
+    opts: &FolderOptions,
+) -> Result<RgbImage> {
+    let img = decode_rgb(path)?;
+    let mut rng = crop_rng(opts.crop_seed, pos, epoch);
+    apply_preprocess(&img, opts.preprocess, &mut rng).map_err(|e| Error::Inconsistent {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Whether `e` makes a file unreadable (so [`OnError::Skip`] may skip it), as opposed to
+/// an inconsistency that always stops the read.
+pub(crate) fn is_unreadable(e: &Error) -> bool {
+    matches!(e, Error::ImageDecode { .. } | Error::Io { .. })
+}
+
 /// Decodes and preprocesses the files at `positions` (indices into `files`), on `threads`
 /// threads; result `k` belongs to `positions[k]`.
 fn decode_all(
@@ -299,15 +321,7 @@ fn decode_all(
     positions: &[usize],
     opts: &FolderOptions,
 ) -> Vec<Result<RgbImage>> {
-    let work = |pos: usize| -> Result<RgbImage> {
-        let path = &files[pos];
-        let img = decode_rgb(path)?;
-        let mut rng = crop_rng(opts.crop_seed, pos, 0);
-        apply_preprocess(&img, opts.preprocess, &mut rng).map_err(|e| Error::Inconsistent {
-            path: path.clone(),
-            message: e.to_string(),
-        })
-    };
+    let work = |pos: usize| load_file(&files[pos], pos, 0, opts);
     let threads = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
@@ -401,7 +415,7 @@ pub fn read_folder(dir: impl AsRef<Path>, split: Split, opts: &FolderOptions) ->
     for (&pos, res) in positions.iter().zip(decoded) {
         let img = match res {
             Ok(img) => img,
-            Err(e @ (Error::ImageDecode { .. } | Error::Io { .. })) => match opts.on_error {
+            Err(e) if is_unreadable(&e) => match opts.on_error {
                 OnError::Fail => return Err(e),
                 OnError::Skip => {
                     skipped_files.push((files[pos].clone(), e.to_string()));

@@ -401,15 +401,19 @@ impl StreamedImagenet {
         for f in files {
             let file = File::open(&f).map_err(|e| Error::io(&f, e))?;
             let mut zip = zip::ZipArchive::new(&file).map_err(|e| npz_err(&f, e))?;
+            if zip.index_for_name("data.npy").is_none() {
+                let present: Vec<&str> = zip
+                    .file_names()
+                    .map(|n| n.trim_end_matches(".npy"))
+                    .collect();
+                return Err(Error::NpzMissingArray {
+                    path: f.clone(),
+                    array: "data".into(),
+                    present: present.join(", "),
+                });
+            }
             let (method, start) = {
-                let entry = zip.by_name("data.npy").map_err(|e| match e {
-                    zip::result::ZipError::FileNotFound => Error::NpzMissingArray {
-                        path: f.clone(),
-                        array: "data".into(),
-                        present: zip_names(&f),
-                    },
-                    e => npz_err(&f, e),
-                })?;
+                let entry = zip.by_name("data.npy").map_err(|e| npz_err(&f, e))?;
                 (entry.compression(), entry.data_start())
             };
             if method != zip::CompressionMethod::Stored {
@@ -425,14 +429,10 @@ impl StreamedImagenet {
             }
             let (rows, row, data_offset) = npy_u8_matrix(&file, &f, start)?;
             let s = image_side(&f, row, opts)?;
-            if side.is_some_and(|p| p != s) {
+            if let Some(p) = side.filter(|&p| p != s) {
                 return Err(Error::Inconsistent {
                     path: f.clone(),
-                    message: format!(
-                        "{s}x{s} images after {}x{} ones",
-                        side.unwrap_or(0),
-                        side.unwrap_or(0)
-                    ),
+                    message: format!("{s}x{s} images after {p}x{p} ones"),
                 });
             }
             side = Some(s);
@@ -460,20 +460,6 @@ impl StreamedImagenet {
             side,
         })
     }
-}
-
-/// The arrays in an archive, for the missing-array error.
-fn zip_names(path: &Path) -> String {
-    File::open(path)
-        .ok()
-        .and_then(|f| zip::ZipArchive::new(f).ok())
-        .map(|z| {
-            z.file_names()
-                .map(|n| n.trim_end_matches(".npy").to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .unwrap_or_default()
 }
 
 impl ImageSource for StreamedImagenet {

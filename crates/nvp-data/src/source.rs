@@ -32,6 +32,12 @@ pub trait ImageSource: Send + Sync {
     /// A short description for messages, e.g. `"10000 images of 3×32×32 in memory"`.
     fn describe(&self) -> String;
 
+    /// Unreadable files skipped so far by a source that reads files as needed, with the
+    /// reason (none for others).
+    fn skipped_files(&self) -> Vec<(std::path::PathBuf, String)> {
+        Vec::new()
+    }
+
     /// Whether the source holds no image.
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -127,6 +133,10 @@ impl ImageSource for Prefix {
 
     fn describe(&self) -> String {
         format!("the first {} of {}", self.n, self.inner.describe())
+    }
+
+    fn skipped_files(&self) -> Vec<(std::path::PathBuf, String)> {
+        self.inner.skipped_files()
     }
 }
 

@@ -16,7 +16,7 @@
 //! - An unreadable file fails the read with an error naming it ([`OnError::Fail`]), or,
 //!   with [`OnError::Skip`], is replaced by the next readable file of the split (in split
 //!   order, wrapping around: deterministic) and remembered, so it is not decoded again;
-//!   [`StreamedFolder::skipped_files`] lists those met so far.
+//!   [`ImageSource::skipped_files`] lists those met so far.
 //! - An image whose size after preprocessing differs from the first one's (only possible
 //!   with [`Preprocess::AsIs`]) is an error naming the file.
 
@@ -28,8 +28,8 @@ use image::RgbImage;
 
 use crate::error::{Error, Result};
 use crate::folder::{
-    apply_preprocess, crop_rng, decode_rgb, split_files, FolderOptions, OnError, Preprocess,
-    SplitFiles, OUTPUT_SIDE,
+    is_unreadable, load_file, split_files, FolderOptions, OnError, Preprocess, SplitFiles,
+    OUTPUT_SIDE,
 };
 use crate::image_set::{rgb_to_planar, Split};
 use crate::source::{check_read, ImageSource};
@@ -44,9 +44,8 @@ pub struct StreamedFolder {
     positions: Vec<usize>,
     labels: Option<Vec<u32>>,
     class_names: Vec<String>,
-    preprocess: Preprocess,
-    on_error: OnError,
-    crop_seed: u64,
+    /// The preset, the crop seed and what to do with unreadable files.
+    opts: FolderOptions,
     /// Width and height of every image.
     size: (u32, u32),
     /// Unreadable files met so far (index in `files` → reason).
@@ -93,9 +92,7 @@ impl StreamedFolder {
             positions,
             labels,
             class_names,
-            preprocess: opts.preprocess,
-            on_error: opts.on_error,
-            crop_seed: opts.crop_seed,
+            opts: opts.clone(),
             size: preset_size(opts.preprocess).unwrap_or((0, 0)),
             bad: Mutex::new(BTreeMap::new()),
         };
@@ -117,25 +114,6 @@ impl StreamedFolder {
         &self.class_names
     }
 
-    /// The unreadable files met so far and why, in split order ([`OnError::Skip`]).
-    pub fn skipped_files(&self) -> Vec<(PathBuf, String)> {
-        let bad = self.bad.lock().unwrap_or_else(|e| e.into_inner());
-        bad.iter()
-            .map(|(&k, why)| (self.files[k].clone(), why.clone()))
-            .collect()
-    }
-
-    /// Decodes and preprocesses the split's file `k` for `epoch`.
-    fn load(&self, k: usize, epoch: usize) -> Result<RgbImage> {
-        let path = &self.files[k];
-        let img = decode_rgb(path)?;
-        let mut rng = crop_rng(self.crop_seed, self.positions[k], epoch);
-        apply_preprocess(&img, self.preprocess, &mut rng).map_err(|e| Error::Inconsistent {
-            path: path.clone(),
-            message: e.to_string(),
-        })
-    }
-
     /// The first file from `k` on (wrapping) that reads, skipping unreadable ones when
     /// allowed.
     fn first_readable(&self, k: usize, epoch: usize) -> Result<(usize, RgbImage)> {
@@ -145,11 +123,9 @@ impl StreamedFolder {
             if self.is_bad(j) {
                 continue;
             }
-            match self.load(j, epoch) {
+            match load_file(&self.files[j], self.positions[j], epoch, &self.opts) {
                 Ok(img) => return Ok((j, img)),
-                Err(e @ (Error::ImageDecode { .. } | Error::Io { .. }))
-                    if self.on_error == OnError::Skip =>
-                {
+                Err(e) if is_unreadable(&e) && self.opts.on_error == OnError::Skip => {
                     let mut bad = self.bad.lock().unwrap_or_else(|e| e.into_inner());
                     bad.insert(j, e.to_string());
                 }
@@ -201,6 +177,14 @@ impl ImageSource for StreamedFolder {
         rgb_to_planar(&img, &mut planar);
         out.copy_from_slice(&planar);
         Ok(self.labels.as_ref().map(|l| l[k]))
+    }
+
+    /// The unreadable files met so far and why, in split order ([`OnError::Skip`]).
+    fn skipped_files(&self) -> Vec<(PathBuf, String)> {
+        let bad = self.bad.lock().unwrap_or_else(|e| e.into_inner());
+        bad.iter()
+            .map(|(&k, why)| (self.files[k].clone(), why.clone()))
+            .collect()
     }
 
     fn describe(&self) -> String {

@@ -1,10 +1,11 @@
 //! `nvp eval`: bits/dim of a checkpoint on a split, in evaluation mode, with
 //! its standard error (the paper's Table 1 metric).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use nvp_data::{Loader, LoaderConfig};
+use nvp_data::{Loader, LoaderConfig, Prefix};
 
 use crate::cli::EvalArgs;
 use crate::engine;
@@ -23,13 +24,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
         if n == 0 {
             bail!("--limit must be at least 1");
         }
-        set = set.limit(n);
+        set = Arc::new(Prefix::new(set, n));
     }
-    let n = set.images.len();
+    let n = set.len();
     let mut cfg = LoaderConfig::eval(a.batch, a.seed);
     cfg.alpha = l.settings.data.alpha;
     cfg.device = l.device.clone();
-    let loader = Loader::from_source(set.images.clone(), cfg)?;
+    let loader = Loader::from_source(set, cfg)?;
     let t0 = Instant::now();
     let bpd = engine::evaluate(&l.model, loader.eval_batches()?)?;
     let secs = t0.elapsed().as_secs_f64();

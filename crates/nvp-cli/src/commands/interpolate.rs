@@ -52,7 +52,7 @@ pub fn run(a: InterpolateArgs) -> Result<()> {
             if let Some(p) = &a.data {
                 l.settings.data.path = Some(p.clone());
             }
-            let set = crate::data::open(&l.settings, super::parse_split(&a.split)?)?.images;
+            let set = crate::data::open(&l.settings, super::parse_split(&a.split)?)?;
             let mut v = vec![0u8; 4 * d];
             for (&i, out) in idx.iter().zip(v.chunks_exact_mut(d)) {
                 if i >= set.len() {

@@ -3,10 +3,11 @@
 //! guard.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use nvp_data::{Loader, LoaderConfig, Split};
+use nvp_data::{ImageSource, Loader, LoaderConfig, Prefix, Split};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -64,12 +65,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
     std::fs::write(out.join("config.toml"), settings.to_toml()?)
         .with_context(|| format!("cannot write {}", out.join("config.toml").display()))?;
 
-    let train_data = crate::data::open(&settings, Split::Train)?;
-    let mut test_data = crate::data::open(&settings, Split::Test)?;
+    let train_set = crate::data::open(&settings, Split::Train)?;
+    let mut test_set = crate::data::open(&settings, Split::Test)?;
     if settings.data.test_limit > 0 {
-        test_data = test_data.limit(settings.data.test_limit);
+        test_set = Arc::new(Prefix::new(test_set, settings.data.test_limit));
     }
-    let (train_set, test_set) = (train_data.images.clone(), test_data.images.clone());
 
     let (store, model) = crate::model::build(&settings, &device)?;
     let mut trainer = Trainer::new(store, model, &settings)?;
@@ -214,7 +214,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     row.step, row.train_bpd, row.test_bpd, row.test_bpd_stderr, row.img_per_s
                 ),
             );
-            warn_skipped(&pb, &train_data, &mut skips_reported);
+            warn_skipped(&pb, train_set.as_ref(), &mut skips_reported);
             last_eval_step = state.step;
             (bpd_sum, bpd_n, imgs) = (0.0, 0, 0);
             window = Instant::now();
@@ -246,7 +246,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             ),
         );
     }
-    warn_skipped(&pb, &train_data, &mut skips_reported);
+    warn_skipped(&pb, train_set.as_ref(), &mut skips_reported);
     pb.finish_and_clear();
     eprintln!(
         "done: {} steps in {:.0} s ({} skipped); best test bpd {:.4}; checkpoints in {}/last and {}/best, samples in {}/samples",
@@ -337,8 +337,8 @@ fn periodic(
 
 /// A warning for the unreadable training files a streamed folder has skipped since the
 /// last one (`data.skip-bad-images`).
-fn warn_skipped(pb: &indicatif::ProgressBar, data: &crate::data::Opened, reported: &mut usize) {
-    let skipped = data.skipped();
+fn warn_skipped(pb: &indicatif::ProgressBar, data: &dyn ImageSource, reported: &mut usize) {
+    let skipped = data.skipped_files();
     if skipped.len() > *reported {
         let (path, why) = &skipped[*reported];
         say(
