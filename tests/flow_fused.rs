@@ -84,8 +84,10 @@ fn fused_resnet_equals_layer_by_layer() {
         blocks,
         ..ResNetConfig::default()
     };
-    // 8×8: an even number of 4-pixel tile columns (Winograd weight gradient);
-    // 7×10: odd (im2col weight gradient), partial tiles; one block and three.
+    // 8×8: an even number of 4-pixel tile columns (the AVX2 transforms of the Winograd
+    // weight gradient); 7×10 and 4×4: odd (its portable transforms; im2col under the
+    // other algorithms), partial tiles; one block and three. "winograd" takes the
+    // Winograd weight gradient on these small sizes too (`set_winograd_wgrad_always`).
     for (i, (dims, c)) in [
         (vec![2, 3, 8, 8], cfg(3, 2)),
         (vec![3, 4, 7, 10], cfg(4, 1)),
@@ -100,6 +102,7 @@ fn fused_resnet_equals_layer_by_layer() {
         for algo in ["winograd", "winograd-portable", "im2col"] {
             tuning::set_winograd(algo != "im2col");
             tuning::set_winograd_portable(algo == "winograd-portable");
+            tuning::set_winograd_wgrad_always(algo == "winograd");
             let fused = run_resnet(true, &dims, c, seed);
             let plain = run_resnet(false, &dims, c, seed);
             compare(&fused, &plain);
@@ -117,6 +120,7 @@ fn fused_resnet_equals_layer_by_layer() {
     }
     tuning::set_winograd(true);
     tuning::set_winograd_portable(false);
+    tuning::set_winograd_wgrad_always(false);
     tuning::set_fused_resnet(true);
 }
 

@@ -292,6 +292,12 @@ pub mod tuning {
         crate::winograd::WGRAD_BLOCK_FACTOR.store(f.max(1), Ordering::Relaxed);
     }
 
+    /// Take the Winograd weight gradient on every size it handles, also where im2col +
+    /// GEMM is expected to be faster (for tests; default false).
+    pub fn set_winograd_wgrad_always(on: bool) {
+        crate::winograd::WGRAD_ALWAYS.store(on, Ordering::Relaxed);
+    }
+
     /// Split the batch over threads (true) or parallelise each GEMM (false).
     pub fn set_batch_split(on: bool) {
         crate::kernels::BATCH_SPLIT.store(on, Ordering::Relaxed);

@@ -44,6 +44,9 @@ pub(crate) static BLOCK_BYTES: AtomicUsize = AtomicUsize::new(640 * 1024);
 pub(crate) static PORTABLE: AtomicBool = AtomicBool::new(false);
 /// The weight gradient's block budget, as a multiple of [`BLOCK_BYTES`].
 pub(crate) static WGRAD_BLOCK_FACTOR: AtomicUsize = AtomicUsize::new(4);
+/// Takes the Winograd weight gradient wherever it can run, also where
+/// [`wgrad_pays`] prefers im2col + GEMM (so that the tests reach it on small sizes).
+pub(crate) static WGRAD_ALWAYS: AtomicBool = AtomicBool::new(false);
 
 /// `G v` for one column/row `v` of a 3×3 kernel (6 values), in f64, on `L` kernels at
 /// once (lane by lane: the same operations as one kernel at a time, so the same bits).
@@ -234,6 +237,7 @@ unsafe impl Sync for OutPtr {}
 #[inline(always)]
 fn input_transform(
     x: &[f32],
+    pro: Option<Prologue<'_>>,
     d: ConvDims,
     tiles: Tiles,
     (t0, t_end): (usize, usize),
@@ -246,6 +250,7 @@ fn input_transform(
         // Coordinates of the 8 tiles of this group (None past the end).
         let coords: [_; G8] = tiles.group(t0 + g, 1, t_end);
         for ci in 0..c {
+            let map = pro.map(|p| p.channel(ci));
             // Gather the 6×6 patches: p[a][b][lane].
             let mut p = [[[0.0f32; G8]; 6]; 6];
             for (l, co) in coords.iter().enumerate() {
@@ -271,6 +276,15 @@ fn input_transform(
                             }
                         }
                     }
+                    // The prologue maps the image's values; the zero padding stays zero.
+                    if let Some(m) = map {
+                        for (b, cell) in prow.iter_mut().enumerate() {
+                            let xx = x0 + b as isize;
+                            if xx >= 0 && xx < w {
+                                cell[l] = Prologue::map(m, cell[l]);
+                            }
+                        }
+                    }
                 }
             }
             // Columns: t1[i][b] = (Bᵀ d)[i][b].
@@ -286,6 +300,75 @@ fn input_transform(
                 let r = bt(*row);
                 for (j, val) in r.iter().enumerate() {
                     let dst = &mut v[(i * 6 + j) * xs(c, nbp) + ci * nbp + g..][..G8];
+                    dst.copy_from_slice(val);
+                }
+            }
+        }
+    }
+}
+
+/// `A m` on four vectors of 8 lanes (`A` is 6×4: the adjoint of [`at`]).
+#[inline(always)]
+fn a6(y: [V8; 4]) -> [V8; 6] {
+    let mut o = [[0.0f32; G8]; 6];
+    for l in 0..G8 {
+        let (y0, y1, y2, y3) = (y[0][l], y[1][l], y[2][l], y[3][l]);
+        let (e, od) = (y0 + y2, y1 + y3);
+        let (e4, o8) = (y0 + 4.0 * y2, 2.0 * y1 + 8.0 * y3);
+        o[0][l] = y0;
+        o[1][l] = e + od;
+        o[2][l] = e - od;
+        o[3][l] = e4 + o8;
+        o[4][l] = e4 - o8;
+        o[5][l] = y3;
+    }
+    o
+}
+
+/// Output-gradient transform of one block for any `tw`: `dm[ξ][k][j] = (A dY Aᵀ)[ξ]`
+/// for the 4×4 tiles `t0 + j` of `dy` (zero outside the image), lanes in the order of
+/// [`input_transform`] (tile `t0 + j` in lane `j`).
+fn grad_output_transform(
+    dy: &[f32],
+    d: ConvDims,
+    tiles: Tiles,
+    (t0, t_end): (usize, usize),
+    dm: &mut [f32],
+    nbp: usize,
+) {
+    let hw = d.hw();
+    for g in (0..nbp).step_by(G8) {
+        let coords: [_; G8] = tiles.group(t0 + g, 1, t_end);
+        for ko in 0..d.k {
+            // p[a][b][lane]: row a, column b of the 8 tiles' output gradients.
+            let mut p = [[[0.0f32; G8]; 4]; 4];
+            for (l, co) in coords.iter().enumerate() {
+                let Some((img, oy, ox)) = *co else { continue };
+                let plane = &dy[(img * d.k + ko) * hw..][..hw];
+                for (a, prow) in p.iter_mut().enumerate() {
+                    if oy + a >= d.h {
+                        break;
+                    }
+                    let row = &plane[(oy + a) * d.w..][..d.w];
+                    for (b, cell) in prow.iter_mut().enumerate() {
+                        if ox + b < d.w {
+                            cell[l] = row[ox + b];
+                        }
+                    }
+                }
+            }
+            // Columns: t3[i][b] = (A dY)[i][b]; rows: dM[i][j] = (t3 Aᵀ)[i][j].
+            let mut t3 = [[[0.0f32; G8]; 4]; 6];
+            for b in 0..4 {
+                let col = a6([p[0][b], p[1][b], p[2][b], p[3][b]]);
+                for i in 0..6 {
+                    t3[i][b] = col[i];
+                }
+            }
+            for (i, row) in t3.iter().enumerate() {
+                let r = a6(*row);
+                for (j, val) in r.iter().enumerate() {
+                    let dst = &mut dm[(i * 6 + j) * xs(d.k, nbp) + ko * nbp + g..][..G8];
                     dst.copy_from_slice(val);
                 }
             }
@@ -954,7 +1037,7 @@ unsafe fn block(job: &Job<'_>, span: (usize, usize), nbp: usize, scratch: &mut [
     let Job { x, u, d, tiles, .. } = *job;
     let kpad = d.k.div_ceil(MR) * MR;
     let (v, m) = scratch.split_at_mut(36 * xs(d.c, nbp));
-    input_transform(x, d, tiles, span, v, nbp);
+    input_transform(x, job.pro, d, tiles, span, v, nbp);
     #[cfg(target_arch = "x86_64")]
     if avx2 {
         products_avx2(u, v, m, d.c, kpad, nbp);
@@ -1045,6 +1128,36 @@ unsafe fn wgrad_blocks_avx2(
     }
 }
 
+/// [`wgrad_blocks_avx2`] for any `tw`: the portable transforms (8 tiles per vector,
+/// compiled here with AVX2/FMA) and the AVX2 products.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `scratch` must hold `V` and `dM` for blocks of
+/// `nb` tiles.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn wgrad_blocks_avx2_generic(
+    (x, pro): (&[f32], Option<Prologue<'_>>),
+    dy: &[f32],
+    d: ConvDims,
+    tiles: Tiles,
+    (b0, b1, nb, total): (usize, usize, usize, usize),
+    scratch: &mut [f32],
+    du: &mut [f32],
+) {
+    for bi in b0..b1 {
+        let t0 = bi * nb;
+        let span = (t0, (t0 + nb).min(total));
+        let nbp = (span.1 - t0).div_ceil(NR) * NR;
+        let (v, rest) = scratch.split_at_mut(36 * xs(d.c, nbp));
+        let dm = &mut rest[..36 * xs(d.k, nbp)];
+        input_transform(x, pro, d, tiles, span, v, nbp);
+        grad_output_transform(dy, d, tiles, span, dm, nbp);
+        avx::wgrad_products(dm, v, du, d.k, d.c, nbp);
+    }
+}
+
 /// Whether the forward convolution maps its input by a [`Prologue`] while padding it:
 /// the AVX2 transforms, for an even number of tile columns. (The weight gradient's
 /// sizes, [`grad_weight_supported`], always do.)
@@ -1052,16 +1165,30 @@ pub(crate) fn fuses_prologue(d: ConvDims) -> bool {
     have_avx2() && d.w.div_ceil(4).is_multiple_of(2)
 }
 
-/// Whether [`conv3x3_grad_weight`] handles these sizes (AVX2/FMA and an even number of
-/// tile columns); otherwise the caller uses im2col + GEMM.
+/// Whether [`conv3x3_grad_weight`] handles these sizes (AVX2/FMA) and is expected to
+/// beat im2col + GEMM on them ([`wgrad_pays`]); otherwise the caller uses im2col.
 pub(crate) fn grad_weight_supported(d: ConvDims) -> bool {
     crate::winograd_enabled()
         && have_avx2()
-        && d.w.div_ceil(4).is_multiple_of(2)
         && d.c >= 1
         && d.k >= 1
         && d.n >= 1
         && d.h >= 1
+        && (WGRAD_ALWAYS.load(Ordering::Relaxed) || wgrad_pays(d))
+}
+
+/// Whether the Winograd weight gradient is worth it: each block of tiles ends with
+/// `36·k·c` sums into the gradient, so it needs blocks of at least 32 tiles (few
+/// channels), and at least 4 of them to keep the threads busy. Otherwise im2col +
+/// GEMM is faster. Measured with `cargo bench --bench conv`, weight gradient, ms,
+/// Winograd / im2col: (N, C=K, H=W) = (64, 512, 8) 436 / 201 (16-tile blocks),
+/// (64, 512, 4) 324 / 72, (16, 256, 8) 21.5 / 12.4 (2 blocks), (64, 256, 4) 21.0 /
+/// 17.6, (64, 128, 8) 6.7 / 13.9 (4 blocks of 64), (64, 64, 12) 6.8 / 7.8.
+fn wgrad_pays(d: ConvDims) -> bool {
+    let total = d.n * d.h.div_ceil(4) * d.w.div_ceil(4);
+    let budget = BLOCK_BYTES.load(Ordering::Relaxed) * WGRAD_BLOCK_FACTOR.load(Ordering::Relaxed);
+    let nb = block_tiles_for(budget, d.c, d.k, total);
+    nb >= 32 && total >= 4 * nb
 }
 
 /// Weight gradient by Winograd F(4×4, 3×3): `dU[ξ] = Σ_tiles (A dY Aᵀ)[ξ] ·
@@ -1100,10 +1227,16 @@ pub(crate) fn conv3x3_grad_weight(
             let (b0, b1) = (ti * per, ((ti + 1) * per).min(blocks));
             with_scratch(scratch_len, |s| {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX2/FMA and even `tw` checked by `grad_weight_supported`;
-                // the scratch is sized for blocks of `nb` tiles.
+                // SAFETY: AVX2/FMA checked by `grad_weight_supported`, the even-`tw`
+                // transforms only for even `tw`; the scratch is sized for blocks of
+                // `nb` tiles.
                 unsafe {
-                    wgrad_blocks_avx2((x, pro), dy, d, tiles, (b0, b1, nb, total), s, &mut du)
+                    let blocks = (b0, b1, nb, total);
+                    if tiles.tw.is_multiple_of(2) {
+                        wgrad_blocks_avx2((x, pro), dy, d, tiles, blocks, s, &mut du)
+                    } else {
+                        wgrad_blocks_avx2_generic((x, pro), dy, d, tiles, blocks, s, &mut du)
+                    }
                 };
                 #[cfg(not(target_arch = "x86_64"))]
                 let _ = (s, b0, b1);

@@ -2,9 +2,10 @@
 //! (values and gradients through candle's autograd), with an f64 ground truth.
 //!
 //! Both fast algorithms are checked on every case: Winograd F(4×4, 3×3) (the default
-//! for the forward pass, the input gradient and — on AVX2 CPUs, for an even number of
-//! 4-pixel tile columns — the weight gradient), its portable kernels (what a CPU
-//! without AVX2 runs; forced with `tuning::set_winograd_portable`), and im2col + GEMM
+//! for the forward pass and the input gradient, and on AVX2 CPUs for the weight gradient
+//! where it pays — here forced on every size with `tuning::set_winograd_wgrad_always`),
+//! its portable kernels (what a CPU without AVX2 runs; forced with
+//! `tuning::set_winograd_portable`), and im2col + GEMM
 //! (the alternative, selected with `tuning::set_winograd(false)`). The switches are
 //! process-wide, so the tests of this file take a lock around them.
 //!
@@ -150,6 +151,7 @@ fn check_case(n: usize, c: usize, k: usize, h: usize, w: usize, seed: u64) {
     ] {
         tuning::set_winograd(algo != "im2col");
         tuning::set_winograd_portable(algo == "winograd-portable");
+        tuning::set_winograd_wgrad_always(algo == "winograd");
         for (bias, want2) in [Some(&b), None].into_iter().zip(&wants) {
             let tag = format!(
                 "[{algo}] (n={n}, c={c}, k={k}, h={h}, w={w}, bias={})",
@@ -170,6 +172,7 @@ fn check_case(n: usize, c: usize, k: usize, h: usize, w: usize, seed: u64) {
     }
     tuning::set_winograd(true);
     tuning::set_winograd_portable(false);
+    tuning::set_winograd_wgrad_always(false);
 }
 
 #[test]
@@ -235,6 +238,7 @@ fn fused_residual_add_is_bit_identical() {
         for algo in ["winograd", "winograd-portable", "im2col"] {
             tuning::set_winograd(algo != "im2col");
             tuning::set_winograd_portable(algo == "winograd-portable");
+            tuning::set_winograd_wgrad_always(algo == "winograd");
             for bias in [Some(&b), None] {
                 let fused = conv2d_3x3_add(&x, &wt, bias, &skip).unwrap();
                 let plain = (conv2d_3x3(&x, &wt, bias).unwrap() + &skip).unwrap();
@@ -257,6 +261,7 @@ fn fused_residual_add_is_bit_identical() {
     }
     tuning::set_winograd(true);
     tuning::set_winograd_portable(false);
+    tuning::set_winograd_wgrad_always(false);
     // With a graph: gradients reach x, w, b and skip (dskip = the output gradient).
     let mut rng = StdRng::seed_from_u64(40);
     let x = Var::from_tensor(&rand_tensor(&mut rng, &[2, 3, 6, 6])).unwrap();
@@ -305,6 +310,7 @@ fn fused_bn_relu_prologue_is_bit_identical() {
         for algo in ["winograd", "winograd-portable", "im2col"] {
             tuning::set_winograd(algo != "im2col");
             tuning::set_winograd_portable(algo == "winograd-portable");
+            tuning::set_winograd_wgrad_always(algo == "winograd");
             let a = batch_norm(
                 &x,
                 Some((&gamma, &beta)),
@@ -338,6 +344,7 @@ fn fused_bn_relu_prologue_is_bit_identical() {
     }
     tuning::set_winograd(true);
     tuning::set_winograd_portable(false);
+    tuning::set_winograd_wgrad_always(false);
     // Refused with a graph or a channel mismatch, with a clear error.
     let mut rng = StdRng::seed_from_u64(60);
     let c = 3;
