@@ -13,7 +13,8 @@ checkpoint maps tensor by tensor onto nvp's parameter names.
 
   export CKPT_DIR OUT.pt
       The other way: an nvp checkpoint folder (or run folder) -> a `ckpt.pt` that
-      `realnvp_torch.py eval/sample --ckpt` loads (square images, `bn-variant = "batch"`).
+      `realnvp_torch.py eval/sample --ckpt` loads (square images, `bn-variant = "batch"`,
+      `bn-affine = false`).
 
   fixture OUT.safetensors [--peer PATH]
       The cross-framework fixture of `tests/torch_parity.rs`: a small peer model in
@@ -86,6 +87,7 @@ def model_toml(kw):
         f"bn-momentum = {float(kw['bn_momentum'])!r}",
         f"bn-eps = {float(kw['bn_eps'])!r}",
         'bn-variant = "batch"',
+        "bn-affine = false",
     ])
 
 
@@ -161,9 +163,10 @@ def cmd_export(a):
     with open(paths[1], "rb") as fh:
         cfg = tomllib.load(fh)
     m = cfg.get("model", {})
-    if m.get("bn-variant", "batch") != "batch" or m.get("height") != m.get("width"):
+    if (m.get("bn-variant", "batch") != "batch" or m.get("bn-affine", False)
+            or m.get("height") != m.get("width")):
         raise SystemExit(f"{paths[1]}: the peer builds square images with batch-statistics "
-                         "batch norm only")
+                         "batch norm and no learned affine only")
     tr = cfg.get("train", {})
     peer_cfg = dict(num_scales=m["scales"], n_blocks=m["res-blocks"], features=m["features"],
                     in_ch=m["channels"], size=m["height"], n_checker=m["checkerboard-couplings"],

@@ -174,8 +174,77 @@ fn flow_bn(store: &ParamStore, c: usize, variant: BatchNormVariant) -> FlowBatch
         momentum: 0.1,
         eps: 1e-5,
         variant,
+        affine: false,
     };
     FlowBatchNorm::new(c, cfg, vb.pp("bn")).unwrap()
+}
+
+fn flow_bn_affine(store: &ParamStore, c: usize) -> FlowBatchNorm {
+    let vb = store.var_builder(DType::F64, &Device::Cpu);
+    let cfg = FlowBatchNormConfig {
+        affine: true,
+        ..FlowBatchNormConfig::default()
+    };
+    FlowBatchNorm::new(c, cfg, vb.pp("bn")).unwrap()
+}
+
+#[test]
+fn batch_norm_learned_affine_logdet_and_inverse() {
+    let store = ParamStore::new(18);
+    let bn = flow_bn_affine(&store, 3);
+    // Starts as the plain normalisation.
+    let x = randn(&[2, 3, 4, 4], 1.0, DType::F64, &mut rng(19));
+    let plain = flow_bn(&ParamStore::new(18), 3, BatchNormVariant::Batch);
+    let (a, la) = bn.forward(&x, Mode::Eval).unwrap();
+    let (b, lb) = plain.forward(&x, Mode::Eval).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    assert_eq!(to_vec_f64(&la), to_vec_f64(&lb));
+    randomise(&store, 20);
+    let (ls, sh) = bn.affine().unwrap();
+    let (lsv, shv) = (to_vec_f64(ls), to_vec_f64(sh));
+    assert!(lsv.iter().all(|v| *v != 0.0) && shv.iter().all(|v| *v != 0.0));
+    let x1 = x.narrow(0, 0, 1).unwrap();
+    let (y, ld) = bn.forward(&x1, Mode::Eval).unwrap();
+    let ld = to_vec_f64(&ld)[0];
+    let brute = brute_logdet(|t| Ok(bn.forward(t, Mode::Eval)?.0), &x1);
+    assert!((ld - brute).abs() <= TOL, "{ld} vs {brute}");
+    // by hand: −½·H·W·Σ log(σ̃² + ε) + H·W·Σ log_scale
+    let rv = to_vec_f64(bn.running_var());
+    let hand = -0.5 * 16.0 * rv.iter().map(|v| (v + 1e-5).ln()).sum::<f64>()
+        + 16.0 * lsv.iter().sum::<f64>();
+    assert!((ld - hand).abs() < 1e-12, "{ld} vs {hand}");
+    // y = exp(log_scale)·x̂ + shift, per channel
+    let rm = to_vec_f64(bn.running_mean());
+    let (xv, yv) = (to_vec_f64(&x1), to_vec_f64(&y));
+    for (i, (&xi, &yi)) in xv.iter().zip(&yv).enumerate() {
+        let c = i / 16;
+        let want = (xi - rm[c]) / (rv[c] + 1e-5).sqrt() * lsv[c].exp() + shv[c];
+        assert!((yi - want).abs() < 1e-12, "element {i}: {yi} vs {want}");
+    }
+    assert!(max_abs_diff(&bn.inverse(&y).unwrap(), &x1) < 1e-12);
+    // Train mode: the affine follows the batch normalisation, and its parameters get
+    // gradients: d Σy / d shift_c = N·H·W, d Σ ld / d log_scale_c = N·H·W.
+    let (y, ld) = bn.forward(&x, Mode::Train).unwrap();
+    let loss = (y.sum_all().unwrap() + ld.sum_all().unwrap()).unwrap();
+    let g = loss.backward().unwrap();
+    for v in to_vec_f64(g.get(sh).unwrap()) {
+        assert!((v - 32.0).abs() < 1e-12, "{v}");
+    }
+    let gls = to_vec_f64(g.get(ls).unwrap());
+    let ys = to_vec_f64(&y);
+    for c in 0..3 {
+        // ∂Σy/∂ls_c = Σ over channel c of (y − shift_c), plus N·H·W from the log-det.
+        let s: f64 = (0..2)
+            .flat_map(|n| (0..16).map(move |k| (n * 3 + c) * 16 + k))
+            .map(|i| ys[i] - shv[c])
+            .sum();
+        assert!(
+            (gls[c] - (s + 32.0)).abs() < 1e-9,
+            "{} vs {}",
+            gls[c],
+            s + 32.0
+        );
+    }
 }
 
 #[test]

@@ -75,6 +75,25 @@ fn running_average_variant_logdet_matches_jacobian() {
 }
 
 #[test]
+fn learned_batch_norm_affine_logdet_matches_jacobian() {
+    let cfg = RealNvpConfig {
+        bn_affine: true,
+        ..tiny(2)
+    };
+    check_model_logdet(&cfg, 21);
+    // Its parameters: a log-scale and a shift per channel of every coupling-output
+    // batch norm, beside the running statistics.
+    let (store, _) = build(&cfg, DType::F64, 21);
+    let (plain, _) = build(&tiny(2), DType::F64, 21);
+    let names: Vec<String> = store.trainable_vars().into_iter().map(|(n, _)| n).collect();
+    assert!(names.contains(&"scale0.checker0_bn.log_scale".to_string()));
+    assert!(names.contains(&"scale1.checker2_bn.shift".to_string()));
+    // 10 couplings: 3 + 3 at 3 and 12 channels, 4 at 6 channels.
+    let extra = 2 * (3 * 3 + 3 * 12 + 4 * 6);
+    assert_eq!(store.num_trainable(), plain.num_trainable() + extra);
+}
+
+#[test]
 fn latent_shapes_and_encode_decode() {
     let (store, model) = build(&tiny(2), DType::F64, 15);
     randomise(&store, 16);

@@ -386,10 +386,14 @@ fn trains_on_cifar_format_files() {
 #[test]
 fn killed_run_resumes_to_the_same_parameters() {
     let d = tmp("kill");
+    // With the learned batch-norm affine: its parameters and their Adam moments must
+    // be saved and restored too.
     let cfg = write(
         &d,
         "tiny.toml",
-        &TINY.replace("eval-every = 2", "eval-every = 1"),
+        &TINY
+            .replace("eval-every = 2", "eval-every = 1")
+            .replace("features = 4", "features = 4\nbn-affine = true"),
     );
     let killed = d.join("killed");
     let mut child = Command::new(env!("CARGO_BIN_EXE_nvp"))
@@ -449,6 +453,11 @@ fn killed_run_resumes_to_the_same_parameters() {
         "--max-steps",
         &target,
     ]);
+    let model = std::fs::read(straight.join("last/model.safetensors")).unwrap();
+    assert!(
+        model.windows(9).any(|w| w == b"log_scale"),
+        "the checkpoint has no batch-norm affine"
+    );
     for f in ["model.safetensors", "optimizer.safetensors"] {
         let a = std::fs::read(killed.join("last").join(f)).unwrap();
         let b = std::fs::read(straight.join("last").join(f)).unwrap();

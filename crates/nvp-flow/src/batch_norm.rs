@@ -10,7 +10,11 @@
 //! normalises with `μ̃ = ρ·μ̃_prev + (1 − ρ)·μ̂_batch` (likewise σ̃²),
 //! gradients flowing only through the current batch's part, and stores that
 //! as the new running average (`ρ = 1 − momentum`).
-//! Buffers: `running_mean`, `running_var`; no learned affine.
+//! With `affine`, a learned per-channel scale and shift follow:
+//! `y = exp(log_scale) ⊙ x̂ + shift`, adding `(H·W) · Σ_c log_scale_c` to the log-det
+//! (§3.7: "plus the log of any learned scale"); both start at zero (the identity).
+//! Buffers: `running_mean`, `running_var`; with `affine`, parameters `log_scale`,
+//! `shift`.
 
 use candle_core::{Result, Tensor};
 use candle_nn::init::Init;
@@ -35,6 +39,8 @@ pub struct FlowBatchNormConfig {
     pub momentum: f64,
     pub eps: f64,
     pub variant: BatchNormVariant,
+    /// A learned scale (as its log) and shift per channel after the normalisation.
+    pub affine: bool,
 }
 
 impl Default for FlowBatchNormConfig {
@@ -43,23 +49,73 @@ impl Default for FlowBatchNormConfig {
             momentum: 0.1,
             eps: 1e-5,
             variant: BatchNormVariant::Batch,
+            affine: false,
         }
     }
+}
+
+/// The learned affine of [`FlowBatchNormConfig::affine`], each `(C)`.
+struct Affine {
+    log_scale: Tensor,
+    shift: Tensor,
 }
 
 pub struct FlowBatchNorm {
     running_mean: Tensor,
     running_var: Tensor,
+    affine: Option<Affine>,
     cfg: FlowBatchNormConfig,
 }
 
 impl FlowBatchNorm {
     pub fn new(channels: usize, cfg: FlowBatchNormConfig, vb: VarBuilder) -> Result<Self> {
+        let affine = if cfg.affine {
+            Some(Affine {
+                log_scale: vb.get_with_hints(channels, "log_scale", Init::Const(0.0))?,
+                shift: vb.get_with_hints(channels, "shift", Init::Const(0.0))?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             running_mean: vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?,
             running_var: vb.get_with_hints(channels, "running_var", Init::Const(1.0))?,
+            affine,
             cfg,
         })
+    }
+
+    /// The learned `(log_scale, shift)`, where the layer has them.
+    pub fn affine(&self) -> Option<(&Tensor, &Tensor)> {
+        self.affine.as_ref().map(|a| (&a.log_scale, &a.shift))
+    }
+
+    /// `(y · exp(log_scale) + shift, ld + (H·W) · Σ log_scale)` with the affine, else
+    /// the inputs unchanged.
+    fn apply_affine(&self, y: Tensor, ld: Tensor) -> Result<(Tensor, Tensor)> {
+        let Some(a) = &self.affine else {
+            return Ok((y, ld));
+        };
+        let fs = feature_shape(y.dim(1)?, y.rank());
+        let scale = a.log_scale.exp()?.reshape(fs.clone())?;
+        let y = y
+            .broadcast_mul(&scale)?
+            .broadcast_add(&a.shift.reshape(fs)?)?;
+        let per_channel = y.elem_count() / (y.dim(0)? * y.dim(1)?).max(1);
+        let ld_aff = (a.log_scale.sum_all()? * per_channel as f64)?;
+        let ld = ld.broadcast_add(&ld_aff)?;
+        Ok((y, ld))
+    }
+
+    /// The inverse of [`FlowBatchNorm::apply_affine`] on `y`.
+    fn undo_affine(&self, y: &Tensor) -> Result<Tensor> {
+        let Some(a) = &self.affine else {
+            return Ok(y.clone());
+        };
+        let fs = feature_shape(y.dim(1)?, y.rank());
+        let inv_scale = a.log_scale.neg()?.exp()?.reshape(fs.clone())?;
+        y.broadcast_sub(&a.shift.reshape(fs)?)?
+            .broadcast_mul(&inv_scale)
     }
 
     pub fn running_mean(&self) -> &Tensor {
@@ -144,6 +200,25 @@ impl FlowBatchNorm {
 
 impl Flow for FlowBatchNorm {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
+        let (y, ld) = self.normalise(x, mode)?;
+        self.apply_affine(y, ld)
+    }
+
+    fn inverse(&self, y: &Tensor) -> Result<Tensor> {
+        let y = self.undo_affine(y)?;
+        if self.fast(&y, Mode::Eval) {
+            let eps = self.cfg.eps;
+            return nvp_kernels::batch_norm_inverse(&y, &self.running_mean, &self.running_var, eps);
+        }
+        let (mean, var) = self.statistics(&y, Mode::Eval)?;
+        let std = (var + self.cfg.eps)?.sqrt()?;
+        y.broadcast_mul(&std)?.broadcast_add(&mean)
+    }
+}
+
+impl FlowBatchNorm {
+    /// The normalisation and its log-det, before the learned affine.
+    fn normalise(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
         if self.fast(x, mode) {
             return self.forward_fast(x, mode);
         }
@@ -155,15 +230,5 @@ impl Flow for FlowBatchNorm {
         let ld = (log_var.sum_all()? * (-0.5 * per_channel as f64))?;
         let ld = ld.broadcast_as(x.dim(0)?)?.contiguous()?;
         Ok((y, ld))
-    }
-
-    fn inverse(&self, y: &Tensor) -> Result<Tensor> {
-        if self.fast(y, Mode::Eval) {
-            let eps = self.cfg.eps;
-            return nvp_kernels::batch_norm_inverse(y, &self.running_mean, &self.running_var, eps);
-        }
-        let (mean, var) = self.statistics(y, Mode::Eval)?;
-        let std = (var + self.cfg.eps)?.sqrt()?;
-        y.broadcast_mul(&std)?.broadcast_add(&mean)
     }
 }

@@ -48,6 +48,10 @@ pub struct RealNvpConfig {
     pub bn_eps: f64,
     /// Batch-norm on coupling outputs: `batch` or Appendix E's `running-average`.
     pub bn_variant: BatchNormVariant,
+    /// A learned per-channel scale and shift after each coupling-output batch norm
+    /// (§3.7's "learned scale", whose log enters the log-det). Off in the presets, as
+    /// in the PyTorch peer.
+    pub bn_affine: bool,
 }
 
 impl Default for RealNvpConfig {
@@ -72,6 +76,7 @@ impl RealNvpConfig {
             bn_momentum: 0.1,
             bn_eps: 1e-5,
             bn_variant: BatchNormVariant::Batch,
+            bn_affine: false,
         }
     }
 
@@ -181,6 +186,7 @@ impl RealNvpConfig {
             momentum: self.bn_momentum,
             eps: self.bn_eps,
             variant: self.bn_variant,
+            affine: self.bn_affine,
         }
     }
 }
