@@ -79,6 +79,49 @@ impl Fixture {
         (store, model)
     }
 
+    /// The fixture's 8-bit images `pix_key` with noise `u_key`, dequantised and mapped
+    /// by nvp's logit: `y` as an `(N, C, H, W)` tensor in `dtype` and `ld_pre` per image.
+    fn dequantised(&self, pix_key: &str, u_key: &str, dtype: DType) -> (Tensor, Vec<f64>) {
+        let pix: Vec<u8> = self.get(pix_key).flatten_all().unwrap().to_vec1().unwrap();
+        let u = self.f64s(u_key);
+        let d = self.cfg.dims();
+        let n = pix.len() / d;
+        let deq = Dequantize::new(self.alpha).unwrap();
+        let mut y = Vec::with_capacity(pix.len());
+        let mut ld_pre = Vec::with_capacity(n);
+        for i in 0..n {
+            let (yi, ld) = deq
+                .apply_with_noise_f64(&pix[i * d..][..d], &u[i * d..][..d])
+                .unwrap();
+            y.extend(yi);
+            ld_pre.push(ld);
+        }
+        let shape = (n, self.cfg.channels, self.cfg.height, self.cfg.width);
+        let y = Tensor::from_vec(y, shape, &Device::Cpu).unwrap();
+        (y.to_dtype(dtype).unwrap(), ld_pre)
+    }
+
+    /// Checks `m.encode(x, mode)`'s flattened latents and log-det against the fixture's
+    /// `z_key` and `ld_key`.
+    #[track_caller]
+    fn check_encode(&self, what: &str, m: &RealNvp, x: &Tensor, mode: Mode, keys: [&str; 2]) {
+        let (zs, ld) = m.encode(x, mode).unwrap();
+        let z = m.flatten_latents(&zs).unwrap();
+        let t = tol(x.dtype(), 3e-5);
+        assert_close(
+            &format!("{what} z"),
+            &to_vec_f64(&z),
+            &self.f64s(keys[0]),
+            t,
+        );
+        assert_close(
+            &format!("{what} log-det"),
+            &to_vec_f64(&ld),
+            &self.f64s(keys[1]),
+            t,
+        );
+    }
+
     /// The graph-free twin `nvp eval` and `nvp sample` run (fused eval kernels in f32).
     fn frozen(&self, store: &ParamStore, dtype: DType) -> RealNvp {
         RealNvp::new(&self.cfg, store.frozen_var_builder(dtype, &Device::Cpu)).unwrap()
@@ -130,21 +173,8 @@ fn eval_mode_latents_and_log_det_match_pytorch() {
         let frozen = fx.frozen(&store, dtype);
         for (which, m) in [("trainable", &model), ("frozen", &frozen)] {
             let x = fx.input("x_eval", dtype);
-            let (zs, ld) = m.encode(&x, Mode::Eval).unwrap();
-            let z = m.flatten_latents(&zs).unwrap();
             let what = format!("{dtype:?} {which}");
-            assert_close(
-                &format!("{what} z"),
-                &to_vec_f64(&z),
-                &fx.f64s("z_eval"),
-                tol(dtype, 3e-5),
-            );
-            assert_close(
-                &format!("{what} log-det"),
-                &to_vec_f64(&ld),
-                &fx.f64s("ld_eval"),
-                tol(dtype, 3e-5),
-            );
+            fx.check_encode(&what, m, &x, Mode::Eval, ["z_eval", "ld_eval"]);
         }
     }
 }
@@ -169,29 +199,13 @@ fn inverse_matches_pytorch() {
 #[test]
 fn bits_per_dim_of_8bit_images_match_pytorch() {
     let fx = fixture();
-    let pix: Vec<u8> = fx.get("pix_eval").flatten_all().unwrap().to_vec1().unwrap();
-    let u = fx.f64s("u_eval");
     let d = fx.cfg.dims();
-    let n = pix.len() / d;
-    let deq = Dequantize::new(fx.alpha).unwrap();
-    let mut y = Vec::with_capacity(pix.len());
-    let mut ld_pre = Vec::with_capacity(n);
-    for i in 0..n {
-        let (yi, ld) = deq
-            .apply_with_noise_f64(&pix[i * d..][..d], &u[i * d..][..d])
-            .unwrap();
-        y.extend(yi);
-        ld_pre.push(ld);
-    }
     let theirs = fx.f64s("bpd_eval");
     for dtype in [DType::F64, DType::F32] {
         let (store, _model) = fx.model(dtype);
         let frozen = fx.frozen(&store, dtype);
-        let c = fx.cfg.channels;
-        let yt = Tensor::from_vec(y.clone(), (n, c, fx.cfg.height, fx.cfg.width), &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
+        let (yt, ld_pre) = fx.dequantised("pix_eval", "u_eval", dtype);
+        let n = ld_pre.len();
         let lp = to_vec_f64(&frozen.log_prob(&yt, Mode::Eval).unwrap());
         let ours: Vec<f64> = (0..n).map(|i| bits_per_dim(lp[i], ld_pre[i], d)).collect();
         // bits/dim: an absolute error; the f32 figure is log p in f32 divided by D ln 2.
@@ -213,50 +227,13 @@ fn bits_per_dim_of_8bit_images_match_pytorch() {
 #[test]
 fn train_mode_pass_and_loss_gradients_match_pytorch() {
     let fx = fixture();
-    let pix: Vec<u8> = fx
-        .get("pix_train")
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let u = fx.f64s("u_train");
     let d = fx.cfg.dims();
-    let n = pix.len() / d;
-    let deq = Dequantize::new(fx.alpha).unwrap();
-    let mut y = Vec::with_capacity(pix.len());
-    let mut ld_pre = 0.0;
-    for i in 0..n {
-        let (yi, ld) = deq
-            .apply_with_noise_f64(&pix[i * d..][..d], &u[i * d..][..d])
-            .unwrap();
-        y.extend(yi);
-        ld_pre += ld;
-    }
     for dtype in [DType::F64, DType::F32] {
         let (store, model) = fx.model(dtype);
-        let yt = Tensor::from_vec(
-            y.clone(),
-            (n, fx.cfg.channels, fx.cfg.height, fx.cfg.width),
-            &Device::Cpu,
-        )
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap();
-        let (zs, ld) = model.encode(&yt, Mode::Train).unwrap();
-        let z = model.flatten_latents(&zs).unwrap();
+        let (yt, ld_pre) = fx.dequantised("pix_train", "u_train", dtype);
+        let (n, ld_pre) = (ld_pre.len(), ld_pre.iter().sum::<f64>());
         let what = format!("{dtype:?} train");
-        assert_close(
-            &format!("{what} z"),
-            &to_vec_f64(&z),
-            &fx.f64s("z_train"),
-            tol(dtype, 3e-5),
-        );
-        assert_close(
-            &format!("{what} log-det"),
-            &to_vec_f64(&ld),
-            &fx.f64s("ld_train"),
-            tol(dtype, 3e-5),
-        );
+        fx.check_encode(&what, &model, &yt, Mode::Train, ["z_train", "ld_train"]);
         for (name, v) in store.named_vars() {
             if name.contains("running_") {
                 let theirs = fx.f64s(&format!("after.{name}"));

@@ -1098,11 +1098,12 @@ fn pad_len(tiles: Tiles, nb: usize) -> usize {
 }
 
 /// Accumulates the transformed-domain weight gradient of the blocks `b0..b1` into `du`
-/// (`36 × k × c`).
+/// (`36 × k × c`): the AVX2 transforms of module [`avx`] for an even `tw`, else the
+/// portable ones (8 tiles per vector, compiled here with AVX2/FMA); the AVX2 products.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; `tiles.tw` must be even; `scratch` must hold
-/// `V`, `dM` and [`pad_len`] floats for blocks of `nb` tiles.
+/// The CPU must support AVX2 and FMA; `scratch` must hold `V`, `dM` and [`pad_len`]
+/// floats for blocks of `nb` tiles.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -1115,6 +1116,7 @@ unsafe fn wgrad_blocks_avx2(
     scratch: &mut [f32],
     du: &mut [f32],
 ) {
+    let even = tiles.tw.is_multiple_of(2);
     let pad = avx::Pad::new(tiles);
     for bi in b0..b1 {
         let t0 = bi * nb;
@@ -1122,38 +1124,13 @@ unsafe fn wgrad_blocks_avx2(
         let nbp = (span.1 - t0).div_ceil(NR) * NR;
         let (v, rest) = scratch.split_at_mut(36 * xs(d.c, nbp));
         let (dm, pads) = rest.split_at_mut(36 * xs(d.k, nbp));
-        avx::input_transform(x, pro, d, tiles, span, v, nbp, pads, &pad);
-        avx::grad_output_transform(dy, d, tiles, span, dm, nbp);
-        avx::wgrad_products(dm, v, du, d.k, d.c, nbp);
-    }
-}
-
-/// [`wgrad_blocks_avx2`] for any `tw`: the portable transforms (8 tiles per vector,
-/// compiled here with AVX2/FMA) and the AVX2 products.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA; `scratch` must hold `V` and `dM` for blocks of
-/// `nb` tiles.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn wgrad_blocks_avx2_generic(
-    (x, pro): (&[f32], Option<Prologue<'_>>),
-    dy: &[f32],
-    d: ConvDims,
-    tiles: Tiles,
-    (b0, b1, nb, total): (usize, usize, usize, usize),
-    scratch: &mut [f32],
-    du: &mut [f32],
-) {
-    for bi in b0..b1 {
-        let t0 = bi * nb;
-        let span = (t0, (t0 + nb).min(total));
-        let nbp = (span.1 - t0).div_ceil(NR) * NR;
-        let (v, rest) = scratch.split_at_mut(36 * xs(d.c, nbp));
-        let dm = &mut rest[..36 * xs(d.k, nbp)];
-        input_transform(x, pro, d, tiles, span, v, nbp);
-        grad_output_transform(dy, d, tiles, span, dm, nbp);
+        if even {
+            avx::input_transform(x, pro, d, tiles, span, v, nbp, pads, &pad);
+            avx::grad_output_transform(dy, d, tiles, span, dm, nbp);
+        } else {
+            input_transform(x, pro, d, tiles, span, v, nbp);
+            grad_output_transform(dy, d, tiles, span, dm, nbp);
+        }
         avx::wgrad_products(dm, v, du, d.k, d.c, nbp);
     }
 }
@@ -1227,16 +1204,10 @@ pub(crate) fn conv3x3_grad_weight(
             let (b0, b1) = (ti * per, ((ti + 1) * per).min(blocks));
             with_scratch(scratch_len, |s| {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: AVX2/FMA checked by `grad_weight_supported`, the even-`tw`
-                // transforms only for even `tw`; the scratch is sized for blocks of
-                // `nb` tiles.
+                // SAFETY: AVX2/FMA checked by `grad_weight_supported`; the scratch is
+                // sized for blocks of `nb` tiles.
                 unsafe {
-                    let blocks = (b0, b1, nb, total);
-                    if tiles.tw.is_multiple_of(2) {
-                        wgrad_blocks_avx2((x, pro), dy, d, tiles, blocks, s, &mut du)
-                    } else {
-                        wgrad_blocks_avx2_generic((x, pro), dy, d, tiles, blocks, s, &mut du)
-                    }
+                    wgrad_blocks_avx2((x, pro), dy, d, tiles, (b0, b1, nb, total), s, &mut du)
                 };
                 #[cfg(not(target_arch = "x86_64"))]
                 let _ = (s, b0, b1);
