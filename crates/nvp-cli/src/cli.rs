@@ -115,19 +115,20 @@ pub struct SampleArgs {
 pub struct InterpolateArgs {
     #[arg(long)]
     pub ckpt: PathBuf,
-    /// Four image files (PNG/JPEG) of the model's size.
-    #[arg(long, num_args = 4, conflicts_with_all = ["data", "indices"])]
+    /// Four image files (PNG/JPEG) of the model's size: the manifold's corners; or two:
+    /// the path `cos φ z₁ + sin φ z₂` between them (the grid's first row).
+    #[arg(long, num_args = 2..=4, conflicts_with_all = ["data", "indices"])]
     pub images: Option<Vec<PathBuf>>,
-    /// Dataset folder to take the four images from (with --indices).
+    /// Dataset folder to take the images from (with --indices).
     #[arg(long, requires = "indices")]
     pub data: Option<PathBuf>,
-    /// Four comma-separated image indices into --split of the dataset.
+    /// Four (or two) comma-separated image indices into --split of the dataset.
     #[arg(long, value_delimiter = ',', num_args = 1)]
     pub indices: Option<Vec<usize>>,
     /// Split the indices refer to.
     #[arg(long, default_value = "test")]
     pub split: String,
-    /// Grid side: steps × steps images.
+    /// Grid side: steps × steps images (one row of steps with two images).
     #[arg(long, default_value_t = 8)]
     pub steps: usize,
     /// Output PNG.

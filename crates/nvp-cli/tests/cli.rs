@@ -199,6 +199,35 @@ fn train_resume_eval_sample_interpolate() {
     args.extend(imgs.iter().map(String::as_str));
     ok(&args);
     assert_eq!(png_size(&ip2), (w, h));
+    // two images: one row of the grid, the path from the first to the second
+    let ip3 = d.join("path.png");
+    ok(&[
+        "interpolate",
+        "--ckpt",
+        s(&full),
+        "--indices",
+        "0,1",
+        "--steps",
+        "3",
+        "--out",
+        s(&ip3),
+    ]);
+    let (pw, ph) = png_size(&ip3);
+    assert_eq!(pw, w, "as wide as the 3 × 3 grid");
+    assert!(3 * ph < h + 6, "one row of cells: {ph} vs the grid's {h}");
+    let err = fails(&[
+        "interpolate",
+        "--ckpt",
+        s(&full),
+        "--indices",
+        "0,1,2",
+        "--out",
+        s(&ip3),
+    ]);
+    assert!(
+        err.contains("four images") && err.contains("got 3"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&d).ok();
 }
 

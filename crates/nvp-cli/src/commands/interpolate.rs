@@ -1,7 +1,8 @@
 //! `nvp interpolate`: the latent manifold of eq. 19,
 //! `z = cos φ (cos φ′ z₁ + sin φ′ z₂) + sin φ (cos φ′ z₃ + sin φ′ z₄)`,
 //! φ (rows) and φ′ (columns) over `[0, π/2]`, decoded to a grid whose
-//! corners are the four originals (marked with a red frame).
+//! corners are the four originals (marked with a red frame). With two images, the
+//! grid's first row: `z = cos φ′ z₁ + sin φ′ z₂`, from one to the other.
 
 use std::f64::consts::FRAC_PI_2;
 
@@ -21,10 +22,17 @@ pub fn run(a: InterpolateArgs) -> Result<()> {
     let mut l = super::load(&a.ckpt, a.device.as_deref())?;
     let m = l.settings.model.clone();
     let d = m.dims();
-    // The four images as planar u8.
+    let count = |what: &str, n: usize| -> Result<usize> {
+        match n {
+            2 | 4 => Ok(n),
+            _ => bail!("{what} needs four images (the manifold) or two (the path), got {n}"),
+        }
+    };
+    // The images (four, or two) as planar u8.
     let pixels: Vec<u8> = match (&a.images, &a.indices) {
         (Some(files), _) => {
-            let mut v = Vec::with_capacity(4 * d);
+            count("--images", files.len())?;
+            let mut v = Vec::with_capacity(files.len() * d);
             for f in files {
                 let img = nvp_data::folder::decode_rgb(f)
                     .with_context(|| format!("cannot read image {}", f.display()))?;
@@ -46,14 +54,12 @@ pub fn run(a: InterpolateArgs) -> Result<()> {
             v
         }
         (None, Some(idx)) => {
-            if idx.len() != 4 {
-                bail!("--indices needs exactly four indices, got {}", idx.len());
-            }
+            count("--indices", idx.len())?;
             if let Some(p) = &a.data {
                 l.settings.data.path = Some(p.clone());
             }
             let set = crate::data::open(&l.settings, super::parse_split(&a.split)?)?;
-            let mut v = vec![0u8; 4 * d];
+            let mut v = vec![0u8; idx.len() * d];
             for (&i, out) in idx.iter().zip(v.chunks_exact_mut(d)) {
                 if i >= set.len() {
                     bail!(
@@ -68,26 +74,35 @@ pub fn run(a: InterpolateArgs) -> Result<()> {
             v
         }
         (None, None) => {
-            bail!("give four images with --images A B C D, or --data DIR --indices I,J,K,L")
+            bail!(
+                "give four images with --images A B C D, or --data DIR --indices I,J,K,L \
+                 (or two of them for the path between two images)"
+            )
         }
     };
+    let n_img = pixels.len() / d;
     // Encode with the midpoint dequantisation (u = 0.5): deterministic.
     let deq = Dequantize::new(l.settings.data.alpha)?;
-    let mut y = vec![0f32; 4 * d];
-    for k in 0..4 {
+    let mut y = vec![0f32; n_img * d];
+    for k in 0..n_img {
         deq.apply_with_noise(
             &pixels[k * d..(k + 1) * d],
             &vec![0.5; d],
             &mut y[k * d..(k + 1) * d],
         )?;
     }
-    let y = Tensor::from_vec(y, (4, m.channels, m.height, m.width), &l.device)?;
+    let y = Tensor::from_vec(y, (n_img, m.channels, m.height, m.width), &l.device)?;
     let (z, _) = l.model.forward(&y, Mode::Eval)?;
-    let z: Vec<f32> = z.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut z: Vec<f32> = z.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    if n_img == 2 {
+        // The first row (φ = 0) of the four-image grid uses only z₁ and z₂.
+        z.extend_from_within(..);
+    }
     let zk = |k: usize| &z[k * d..(k + 1) * d];
     let s = a.steps;
-    let mut grid_z = Vec::with_capacity(s * s * d);
-    for i in 0..s {
+    let rows = if n_img == 2 { 1 } else { s };
+    let mut grid_z = Vec::with_capacity(rows * s * d);
+    for i in 0..rows {
         let phi = FRAC_PI_2 * i as f64 / (s - 1) as f64;
         for j in 0..s {
             let psi = FRAC_PI_2 * j as f64 / (s - 1) as f64;
@@ -114,10 +129,10 @@ pub fn run(a: InterpolateArgs) -> Result<()> {
         )?);
     }
     let zoom = report::auto_zoom(m.width, s);
-    let mut img = report::grid(&px, s * s, m.channels, m.height, m.width, s, zoom);
+    let mut img = report::grid(&px, rows * s, m.channels, m.height, m.width, s, zoom);
     let cell = (m.width * zoom + 2) as u32;
     let cell_h = (m.height * zoom + 2) as u32;
-    for (r, c) in [(0, 0), (0, s - 1), (s - 1, 0), (s - 1, s - 1)] {
+    for (r, c) in [(0, 0), (0, s - 1), (rows - 1, 0), (rows - 1, s - 1)] {
         report::frame(
             &mut img,
             c as u32 * cell,
@@ -129,6 +144,10 @@ pub fn run(a: InterpolateArgs) -> Result<()> {
         );
     }
     report::save_png(&img, &a.out)?;
-    eprintln!("wrote a {s}×{s} latent manifold to {}", a.out.display());
+    if n_img == 2 {
+        eprintln!("wrote a {s}-step latent path to {}", a.out.display());
+    } else {
+        eprintln!("wrote a {s}×{s} latent manifold to {}", a.out.display());
+    }
     Ok(())
 }
