@@ -161,11 +161,10 @@ impl FlowBatchNorm {
 }
 
 impl FlowBatchNorm {
-    /// Whether the fused f32 CPU ops of `nvp_kernels` apply (the `Batch`
-    /// variant in training; every variant in eval mode and the inverse).
-    fn fast(&self, x: &Tensor, mode: Mode) -> bool {
-        (mode == Mode::Eval || self.cfg.variant == BatchNormVariant::Batch)
-            && nvp_kernels::batch_norm_uses_fast_path(x, &[&self.running_mean, &self.running_var])
+    /// Whether the fused f32 CPU ops of `nvp_kernels` apply (every variant, both
+    /// modes, and the inverse).
+    fn fast(&self, x: &Tensor) -> bool {
+        nvp_kernels::batch_norm_uses_fast_path(x, &[&self.running_mean, &self.running_var])
     }
 
     /// `−½ · (H·W) · Σ_c log(var_c + ε)`, broadcast to the batch.
@@ -180,12 +179,24 @@ impl FlowBatchNorm {
     fn forward_fast(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
         let eps = self.cfg.eps;
         match mode {
-            Mode::Train => {
+            Mode::Train if self.cfg.variant == BatchNormVariant::Batch => {
                 let out = nvp_kernels::batch_norm(x, None, None, eps, false, true)?;
                 let m = self.cfg.momentum;
                 update_running(&self.running_mean, &out.mean, m)?;
                 update_running(&self.running_var, &out.var, m)?;
                 let ld = self.log_det(x, &out.var)?;
+                Ok((out.y, ld))
+            }
+            Mode::Train => {
+                // Appendix E: normalised with σ̃² = (1 − m)·running + m·batch (likewise
+                // the mean), which become the new running averages.
+                let m = self.cfg.momentum;
+                let running = (&self.running_mean, &self.running_var);
+                let out = nvp_kernels::batch_norm_blended(x, running, m, eps)?;
+                let var = ((self.running_var.detach() * (1.0 - m))? + (&out.var * m)?)?;
+                let ld = self.log_det(x, &var)?;
+                update_running(&self.running_mean, &out.mean, m)?;
+                update_running(&self.running_var, &out.var, m)?;
                 Ok((out.y, ld))
             }
             Mode::Eval => {
@@ -206,7 +217,7 @@ impl Flow for FlowBatchNorm {
 
     fn inverse(&self, y: &Tensor) -> Result<Tensor> {
         let y = self.undo_affine(y)?;
-        if self.fast(&y, Mode::Eval) {
+        if self.fast(&y) {
             let eps = self.cfg.eps;
             return nvp_kernels::batch_norm_inverse(&y, &self.running_mean, &self.running_var, eps);
         }
@@ -219,7 +230,7 @@ impl Flow for FlowBatchNorm {
 impl FlowBatchNorm {
     /// The normalisation and its log-det, before the learned affine.
     fn normalise(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
-        if self.fast(x, mode) {
+        if self.fast(x) {
             return self.forward_fast(x, mode);
         }
         let (mean, var) = self.statistics(x, mode)?;

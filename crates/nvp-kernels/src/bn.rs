@@ -50,6 +50,9 @@ pub(crate) struct Params {
     var: Vec<f32>,
     /// Elements per channel, `M = N·hw`.
     count: usize,
+    /// The blend weight `m` of the batch statistics when the normalisation used
+    /// running averages blended with them ([`batch_norm_blended`]); `None` otherwise.
+    momentum: Option<f64>,
 }
 
 /// Statistics shared between a forward op, its backward and the caller.
@@ -85,12 +88,22 @@ pub(crate) struct Fixed {
     var: Vec<f32>,
 }
 
+/// Running averages to blend with the batch statistics: the normalisation uses
+/// `(1 − m)·running + m·batch` for the mean and the variance.
+#[derive(Debug, Clone)]
+pub(crate) struct Blend {
+    mean: Vec<f32>,
+    var: Vec<f32>,
+    momentum: f64,
+}
+
 /// What the forward op shares with its backward.
 #[derive(Debug, Clone)]
 pub(crate) struct BnCore {
     eps: f64,
     relu: bool,
     fixed: Option<Arc<Fixed>>,
+    blend: Option<Arc<Blend>>,
     state: BnState,
 }
 
@@ -209,13 +222,35 @@ impl BnCore {
             }
             None => {
                 let (mean, var) = batch_stats(x, n, c, hw);
-                let rstd = var
+                // The statistics normalised with: the batch's, or blended (in f64).
+                let (centre, norm_var): (Vec<f64>, Vec<f64>) = match &self.blend {
+                    Some(b) => {
+                        if b.mean.len() != c || b.var.len() != c {
+                            bail!(
+                                "nvp-kernels: running statistics of length {}/{} for {c} channels",
+                                b.mean.len(),
+                                b.var.len()
+                            );
+                        }
+                        let m = b.momentum;
+                        let mix = |r: &[f32], v: &[f64]| -> Vec<f64> {
+                            r.iter()
+                                .zip(v)
+                                .map(|(&r, &v)| (1.0 - m) * r as f64 + m * v)
+                                .collect()
+                        };
+                        (mix(&b.mean, &mean), mix(&b.var, &var))
+                    }
+                    None => (mean.clone(), var.clone()),
+                };
+                let rstd = norm_var
                     .iter()
                     .map(|v| (1.0 / (v + self.eps).sqrt()) as f32)
                     .collect();
+                let centre: Vec<f32> = centre.iter().map(|&m| m as f32).collect();
                 let mean: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
                 let var = var.iter().map(|&v| v as f32).collect();
-                (mean.clone(), rstd, mean, var, None)
+                (centre, rstd, mean, var, None)
             }
         };
         let (mult, shift): (Vec<f32>, Vec<f32>) = match wb {
@@ -230,6 +265,7 @@ impl BnCore {
             mean,
             var,
             count: n * hw,
+            momentum: self.blend.as_ref().map(|b| b.momentum),
         };
         Ok(p)
     }
@@ -431,18 +467,25 @@ fn backward_into(
         assert_eq!(a.len(), x.len());
     }
     // dx = mult·(dz − k1 − (x − μ)·k2), k1 = db/M, k2 = r²·Σ dz·(x − μ)/M (batch
-    // mode; both 0 in fixed mode).
+    // mode; both 0 in fixed mode). Blended with running averages at weight m (centre
+    // μ̃ = (1 − m)·μ_run + m·μ, variance likewise): the statistics' gradients scale by
+    // m and the variance's is through (x − μ) = (x − μ̃) + δ, δ = μ̃ − μ, so
+    // k1 = m·(db/M + δ·k2'), k2 = m·k2' with k2' = r²·Σ dz·(x − μ̃)/M.
     let inv_m = 1.0 / p.count as f64;
     let k: Vec<(f32, f32)> = (0..c)
         .map(|ch| {
-            if batch {
-                let r = p.rstd[ch] as f64;
-                (
-                    (sums[ch] * inv_m) as f32,
-                    (sums[c + ch] * r * r * inv_m) as f32,
-                )
-            } else {
-                (0.0, 0.0)
+            if !batch {
+                return (0.0, 0.0);
+            }
+            let r = p.rstd[ch] as f64;
+            let k1 = sums[ch] * inv_m;
+            let k2 = sums[c + ch] * r * r * inv_m;
+            match p.momentum {
+                None => (k1 as f32, k2 as f32),
+                Some(m) => {
+                    let delta = p.centre[ch] as f64 - p.mean[ch] as f64;
+                    ((m * (k1 + delta * k2)) as f32, (m * k2) as f32)
+                }
             }
         })
         .collect();
@@ -501,6 +544,7 @@ pub(crate) fn train_params(
         eps,
         relu: true,
         fixed: None,
+        blend: None,
         state: Arc::new(Mutex::new(None)),
     };
     Ok(Arc::new(core.params(x, dims, Some((w, b)))?))
@@ -815,6 +859,39 @@ pub fn batch_norm(
     relu: bool,
     var_grad: bool,
 ) -> Result<BatchNormOutput> {
+    batch_norm_impl(x, affine, running, None, eps, relu, var_grad)
+}
+
+/// Train-mode batch normalisation of an `(N, C, ...)` f32 CPU tensor with the running
+/// averages blended in (the paper's Appendix E): `y = (x − μ̃)/sqrt(σ̃² + ε)` with
+/// `μ̃ = (1 − m)·running_mean + m·μ`, `σ̃² = (1 − m)·running_var + m·σ²` (`μ`, `σ²`
+/// the batch mean and biased variance, `m` = `momentum`); the gradient flows through
+/// the batch part only. The output's `mean` and `var` are the batch statistics, `var`
+/// differentiable, so that the caller can form `σ̃²` for a log-determinant and update
+/// the running averages. Same conditions as [`batch_norm`].
+pub fn batch_norm_blended(
+    x: &Tensor,
+    running: (&Tensor, &Tensor),
+    momentum: f64,
+    eps: f64,
+) -> Result<BatchNormOutput> {
+    let blend = Blend {
+        mean: vec_of(running.0)?,
+        var: vec_of(running.1)?,
+        momentum,
+    };
+    batch_norm_impl(x, None, None, Some(Arc::new(blend)), eps, false, true)
+}
+
+fn batch_norm_impl(
+    x: &Tensor,
+    affine: Option<(&Tensor, &Tensor)>,
+    running: Option<(&Tensor, &Tensor)>,
+    blend: Option<Arc<Blend>>,
+    eps: f64,
+    relu: bool,
+    var_grad: bool,
+) -> Result<BatchNormOutput> {
     let mut others = vec![];
     if let Some((w, b)) = affine {
         others.extend([w, b]);
@@ -850,6 +927,7 @@ pub fn batch_norm(
         eps,
         relu,
         fixed,
+        blend,
         state: state.clone(),
     };
     let x = x.contiguous()?;
@@ -895,6 +973,7 @@ pub fn batch_norm_inverse(y: &Tensor, mean: &Tensor, var: &Tensor, eps: f64) -> 
     let core = BnCore {
         eps,
         relu: false,
+        blend: None,
         fixed: Some(Arc::new(Fixed {
             centre: vec![0.0; c],
             rstd: std,

@@ -44,8 +44,8 @@ mod util;
 mod winograd;
 
 pub use bn::{
-    batch_norm, batch_norm_inverse, batch_norm_reference, batch_norm_uses_fast_path,
-    BatchNormAffine, BatchNormOutput, BatchNormPlain, BatchVar,
+    batch_norm, batch_norm_blended, batch_norm_inverse, batch_norm_reference,
+    batch_norm_uses_fast_path, BatchNormAffine, BatchNormOutput, BatchNormPlain, BatchVar,
 };
 pub use coupling::{
     coupling, coupling_inverse, coupling_inverse_reference, coupling_reference,
