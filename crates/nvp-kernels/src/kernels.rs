@@ -476,6 +476,9 @@ pub(crate) fn conv3x3_grad_weight_fused(
     if crate::winograd::grad_weight_supported(d) {
         return crate::winograd::conv3x3_grad_weight(x, pro, dy, d);
     }
+    if crate::winograd::wgrad_gemm_pays(d) {
+        return crate::winograd::conv3x3_grad_weight_gemm(x, pro, dy, d);
+    }
     if let Some(p) = pro {
         let xp = p.apply(x, d);
         return conv3x3_grad_weight_plan(&xp, dy, d, Plan::new(d, &TILE_BYTES_WGRAD));

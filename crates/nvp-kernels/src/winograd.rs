@@ -1135,6 +1135,127 @@ unsafe fn wgrad_blocks_avx2(
     }
 }
 
+/// `dW = Gᵀ dU G` per (k, c), `dU` the sum of `parts` (each `36 × k × c`) in f64,
+/// summed where it is read.
+fn dw_from_parts(parts: &[Vec<f32>], d: ConvDims) -> Vec<f32> {
+    let du = |i: usize| parts.iter().fold(0.0f64, |acc, p| acc + p[i] as f64);
+    // dW = Gᵀ dU G per (k, c).
+    const G: [[f64; 3]; 6] = [
+        [0.25, 0.0, 0.0],
+        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+        [0.0, 0.0, 1.0],
+    ];
+    let mut dw = vec![0.0f32; d.w_len()];
+    dw.par_chunks_mut(d.c * 9)
+        .enumerate()
+        .for_each(|(ko, dwk)| {
+            for (ci, out) in dwk.chunks_exact_mut(9).enumerate() {
+                let mut dui = [0.0f64; 36];
+                for (xi, v) in dui.iter_mut().enumerate() {
+                    *v = du((xi * d.k + ko) * d.c + ci);
+                }
+                let at = |xi: usize| dui[xi];
+                // t[i][s] = Σ_j dU[i][j] G[j][s]
+                let mut t = [[0.0f64; 3]; 6];
+                for (i, trow) in t.iter_mut().enumerate() {
+                    for (s, cell) in trow.iter_mut().enumerate() {
+                        *cell = (0..6).map(|j| at(i * 6 + j) * G[j][s]).sum();
+                    }
+                }
+                for r in 0..3 {
+                    for s in 0..3 {
+                        out[r * 3 + s] = (0..6).map(|i| G[i][r] * t[i][s]).sum::<f64>() as f32;
+                    }
+                }
+            }
+        });
+    dw
+}
+
+/// Weight gradient by Winograd for few tiles and many channels: all tiles in one block
+/// (portable transforms), then the 36 products `dU[ξ] (k × c) = dM[ξ] · V[ξ]ᵀ` as
+/// GEMMs over the tiles, spread over the threads by ξ. Where [`wgrad_pays`] does not
+/// hold because the blocks would be small, and [`wgrad_gemm_pays`] does.
+pub(crate) fn conv3x3_grad_weight_gemm(
+    x: &[f32],
+    pro: Option<Prologue<'_>>,
+    dy: &[f32],
+    d: ConvDims,
+) -> Vec<f32> {
+    assert_eq!(x.len(), d.x_len());
+    assert_eq!(dy.len(), d.y_len());
+    if let Some(p) = pro {
+        assert!(p.centre.len() == d.c && p.mult.len() == d.c && p.shift.len() == d.c);
+    }
+    let tiles = Tiles {
+        th: d.h.div_ceil(4),
+        tw: d.w.div_ceil(4),
+    };
+    let total = d.n * tiles.th * tiles.tw;
+    let nbp = total.div_ceil(G8) * G8;
+    let (mut v, mut dm) = (
+        vec![0.0f32; 36 * xs(d.c, nbp)],
+        vec![0.0f32; 36 * xs(d.k, nbp)],
+    );
+    rayon::join(
+        || input_transform(x, pro, d, tiles, (0, total), &mut v, nbp),
+        || grad_output_transform(dy, d, tiles, (0, total), &mut dm, nbp),
+    );
+    let mut du = vec![0.0f32; 36 * d.k * d.c];
+    du.par_chunks_mut(d.k * d.c)
+        .enumerate()
+        .for_each(|(xi, dst)| {
+            let lhs = &dm[xi * xs(d.k, nbp)..][..d.k * nbp];
+            let rhs = &v[xi * xs(d.c, nbp)..][..d.c * nbp];
+            // SAFETY: dst is `k × c` row-major (len k·c); lhs is `k × nbp` row-major; rhs is
+            // `nbp × c` read as the transpose of the row-major `c × nbp` matrix `V[ξ]`
+            // (element (j, q) at q·nbp + j). All in bounds by the slices above; dst does not
+            // overlap the inputs and is not read (`read_dst` false).
+            unsafe {
+                gemm::gemm(
+                    d.k,
+                    d.c,
+                    nbp,
+                    dst.as_mut_ptr(),
+                    1,
+                    d.c as isize,
+                    false,
+                    lhs.as_ptr(),
+                    1,
+                    nbp as isize,
+                    rhs.as_ptr(),
+                    nbp as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    dw_from_parts(&[du], d)
+}
+
+/// Whether [`conv3x3_grad_weight_gemm`] beats im2col + GEMM: few tiles (its buffers
+/// hold all of them: at most 512) and `128² ≤ k·c ≤ 256²` (with more channels, writing
+/// and transforming the `36·k·c` products costs as much as the products save).
+/// Measured (`cargo bench --bench conv`, weight gradient, ms, this / im2col): (N, C=K,
+/// H=W) = (64, 128, 4) 3.3 / 5.2, (64, 256, 4) 15.2 / 20.3, (16, 128, 8) 3.5 / 3.9,
+/// (16, 256, 8) 12.6 / 13.0; not taken: (64, 512, 4) 72.5 / 73.7, (32, 512, 4)
+/// 66.6 / 45.3.
+pub(crate) fn wgrad_gemm_pays(d: ConvDims) -> bool {
+    let total = d.n * d.h.div_ceil(4) * d.w.div_ceil(4);
+    crate::winograd_enabled()
+        && have_avx2()
+        && (1..=512).contains(&total)
+        && (128 * 128..=256 * 256).contains(&(d.k * d.c))
+}
+
 /// Whether the forward convolution maps its input by a [`Prologue`] while padding it:
 /// the AVX2 transforms, for an even number of tile columns. (The weight gradient's
 /// sizes, [`grad_weight_supported`], always do.)
@@ -1215,42 +1336,7 @@ pub(crate) fn conv3x3_grad_weight(
             du
         })
         .collect();
-    // dU = Σ over the parts, in f64 (summed where it is read below).
-    let du = |i: usize| parts.iter().fold(0.0f64, |acc, p| acc + p[i] as f64);
-    // dW = Gᵀ dU G per (k, c).
-    const G: [[f64; 3]; 6] = [
-        [0.25, 0.0, 0.0],
-        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
-        [0.0, 0.0, 1.0],
-    ];
-    let mut dw = vec![0.0f32; d.w_len()];
-    dw.par_chunks_mut(d.c * 9)
-        .enumerate()
-        .for_each(|(ko, dwk)| {
-            for (ci, out) in dwk.chunks_exact_mut(9).enumerate() {
-                let mut dui = [0.0f64; 36];
-                for (xi, v) in dui.iter_mut().enumerate() {
-                    *v = du((xi * d.k + ko) * d.c + ci);
-                }
-                let at = |xi: usize| dui[xi];
-                // t[i][s] = Σ_j dU[i][j] G[j][s]
-                let mut t = [[0.0f64; 3]; 6];
-                for (i, trow) in t.iter_mut().enumerate() {
-                    for (s, cell) in trow.iter_mut().enumerate() {
-                        *cell = (0..6).map(|j| at(i * 6 + j) * G[j][s]).sum();
-                    }
-                }
-                for r in 0..3 {
-                    for s in 0..3 {
-                        out[r * 3 + s] = (0..6).map(|i| G[i][r] * t[i][s]).sum::<f64>() as f32;
-                    }
-                }
-            }
-        });
-    dw
+    dw_from_parts(&parts, d)
 }
 
 /// Whether the AVX2/FMA kernels run: the CPU has them and [`PORTABLE`] is off.

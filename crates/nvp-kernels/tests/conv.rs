@@ -215,6 +215,33 @@ fn winograd_partial_tiles_and_small_blocks() {
     tuning::set_winograd_block_bytes(640 * 1024);
 }
 
+/// Few tiles and many channels: the Winograd weight gradient with all tiles in one
+/// block and its 36 products as GEMMs (`winograd::wgrad_gemm_pays`: at most 512 tiles,
+/// 128² ≤ k·c ≤ 256²; the blocked Winograd does not pay there) against candle in f64.
+#[test]
+fn winograd_weight_gradient_by_gemm_for_few_tiles() {
+    let _guard = lock();
+    tuning::set_winograd_wgrad_always(false);
+    for (i, &(n, c, k, h, w)) in [
+        (2, 128, 128, 4, 4),
+        (3, 160, 128, 5, 7),
+        (1, 256, 200, 8, 8),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut rng = StdRng::seed_from_u64(60 + i as u64);
+        let x = rand_tensor(&mut rng, &[n, c, h, w]);
+        let wt = rand_tensor(&mut rng, &[k, c, 3, 3]);
+        let r = rand_tensor(&mut rng, &[n, k, h, w]);
+        let fast = run(conv2d_3x3, &x, &wt, None, &r, DType::F32);
+        let want = run(conv2d_3x3_reference, &x, &wt, None, &r, DType::F64);
+        let tag = format!("(n={n}, c={c}, k={k}, h={h}, w={w})");
+        assert_close(&format!("{tag} dw"), &fast.gw, &want.gw, REL_TOL_WINOGRAD);
+        assert_close(&format!("{tag} dx"), &fast.gx, &want.gx, REL_TOL_WINOGRAD);
+    }
+}
+
 /// The residual form `conv2d_3x3_add`: without a graph the addition is fused into the
 /// convolution's output and must equal `conv2d_3x3(..) + skip` bit for bit, for every
 /// algorithm; with a graph it is that composition and differentiable.
