@@ -1241,19 +1241,20 @@ pub(crate) fn conv3x3_grad_weight_gemm(
     dw_from_parts(&[du], d)
 }
 
-/// Whether [`conv3x3_grad_weight_gemm`] beats im2col + GEMM: few tiles (its buffers
-/// hold all of them: at most 512) and `128² ≤ k·c ≤ 256²` (with more channels, writing
-/// and transforming the `36·k·c` products costs as much as the products save).
+/// Whether [`conv3x3_grad_weight_gemm`] beats im2col + GEMM: 64 to 512 tiles (its
+/// buffers hold all of them; with fewer, the products' inner dimension is too short
+/// for writing and transforming the `36·k·c` of them to pay) and `128² ≤ k·c ≤ 512²`.
 /// Measured (`cargo bench --bench conv`, weight gradient, ms, this / im2col): (N, C=K,
-/// H=W) = (64, 128, 4) 3.3 / 5.2, (64, 256, 4) 15.2 / 20.3, (16, 128, 8) 3.5 / 3.9,
-/// (16, 256, 8) 12.6 / 13.0; not taken: (64, 512, 4) 72.5 / 73.7, (32, 512, 4)
-/// 66.6 / 45.3.
+/// H=W) = (64, 128, 4) 3.3 / 5.2, (64, 256, 4) 15.2 / 20.3, (64, 512, 4) 64 / 72 (3
+/// interleaved rounds), (128, 512, 4) 86 / 159, (64, 512, 8) 112 / 222, (16, 512, 8)
+/// 68 / 75, (16, 128, 8) 3.5 / 3.9, (16, 256, 8) 12.6 / 13.0; not taken: (32, 512, 4)
+/// 54 / 39 (32 tiles).
 pub(crate) fn wgrad_gemm_pays(d: ConvDims) -> bool {
     let total = d.n * d.h.div_ceil(4) * d.w.div_ceil(4);
     crate::winograd_enabled()
         && have_avx2()
-        && (1..=512).contains(&total)
-        && (128 * 128..=256 * 256).contains(&(d.k * d.c))
+        && (64..=512).contains(&total)
+        && (128 * 128..=512 * 512).contains(&(d.k * d.c))
 }
 
 /// Whether the forward convolution maps its input by a [`Prologue`] while padding it:
