@@ -101,8 +101,7 @@ impl FlowBatchNorm {
         let y = y
             .broadcast_mul(&scale)?
             .broadcast_add(&a.shift.reshape(fs)?)?;
-        let per_channel = y.elem_count() / (y.dim(0)? * y.dim(1)?).max(1);
-        let ld_aff = (a.log_scale.sum_all()? * per_channel as f64)?;
+        let ld_aff = (a.log_scale.sum_all()? * per_channel(&y)? as f64)?;
         let ld = ld.broadcast_add(&ld_aff)?;
         Ok((y, ld))
     }
@@ -169,8 +168,7 @@ impl FlowBatchNorm {
 
     /// `−½ · (H·W) · Σ_c log(var_c + ε)`, broadcast to the batch.
     fn log_det(&self, x: &Tensor, var: &Tensor) -> Result<Tensor> {
-        let per_channel = x.elem_count() / (x.dim(0)? * x.dim(1)?).max(1);
-        let ld = ((var + self.cfg.eps)?.log()?.sum_all()? * (-0.5 * per_channel as f64))?;
+        let ld = ((var + self.cfg.eps)?.log()?.sum_all()? * (-0.5 * per_channel(x)? as f64))?;
         ld.broadcast_as(x.dim(0)?)?.contiguous()
     }
 
@@ -237,9 +235,13 @@ impl FlowBatchNorm {
         let log_var = (var + self.cfg.eps)?.log()?;
         let inv_std = (log_var.clone() * -0.5)?.exp()?;
         let y = x.broadcast_sub(&mean)?.broadcast_mul(&inv_std)?;
-        let per_channel = x.elem_count() / (x.dim(0)? * x.dim(1)?);
-        let ld = (log_var.sum_all()? * (-0.5 * per_channel as f64))?;
+        let ld = (log_var.sum_all()? * (-0.5 * per_channel(x)? as f64))?;
         let ld = ld.broadcast_as(x.dim(0)?)?.contiguous()?;
         Ok((y, ld))
     }
+}
+
+/// Values per channel in one sample of `x` (`H·W` for images, 1 for vectors).
+fn per_channel(x: &Tensor) -> Result<usize> {
+    Ok(x.elem_count() / (x.dim(0)? * x.dim(1)?).max(1))
 }

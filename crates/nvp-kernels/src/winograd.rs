@@ -180,6 +180,19 @@ struct Tiles {
 }
 
 impl Tiles {
+    /// The 4×4 output tiles of one image of `d` (partial ones at the bottom and right).
+    fn of(d: ConvDims) -> Self {
+        Tiles {
+            th: d.h.div_ceil(4),
+            tw: d.w.div_ceil(4),
+        }
+    }
+
+    /// Tiles of the whole batch of `d`.
+    fn total(&self, d: ConvDims) -> usize {
+        d.n * self.th * self.tw
+    }
+
     #[inline(always)]
     fn coords(&self, t: usize) -> (usize, usize, usize) {
         let per = self.th * self.tw;
@@ -262,26 +275,19 @@ fn input_transform(
                         continue;
                     }
                     let row = &plane[(y as usize) * d.w..][..d.w];
+                    // The prologue maps the image's values; the zero padding stays zero.
+                    let get = |v: f32| map.map_or(v, |m| Prologue::map(m, v));
                     let x0 = ox as isize - 1;
                     if x0 >= 0 && x0 + 6 <= w {
                         let src = &row[x0 as usize..][..6];
                         for b in 0..6 {
-                            prow[b][l] = src[b];
+                            prow[b][l] = get(src[b]);
                         }
                     } else {
                         for (b, cell) in prow.iter_mut().enumerate() {
                             let xx = x0 + b as isize;
                             if xx >= 0 && xx < w {
-                                cell[l] = row[xx as usize];
-                            }
-                        }
-                    }
-                    // The prologue maps the image's values; the zero padding stays zero.
-                    if let Some(m) = map {
-                        for (b, cell) in prow.iter_mut().enumerate() {
-                            let xx = x0 + b as isize;
-                            if xx >= 0 && xx < w {
-                                cell[l] = Prologue::map(m, cell[l]);
+                                cell[l] = get(row[xx as usize]);
                             }
                         }
                     }
@@ -1190,11 +1196,8 @@ pub(crate) fn conv3x3_grad_weight_gemm(
     if let Some(p) = pro {
         assert!(p.centre.len() == d.c && p.mult.len() == d.c && p.shift.len() == d.c);
     }
-    let tiles = Tiles {
-        th: d.h.div_ceil(4),
-        tw: d.w.div_ceil(4),
-    };
-    let total = d.n * tiles.th * tiles.tw;
+    let tiles = Tiles::of(d);
+    let total = tiles.total(d);
     let nbp = total.div_ceil(G8) * G8;
     let (mut v, mut dm) = (
         vec![0.0f32; 36 * xs(d.c, nbp)],
@@ -1250,7 +1253,7 @@ pub(crate) fn conv3x3_grad_weight_gemm(
 /// 68 / 75, (16, 128, 8) 3.5 / 3.9, (16, 256, 8) 12.6 / 13.0; not taken: (32, 512, 4)
 /// 54 / 39 (32 tiles).
 pub(crate) fn wgrad_gemm_pays(d: ConvDims) -> bool {
-    let total = d.n * d.h.div_ceil(4) * d.w.div_ceil(4);
+    let total = Tiles::of(d).total(d);
     crate::winograd_enabled()
         && have_avx2()
         && (64..=512).contains(&total)
@@ -1284,7 +1287,7 @@ pub(crate) fn grad_weight_supported(d: ConvDims) -> bool {
 /// (64, 512, 4) 324 / 72, (16, 256, 8) 21.5 / 12.4 (2 blocks), (64, 256, 4) 21.0 /
 /// 17.6, (64, 128, 8) 6.7 / 13.9 (4 blocks of 64), (64, 64, 12) 6.8 / 7.8.
 fn wgrad_pays(d: ConvDims) -> bool {
-    let total = d.n * d.h.div_ceil(4) * d.w.div_ceil(4);
+    let total = Tiles::of(d).total(d);
     let budget = BLOCK_BYTES.load(Ordering::Relaxed) * WGRAD_BLOCK_FACTOR.load(Ordering::Relaxed);
     let nb = block_tiles_for(budget, d.c, d.k, total);
     nb >= 32 && total >= 4 * nb
@@ -1306,11 +1309,8 @@ pub(crate) fn conv3x3_grad_weight(
         assert!(p.centre.len() == d.c && p.mult.len() == d.c && p.shift.len() == d.c);
     }
     assert_eq!(dy.len(), d.y_len());
-    let tiles = Tiles {
-        th: d.h.div_ceil(4),
-        tw: d.w.div_ceil(4),
-    };
-    let total = d.n * tiles.th * tiles.tw;
+    let tiles = Tiles::of(d);
+    let total = tiles.total(d);
     // Larger blocks than the forward's: each block ends with 36·k·c horizontal sums.
     let budget = BLOCK_BYTES.load(Ordering::Relaxed) * WGRAD_BLOCK_FACTOR.load(Ordering::Relaxed);
     let nb = block_tiles_for(budget, d.c, d.k, total);
@@ -1374,11 +1374,8 @@ pub(crate) fn conv3x3_fwd(
     if y_len == 0 {
         return Vec::new();
     }
-    let tiles = Tiles {
-        th: d.h.div_ceil(4),
-        tw: d.w.div_ceil(4),
-    };
-    let total = d.n * tiles.th * tiles.tw;
+    let tiles = Tiles::of(d);
+    let total = tiles.total(d);
     let kpad = d.k.div_ceil(MR) * MR;
     if let Some(b) = bias {
         assert_eq!(b.len(), d.k);
