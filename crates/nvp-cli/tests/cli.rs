@@ -551,6 +551,16 @@ fn bench_reports_throughput_paths_and_phases() {
     let out = ok(&no_phases);
     assert!(out.contains("\"train_forward_s\":null"), "{out}");
     assert!(!out.contains("NaN"), "{out}");
+    // Neither evaluation nor sampling asked for: likewise nulls.
+    let mut no_eval = no_phases.clone();
+    for flag in ["--eval-reps", "--sample-reps"] {
+        let i = no_eval.iter().position(|a| *a == flag).expect(flag);
+        no_eval[i + 1] = "0";
+    }
+    let out = ok(&no_eval);
+    assert!(out.contains("\"eval_img_per_s\":null"), "{out}");
+    assert!(out.contains("\"sample_img_per_s\":null"), "{out}");
+    assert!(!out.contains("NaN"), "{out}");
     // Steps below one are refused, not divided by.
     let err = fails(&["bench", "--steps", "0"]);
     assert!(err.contains("--steps"), "{err}");

@@ -159,10 +159,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let js = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.4}"));
     let txt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3} s"));
 
-    // Evaluation.
+    // Evaluation (one untimed batch first; none at all for `--eval-reps 0`).
     let px = random_pixels(a.eval_batch, &mut rng);
     let mut times = Vec::new();
-    for i in 0..a.eval_reps + 1 {
+    for i in 0..if a.eval_reps > 0 { a.eval_reps + 1 } else { 0 } {
         let t0 = Instant::now();
         let b = make_batch(&px, a.eval_batch, &s, false, &mut rng, &device)?;
         let lp = trainer
@@ -176,11 +176,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
-    let eval_s = median(times);
+    let eval_s = (!times.is_empty()).then(|| median(times));
 
-    // Sampling.
+    // Sampling (likewise).
     let mut times = Vec::new();
-    for i in 0..a.sample_reps + 1 {
+    for i in 0..if a.sample_reps > 0 {
+        a.sample_reps + 1
+    } else {
+        0
+    } {
         let t0 = Instant::now();
         let px = engine::sample_pixels(&trainer.frozen, a.sample_n, 1.0, s.data.alpha, &mut rng)?;
         std::hint::black_box(px);
@@ -188,7 +192,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
-    let sample_s = median(times);
+    let sample_s = (!times.is_empty()).then(|| median(times));
     let peak = peak_rss_mib();
 
     // What the convolutions ran on: this crate's CPU kernels, cuDNN (with or without
@@ -200,16 +204,31 @@ pub fn run(a: BenchArgs) -> Result<()> {
         _ => "candle",
     };
     let train_ips = a.batch as f64 / train_step_s;
-    let eval_ips = a.eval_batch as f64 / eval_s;
-    let sample_ips = a.sample_n as f64 / sample_s;
+    let eval_ips = eval_s.map(|t| a.eval_batch as f64 / t);
+    let sample_ips = sample_s.map(|t| a.sample_n as f64 / t);
+    // JSON has no NaN: a figure that was not measured is `null`.
+    let jf = |v: f64, prec: usize| {
+        if v.is_finite() {
+            format!("{v:.prec$}")
+        } else {
+            "null".to_string()
+        }
+    };
+    let jo = |v: Option<f64>, prec: usize| v.map_or("null".to_string(), |v| jf(v, prec));
+    let ips = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:8.2} img/s"));
     if a.json {
         println!(
-            "{{\"config\":\"{}\",\"device\":\"{}\",\"params\":{params},\"batch\":{},\"train_step_s\":{train_step_s:.4},\"train_img_per_s\":{train_ips:.3},\"eval_batch\":{},\"eval_img_per_s\":{eval_ips:.3},\"sample_n\":{},\"sample_img_per_s\":{sample_ips:.3},\"peak_rss_mib\":{peak:.1},\"peak_rss_train_mib\":{peak_train:.1},\"rss_before_train_mib\":{rss_before:.1},\"skipped_steps\":{skipped},\"threads\":{},\"conv\":\"{conv}\",\"batch_norm\":\"{bn}\",\"train_forward_s\":{},\"train_backward_s\":{},\"train_update_s\":{}}}",
+            "{{\"config\":\"{}\",\"device\":\"{}\",\"params\":{params},\"batch\":{},\"train_step_s\":{train_step_s:.4},\"train_img_per_s\":{train_ips:.3},\"eval_batch\":{},\"eval_img_per_s\":{},\"sample_n\":{},\"sample_img_per_s\":{},\"peak_rss_mib\":{},\"peak_rss_train_mib\":{},\"rss_before_train_mib\":{},\"skipped_steps\":{skipped},\"threads\":{},\"conv\":\"{conv}\",\"batch_norm\":\"{bn}\",\"train_forward_s\":{},\"train_backward_s\":{},\"train_update_s\":{}}}",
             s.name,
             s.train.device,
             a.batch,
             a.eval_batch,
+            jo(eval_ips, 3),
             a.sample_n,
+            jo(sample_ips, 3),
+            jf(peak, 1),
+            jf(peak_train, 1),
+            jf(rss_before, 1),
             rayon_threads(),
             js(fwd_s),
             js(bwd_s),
@@ -230,8 +249,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             txt(bwd_s),
             txt(upd_s)
         );
-        println!("eval    batch {:>4}: {eval_ips:8.2} img/s", a.eval_batch);
-        println!("sample  n     {:>4}: {sample_ips:8.2} img/s", a.sample_n);
+        println!("eval    batch {:>4}: {}", a.eval_batch, ips(eval_ips));
+        println!("sample  n     {:>4}: {}", a.sample_n, ips(sample_ips));
         println!("peak RSS: {peak:.0} MiB (after training steps: {peak_train:.0} MiB; before: {rss_before:.0} MiB)");
     }
     Ok(())
