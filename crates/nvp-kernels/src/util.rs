@@ -92,6 +92,8 @@ macro_rules! multiversion {
     };
 }
 
+pub(crate) use multiversion;
+
 multiversion! {
     /// Sum of a row, accumulated in f64 over 8 independent lanes (vectorisable).
     pub(crate) fn sum_f64(row: &[f32]) -> f64 {
@@ -146,6 +148,9 @@ thread_local! {
     /// kept between calls so that the (large) buffer is not
     /// page-faulted in again on every convolution.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The calling thread's buffer of Winograd-transformed weights (one convolution's
+    /// at a time), kept between calls likewise.
+    static WEIGHT_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` with a scratch slice of `len` floats (contents unspecified).
@@ -154,12 +159,26 @@ thread_local! {
 /// re-entrant call on the same thread (possible while rayon work-steals inside a
 /// parallel GEMM) just allocates its own buffer instead of panicking on a borrow.
 pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    with_local(&SCRATCH, len, f)
+}
+
+/// [`with_scratch`] from a second per-thread buffer, for the transformed weights that
+/// a convolution holds while its blocks use [`with_scratch`].
+pub(crate) fn with_weight_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    with_local(&WEIGHT_SCRATCH, len, f)
+}
+
+fn with_local<R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    let mut buf = key.with(|s| std::mem::take(&mut *s.borrow_mut()));
     if buf.len() < len {
         buf.resize(len, 0.0);
     }
     let r = f(&mut buf[..len]);
-    SCRATCH.with(|s| {
+    key.with(|s| {
         let mut s = s.borrow_mut();
         if s.capacity() < buf.capacity() {
             *s = buf;

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use rayon::prelude::*;
 
 use crate::kernels::{ConvDims, Prologue};
-use crate::util::with_scratch;
+use crate::util::{with_scratch, with_weight_scratch};
 
 /// Rows of `U`/`M` (output channels) per micro-kernel tile.
 const MR: usize = 6;
@@ -48,19 +48,39 @@ pub(crate) static WGRAD_BLOCK_FACTOR: AtomicUsize = AtomicUsize::new(4);
 /// [`wgrad_pays`] prefers im2col + GEMM (so that the tests reach it on small sizes).
 pub(crate) static WGRAD_ALWAYS: AtomicBool = AtomicBool::new(false);
 
-/// `G v` for one column/row `v` of a 3×3 kernel (6 values), in f64, on `L` kernels at
-/// once (lane by lane: the same operations as one kernel at a time, so the same bits).
+/// `1/6` in f64: the one constant of `G` that is not a power of two.
+const SIXTH: f64 = 1.0 / 6.0;
+
+/// `G v` for one column/row `(a, b, c)` of a 3×3 kernel (6 values), in f64.
+///
+/// `G = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1]`,
+/// evaluated as `((a/4 + c) ± b/2) / 6` for rows 3 and 4: the scalings by powers of two
+/// are exact, so each row costs one multiplication by (the f64 nearest) 1/6 and no
+/// division (slow in f64). The result differs from exact division's by at most the
+/// final rounding to f32 (in about 0.25 % of values, by one unit in the last place).
 #[inline(always)]
-fn g_rows<const L: usize>(g0: [f64; L], g1: [f64; L], g2: [f64; L]) -> [[f64; L]; 6] {
+fn g_rows(a: f64, b: f64, c: f64) -> [f64; 6] {
+    let (ac, q, hb) = (a + c, 0.25 * a + c, 0.5 * b);
+    [
+        0.25 * a,
+        -(ac + b) * SIXTH,
+        -(ac - b) * SIXTH,
+        (q + hb) * SIXTH,
+        (q - hb) * SIXTH,
+        c,
+    ]
+}
+
+/// [`g_rows`] on `L` kernels at once, lane by lane (the same operations as one kernel at
+/// a time, so the same bits; laid out so that the compiler vectorises across lanes).
+#[inline(always)]
+fn g_rows_lanes<const L: usize>(g0: [f64; L], g1: [f64; L], g2: [f64; L]) -> [[f64; L]; 6] {
     let mut o = [[0.0f64; L]; 6];
     for l in 0..L {
-        let (a, b, c) = (g0[l], g1[l], g2[l]);
-        o[0][l] = a / 4.0;
-        o[1][l] = -(a + b + c) / 6.0;
-        o[2][l] = -(a - b + c) / 6.0;
-        o[3][l] = a / 24.0 + b / 12.0 + c / 6.0;
-        o[4][l] = a / 24.0 - b / 12.0 + c / 6.0;
-        o[5][l] = c;
+        let v = g_rows(g0[l], g1[l], g2[l]);
+        for i in 0..6 {
+            o[i][l] = v[i];
+        }
     }
     o
 }
@@ -72,14 +92,14 @@ fn transform_kernels<const L: usize>(g: [&[f32]; L]) -> [[f32; L]; 36] {
     // gg[i][col] = (G g)[i][col]
     let mut gg = [[[0.0f64; L]; 3]; 6];
     for col in 0..3 {
-        let v = g_rows(at(col), at(3 + col), at(6 + col));
+        let v = g_rows_lanes(at(col), at(3 + col), at(6 + col));
         for (i, row) in gg.iter_mut().enumerate() {
             row[col] = v[i];
         }
     }
     let mut out = [[0.0f32; L]; 36];
     for (i, row) in gg.iter().enumerate() {
-        let v = g_rows(row[0], row[1], row[2]);
+        let v = g_rows_lanes(row[0], row[1], row[2]);
         for (j, val) in v.iter().enumerate() {
             for l in 0..L {
                 out[i * 6 + j][l] = val[l] as f32;
@@ -89,41 +109,73 @@ fn transform_kernels<const L: usize>(g: [&[f32]; L]) -> [[f32; L]; 36] {
     out
 }
 
-/// Transformed weights `U[ξ] = (G g Gᵀ)[ξ]` packed for the micro-kernel as
-/// `[ξ][kb][c][MR]` (`kb` = block of `MR` output channels; rows past `k` are zero).
-/// Computed in f64 and rounded once; each block of `MR` output channels is one parallel
-/// task writing its rows straight into place, [`MR`] kernels at a time.
-fn transform_weights(w: &[f32], k: usize, c: usize) -> Vec<f32> {
-    let kbn = k.div_ceil(MR);
-    let len = 36 * kbn * c * MR;
-    let mut u: Vec<f32> = Vec::with_capacity(len);
+/// Floats of [`transform_weights_into`]'s output for `k` output and `c` input channels.
+fn transformed_len(k: usize, c: usize) -> usize {
+    36 * k.div_ceil(MR) * c * MR
+}
+
+/// Input channels per chunk of [`transform_weights_into`]: a chunk's `36 × CB × MR`
+/// values (27 KB) are gathered in a local buffer and then written out as 36 contiguous
+/// runs, instead of 36 interleaved streams of `MR` floats.
+const TW_CB: usize = 32;
+
+/// Writes the transformed weights `U[ξ] = (G g Gᵀ)[ξ]` into `u` ([`transformed_len`]
+/// floats), packed for the micro-kernel as `[ξ][kb][c][MR]` (`kb` = block of `MR`
+/// output channels; rows past `k` are zero). Computed in f64 and rounded once; each
+/// block of `MR` output channels is one parallel task, [`MR`] kernels at a time.
+fn transform_weights_into(w: &[f32], k: usize, c: usize, u: &mut [f32]) {
+    assert_eq!(w.len(), k * c * 9);
+    assert_eq!(u.len(), transformed_len(k, c));
     let up = OutPtr(u.as_mut_ptr());
-    (0..kbn).into_par_iter().for_each(|kb| {
-        let up = &up;
-        for ci in 0..c {
-            // The MR kernels (kb·MR + r, ci); rows past `k` transform a zero kernel.
-            const ZERO: [f32; 9] = [0.0; 9];
-            let g: [&[f32]; MR] = std::array::from_fn(|r| {
-                let ko = kb * MR + r;
-                if ko < k {
-                    &w[(ko * c + ci) * 9..][..9]
-                } else {
-                    &ZERO[..]
+    (0..k.div_ceil(MR))
+        .into_par_iter()
+        .for_each(|kb| transform_weights_block(w, k, c, kb, &up));
+}
+
+crate::util::multiversion! {
+    /// Task `kb` of [`transform_weights_into`]: the `MR` output channels from `kb·MR`.
+    /// (Compiled twice, for the baseline and for AVX2: the same operations, so the same
+    /// bits.)
+    fn transform_weights_block(w: &[f32], k: usize, c: usize, kb: usize, up: &OutPtr) -> () {
+        let kbn = k.div_ceil(MR);
+        let mut buf = [[[0.0f32; MR]; TW_CB]; 36];
+        for c0 in (0..c).step_by(TW_CB) {
+            let cb = TW_CB.min(c - c0);
+            for j in 0..cb {
+                let ci = c0 + j;
+                // The MR kernels (kb·MR + r, ci); rows past `k` transform a zero kernel.
+                const ZERO: [f32; 9] = [0.0; 9];
+                let g: [&[f32]; MR] = std::array::from_fn(|r| {
+                    let ko = kb * MR + r;
+                    if ko < k {
+                        &w[(ko * c + ci) * 9..][..9]
+                    } else {
+                        &ZERO[..]
+                    }
+                });
+                let t = transform_kernels(g);
+                for (xi, vals) in t.iter().enumerate() {
+                    buf[xi][j] = *vals;
                 }
-            });
-            let t = transform_kernels(g);
-            for (xi, vals) in t.iter().enumerate() {
-                // SAFETY: task `kb` writes the MR floats at ((ξ·kbn + kb)·c + ci)·MR for
-                // every ξ and ci: disjoint from every other task's, inside `len`.
+            }
+            for (xi, rows) in buf.iter().enumerate() {
+                // SAFETY: task `kb` writes the cb·MR floats from ((ξ·kbn + kb)·c + c0)·MR
+                // for every ξ and chunk c0: disjoint from every other task's, inside the
+                // `transformed_len(k, c)` floats at `up`, which outlive the tasks.
                 unsafe {
-                    let dst = up.0.add(((xi * kbn + kb) * c + ci) * MR);
-                    std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, MR);
+                    let dst = up.0.add(((xi * kbn + kb) * c + c0) * MR);
+                    std::ptr::copy_nonoverlapping(rows.as_ptr().cast::<f32>(), dst, cb * MR);
                 }
             }
         }
-    });
-    // SAFETY: the tasks kb = 0..kbn wrote all 36 · kbn · c · MR floats.
-    unsafe { u.set_len(len) };
+    }
+}
+
+/// [`transform_weights_into`] a new vector.
+#[cfg(test)]
+fn transform_weights(w: &[f32], k: usize, c: usize) -> Vec<f32> {
+    let mut u = vec![0.0f32; transformed_len(k, c)];
+    transform_weights_into(w, k, c, &mut u);
     u
 }
 
@@ -1142,43 +1194,81 @@ unsafe fn wgrad_blocks_avx2(
 }
 
 /// `dW = Gᵀ dU G` per (k, c), `dU` the sum of `parts` (each `36 × k × c`) in f64,
-/// summed where it is read.
-fn dw_from_parts(parts: &[Vec<f32>], d: ConvDims) -> Vec<f32> {
-    let du = |i: usize| parts.iter().fold(0.0f64, |acc, p| acc + p[i] as f64);
-    // dW = Gᵀ dU G per (k, c).
-    const G: [[f64; 3]; 6] = [
-        [0.25, 0.0, 0.0],
-        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
-        [0.0, 0.0, 1.0],
-    ];
+/// summed where it is read. Each output channel is one parallel task.
+fn dw_from_parts(parts: &[&[f32]], d: ConvDims) -> Vec<f32> {
+    for p in parts {
+        assert_eq!(p.len(), 36 * d.k * d.c);
+    }
     let mut dw = vec![0.0f32; d.w_len()];
     dw.par_chunks_mut(d.c * 9)
         .enumerate()
-        .for_each(|(ko, dwk)| {
-            for (ci, out) in dwk.chunks_exact_mut(9).enumerate() {
-                let mut dui = [0.0f64; 36];
-                for (xi, v) in dui.iter_mut().enumerate() {
-                    *v = du((xi * d.k + ko) * d.c + ci);
-                }
-                let at = |xi: usize| dui[xi];
-                // t[i][s] = Σ_j dU[i][j] G[j][s]
-                let mut t = [[0.0f64; 3]; 6];
-                for (i, trow) in t.iter_mut().enumerate() {
-                    for (s, cell) in trow.iter_mut().enumerate() {
-                        *cell = (0..6).map(|j| at(i * 6 + j) * G[j][s]).sum();
-                    }
-                }
-                for r in 0..3 {
-                    for s in 0..3 {
-                        out[r * 3 + s] = (0..6).map(|i| G[i][r] * t[i][s]).sum::<f64>() as f32;
+        .for_each(|(ko, dwk)| dw_row(parts, d.k, d.c, ko, dwk));
+    dw
+}
+
+/// `Gᵀ m` for a 6-vector `m` (one column or row of `dU`), on `L` lanes: the terms of
+/// `Σ_j m[j] G[j][s]` in order of `j`, those with a zero in `G` left out.
+#[inline(always)]
+fn gt_lanes<const L: usize>(m: [&[f64; L]; 6]) -> [[f64; L]; 3] {
+    const S: f64 = 1.0 / 6.0;
+    const S12: f64 = 1.0 / 12.0;
+    const S24: f64 = 1.0 / 24.0;
+    let mut o = [[0.0f64; L]; 3];
+    for l in 0..L {
+        let (m0, m1, m2, m3, m4, m5) = (m[0][l], m[1][l], m[2][l], m[3][l], m[4][l], m[5][l]);
+        o[0][l] = m0 * 0.25 + m1 * -S + m2 * -S + m3 * S24 + m4 * S24;
+        o[1][l] = m1 * -S + m2 * S + m3 * S12 + m4 * -S12;
+        o[2][l] = m1 * -S + m2 * -S + m3 * S + m4 * S + m5;
+    }
+    o
+}
+
+/// Input channels per group of [`dw_row`]: the lanes of its vectors.
+const DW_L: usize = 8;
+/// Input channels per chunk of [`dw_row`]: it first sums the chunk's `dU` values of
+/// each ξ (runs of `DW_CB` floats) into a local buffer, so that it reads memory in long
+/// runs rather than 36 interleaved runs of `DW_L` (which left it waiting on memory).
+const DW_CB: usize = 256;
+
+crate::util::multiversion! {
+    /// Output channel `ko` of [`dw_from_parts`] into `dwk` (`c × 9`), `DW_L` input
+    /// channels at a time. (Compiled for the baseline and for AVX2: the same operations,
+    /// so the same bits.)
+    fn dw_row(parts: &[&[f32]], k: usize, c: usize, ko: usize, dwk: &mut [f32]) -> () {
+        let mut m = [[[0.0f64; DW_L]; DW_CB / DW_L]; 36];
+        for c0 in (0..c).step_by(DW_CB) {
+            let cb = DW_CB.min(c - c0);
+            for (xi, row) in m.iter_mut().enumerate() {
+                let flat = row.as_flattened_mut();
+                flat.fill(0.0);
+                let at = (xi * k + ko) * c + c0;
+                for p in parts {
+                    for (acc, v) in flat.iter_mut().zip(&p[at..at + cb]) {
+                        *acc += *v as f64;
                     }
                 }
             }
-        });
-    dw
+            for g in 0..cb.div_ceil(DW_L) {
+                let cl = DW_L.min(cb - g * DW_L);
+                // t[i] = (dU G)[i][·] = Gᵀ of row i of dU.
+                let t: [[[f64; DW_L]; 3]; 6] = std::array::from_fn(|i| {
+                    gt_lanes(std::array::from_fn(|j| &m[i * 6 + j][g]))
+                });
+                let mut out = [0.0f32; DW_L * 9];
+                for s in 0..3 {
+                    // Column s of dW = Gᵀ (column s of t).
+                    let col = gt_lanes(std::array::from_fn(|i| &t[i][s]));
+                    for (r, vals) in col.iter().enumerate() {
+                        for l in 0..DW_L {
+                            out[l * 9 + r * 3 + s] = vals[l] as f32;
+                        }
+                    }
+                }
+                let ci = c0 + g * DW_L;
+                dwk[ci * 9..(ci + cl) * 9].copy_from_slice(&out[..cl * 9]);
+            }
+        }
+    }
 }
 
 /// Weight gradient by Winograd for few tiles and many channels: all tiles in one block
@@ -1207,7 +1297,16 @@ pub(crate) fn conv3x3_grad_weight_gemm(
         || input_transform(x, pro, d, tiles, (0, total), &mut v, nbp),
         || grad_output_transform(dy, d, tiles, (0, total), &mut dm, nbp),
     );
-    let mut du = vec![0.0f32; 36 * d.k * d.c];
+    // dU in the buffer kept for transformed weights (every element is written below).
+    with_weight_scratch(36 * d.k * d.c, |du| {
+        gemm_products(du, &dm, &v, d, nbp);
+        dw_from_parts(&[du], d)
+    })
+}
+
+/// The 36 products `dU[ξ] (k × c) = dM[ξ] · V[ξ]ᵀ` of [`conv3x3_grad_weight_gemm`] into
+/// `du` (`36 × k × c`), spread over the threads by ξ.
+fn gemm_products(du: &mut [f32], dm: &[f32], v: &[f32], d: ConvDims, nbp: usize) {
     du.par_chunks_mut(d.k * d.c)
         .enumerate()
         .for_each(|(xi, dst)| {
@@ -1241,7 +1340,6 @@ pub(crate) fn conv3x3_grad_weight_gemm(
                 );
             }
         });
-    dw_from_parts(&[du], d)
 }
 
 /// Whether [`conv3x3_grad_weight_gemm`] beats im2col + GEMM: 64 to 512 tiles (its
@@ -1337,6 +1435,7 @@ pub(crate) fn conv3x3_grad_weight(
             du
         })
         .collect();
+    let parts: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
     dw_from_parts(&parts, d)
 }
 
@@ -1374,16 +1473,12 @@ pub(crate) fn conv3x3_fwd(
     if y_len == 0 {
         return Vec::new();
     }
-    let tiles = Tiles::of(d);
-    let total = tiles.total(d);
-    let kpad = d.k.div_ceil(MR) * MR;
     if let Some(b) = bias {
         assert_eq!(b.len(), d.k);
     }
     if let Some(sk) = skip {
         assert_eq!(sk.len(), y_len);
     }
-    let avx2 = have_avx2();
     if let Some(p) = pro {
         assert!(
             fuses_prologue(d),
@@ -1391,14 +1486,34 @@ pub(crate) fn conv3x3_fwd(
         );
         assert!(p.centre.len() == d.c && p.mult.len() == d.c && p.shift.len() == d.c);
     }
-    let u = transform_weights(wmat, d.k, d.c);
+    // The transformed weights go to a buffer kept between calls: for few tiles and
+    // many channels (512 at 4×4: 38 MB) a fresh one cost its page faults every call.
+    with_weight_scratch(transformed_len(d.k, d.c), |u| {
+        transform_weights_into(wmat, d.k, d.c, u);
+        conv3x3_fwd_blocks(x, pro, u, (bias, skip), d)
+    })
+}
+
+/// [`conv3x3_fwd`] after the weight transform: the blocks of tiles.
+fn conv3x3_fwd_blocks(
+    x: &[f32],
+    pro: Option<Prologue<'_>>,
+    u: &[f32],
+    (bias, skip): (Option<&[f32]>, Option<&[f32]>),
+    d: ConvDims,
+) -> Vec<f32> {
+    let y_len = d.y_len();
+    let tiles = Tiles::of(d);
+    let total = tiles.total(d);
+    let kpad = d.k.div_ceil(MR) * MR;
+    let avx2 = have_avx2();
     let nb = block_tiles(d.c, kpad, total);
     let scratch_len = 36 * (xs(d.c, nb) + xs(kpad, nb)) + pad_len(tiles, nb);
     let mut out: Vec<f32> = Vec::with_capacity(y_len);
     let job = Job {
         x,
         pro,
-        u: &u,
+        u,
         ep: Epilogue { bias, skip },
         d,
         tiles,
@@ -1442,12 +1557,13 @@ mod tests {
     /// `G g Gᵀ` of one kernel, one value at a time in f64, rounded once.
     fn reference(g: &[f32]) -> [f32; 36] {
         let rows = |a: f64, b: f64, c: f64| {
+            let sixth = 1.0 / 6.0;
             [
                 a / 4.0,
-                -(a + b + c) / 6.0,
-                -(a - b + c) / 6.0,
-                a / 24.0 + b / 12.0 + c / 6.0,
-                a / 24.0 - b / 12.0 + c / 6.0,
+                -((a + c) + b) * sixth,
+                -((a + c) - b) * sixth,
+                ((a / 4.0 + c) + b / 2.0) * sixth,
+                ((a / 4.0 + c) - b / 2.0) * sixth,
                 c,
             ]
         };
@@ -1468,12 +1584,42 @@ mod tests {
         out
     }
 
+    /// `G g Gᵀ` of one kernel as written in the papers, with divisions.
+    fn reference_with_divisions(g: &[f32]) -> [f32; 36] {
+        let rows = |a: f64, b: f64, c: f64| {
+            [
+                a / 4.0,
+                -(a + b + c) / 6.0,
+                -(a - b + c) / 6.0,
+                a / 24.0 + b / 12.0 + c / 6.0,
+                a / 24.0 - b / 12.0 + c / 6.0,
+                c,
+            ]
+        };
+        let mut gg = [[0.0f64; 3]; 6];
+        for col in 0..3 {
+            let v = rows(g[col] as f64, g[3 + col] as f64, g[6 + col] as f64);
+            for i in 0..6 {
+                gg[i][col] = v[i];
+            }
+        }
+        std::array::from_fn(|x| rows(gg[x / 6][0], gg[x / 6][1], gg[x / 6][2])[x % 6] as f32)
+    }
+
     /// The packed, lane-parallel weight transform equals the kernel-by-kernel formula to
-    /// the bit, and its padding rows (output channels past `k`) are zero.
+    /// the bit, is within one unit in the last place of the formula with divisions, and its padding rows (output channels past `k`) are zero.
     #[test]
     fn weight_transform_matches_the_formula_bitwise() {
         let mut s = 0x1234_5678_9abc_def0u64;
-        for (k, c) in [(1, 1), (5, 3), (6, 2), (7, 4), (13, 9), (32, 17)] {
+        for (k, c) in [
+            (1, 1),
+            (5, 3),
+            (6, 2),
+            (7, 4),
+            (13, 9),
+            (32, 17),
+            (7, TW_CB + 5),
+        ] {
             let w: Vec<f32> = (0..k * c * 9)
                 .map(|_| {
                     s ^= s << 13;
@@ -1492,11 +1638,101 @@ mod tests {
                     } else {
                         [0.0; 36]
                     };
+                    // `G g Gᵀ` with the textbook divisions (f64, rounded once).
+                    let divided = if ko < k {
+                        reference_with_divisions(&w[(ko * c + ci) * 9..][..9])
+                    } else {
+                        [0.0; 36]
+                    };
                     for (xi, e) in expected.iter().enumerate() {
                         let got = u[((xi * kbn + ko / MR) * c + ci) * MR + ko % MR];
                         assert!(
                             got.to_bits() == e.to_bits() || (ko >= k && got == 0.0),
                             "k={k} c={c} ko={ko} ci={ci} ξ={xi}: {got} vs {e}"
+                        );
+                        let ulps = (got.to_bits() as i64 - divided[xi].to_bits() as i64).abs();
+                        assert!(
+                            got == divided[xi] || ulps <= 1,
+                            "ξ={xi}: {got} vs {} (divisions)",
+                            divided[xi]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// `dW = Gᵀ dU G` for one (k, c), with G as a matrix and every product written out
+    /// (the zeros of G included), in f64, rounded once.
+    fn reference_dw(du: impl Fn(usize) -> f64) -> [f32; 9] {
+        const G: [[f64; 3]; 6] = [
+            [0.25, 0.0, 0.0],
+            [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+            [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+            [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+            [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+            [0.0, 0.0, 1.0],
+        ];
+        let mut t = [[0.0f64; 3]; 6];
+        for (i, trow) in t.iter_mut().enumerate() {
+            for (s, cell) in trow.iter_mut().enumerate() {
+                *cell = (0..6).map(|j| du(i * 6 + j) * G[j][s]).sum();
+            }
+        }
+        let mut out = [0.0f32; 9];
+        for r in 0..3 {
+            for s in 0..3 {
+                out[r * 3 + s] = (0..6).map(|i| G[i][r] * t[i][s]).sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    /// The weight gradient's back-transform, which sums the partial `dU`s as it reads
+    /// them and works on groups of input channels in chunks, equals the matrix formula
+    /// to the bit, also for channel counts that end a group or a chunk part-way.
+    #[test]
+    fn weight_gradient_back_transform_matches_the_formula_bitwise() {
+        let mut s = 0x0fed_cba9_8765_4321u64;
+        let mut rand = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
+                })
+                .collect()
+        };
+        for (k, c, nparts) in [
+            (1, 1, 1),
+            (3, 5, 2),
+            (2, 8, 3),
+            (4, 13, 1),
+            (2, DW_CB + 11, 2),
+        ] {
+            let parts: Vec<Vec<f32>> = (0..nparts).map(|_| rand(36 * k * c)).collect();
+            let views: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
+            let d = ConvDims {
+                n: 1,
+                c,
+                k,
+                h: 4,
+                w: 4,
+            };
+            let dw = dw_from_parts(&views, d);
+            for ko in 0..k {
+                for ci in 0..c {
+                    let du = |xi: usize| {
+                        let at = (xi * k + ko) * c + ci;
+                        parts.iter().fold(0.0f64, |acc, p| acc + p[at] as f64)
+                    };
+                    let e = reference_dw(du);
+                    let got = &dw[(ko * c + ci) * 9..][..9];
+                    for (g, e) in got.iter().zip(e) {
+                        assert!(
+                            g.to_bits() == e.to_bits(),
+                            "k={k} c={c} parts={nparts} ko={ko} ci={ci}: {got:?} vs {e}"
                         );
                     }
                 }
