@@ -22,6 +22,9 @@ pub enum Command {
     Sample(SampleArgs),
     /// Decode the latent manifold spanned by four images (paper eq. 19).
     Interpolate(InterpolateArgs),
+    /// Conceptual compression (paper App. D): keep the coarsest scales' latents of
+    /// images, draw the rest from the prior, decode.
+    Compress(CompressArgs),
     /// Training, evaluation and sampling throughput and peak memory of a config's model.
     Bench(BenchArgs),
 }
@@ -107,6 +110,40 @@ pub struct SampleArgs {
     /// Also write one PNG per sample into this folder.
     #[arg(long)]
     pub each: Option<PathBuf>,
+    /// Sample at another size than the model was trained at, `HxW` (e.g. `64x64` from a
+    /// 32×32 model: paper App. C; the flow is fully convolutional). Both must be
+    /// multiples of 2^(scales − 1).
+    #[arg(long)]
+    pub size: Option<String>,
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CompressArgs {
+    #[arg(long)]
+    pub ckpt: PathBuf,
+    /// Image files (PNG/JPEG) of the model's size, one row of the output each.
+    #[arg(long, num_args = 1.., conflicts_with_all = ["data", "indices"])]
+    pub images: Option<Vec<PathBuf>>,
+    /// Dataset folder to take the images from (with --indices).
+    #[arg(long, requires = "indices")]
+    pub data: Option<PathBuf>,
+    /// Comma-separated image indices into --split of the dataset.
+    #[arg(long, value_delimiter = ',', num_args = 1)]
+    pub indices: Option<Vec<usize>>,
+    /// Split the indices refer to.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Temperature of the prior the discarded latents are drawn from.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output PNG: per image, the original, then the decodings that keep 100 %, 50 %,
+    /// 25 %, … of the latents (one scale fewer each time).
+    #[arg(long)]
+    pub out: PathBuf,
     #[arg(long)]
     pub device: Option<String>,
 }

@@ -228,6 +228,95 @@ fn train_resume_eval_sample_interpolate() {
         err.contains("four images") && err.contains("got 3"),
         "{err}"
     );
+
+    // sample at twice the size (App. C): the same weights, 16×16 images
+    let big = d.join("big");
+    ok(&[
+        "sample",
+        "--ckpt",
+        s(&full),
+        "--n",
+        "2",
+        "--size",
+        "16x16",
+        "--out",
+        s(&d.join("big.png")),
+        "--each",
+        s(&big),
+    ]);
+    assert_eq!(png_size(&big.join("sample-00001.png")), (16, 16));
+    let err = fails(&[
+        "sample",
+        "--ckpt",
+        s(&full),
+        "--size",
+        "9x8",
+        "--out",
+        s(&grid),
+    ]);
+    assert!(
+        err.contains("--size 9x8") && err.contains("divisible by 2"),
+        "{err}"
+    );
+    let err = fails(&[
+        "sample",
+        "--ckpt",
+        s(&full),
+        "--size",
+        "big",
+        "--out",
+        s(&grid),
+    ]);
+    assert!(err.contains("HxW"), "{err}");
+
+    // compress (App. D): per image the original, then 100 % and 50 % of the latents
+    // kept (two scales); keeping all of them gives the original back, pixel for pixel
+    let cp = d.join("compress.png");
+    let o = nvp(&[
+        "compress",
+        "--ckpt",
+        s(&full),
+        "--indices",
+        "0,1",
+        "--out",
+        s(&cp),
+    ]);
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{msg}");
+    assert!(msg.contains("100 / 50 %"), "{msg}");
+    let img = image::open(&cp).unwrap().to_rgb8();
+    let z = (img.width() as usize - 2) / 3 - 2; // zoom × 8
+    assert_eq!(img.width() as usize, 3 * (z + 2) + 2, "three columns");
+    assert_eq!(img.height() as usize, 2 * (z + 2) + 2, "two rows");
+    let cell = |r: usize, c: usize| -> Vec<u8> {
+        let (x0, y0) = (2 + c * (z + 2), 2 + r * (z + 2));
+        (0..z)
+            .flat_map(|y| (0..z).map(move |x| (x0 + x, y0 + y)))
+            .flat_map(|(x, y)| img.get_pixel(x as u32, y as u32).0)
+            .collect()
+    };
+    for r in 0..2 {
+        assert!(
+            cell(r, 0) == cell(r, 1),
+            "row {r}: 100 % kept is the original"
+        );
+        assert!(cell(r, 0) != cell(r, 2), "row {r}: 50 % kept differs");
+    }
+    let cp1 = d.join("compress1.png");
+    ok(&[
+        "compress",
+        "--ckpt",
+        s(&full),
+        "--out",
+        s(&cp1),
+        "--temperature",
+        "0.5",
+        "--images",
+        &imgs[0],
+    ]);
+    assert_eq!(png_size(&cp1).0, img.width(), "one row of the same width");
+    let err = fails(&["compress", "--ckpt", s(&full), "--out", s(&cp1)]);
+    assert!(err.contains("--images"), "{err}");
     std::fs::remove_dir_all(&d).ok();
 }
 

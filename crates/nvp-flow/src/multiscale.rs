@@ -298,6 +298,50 @@ impl RealNvp {
         self.decode(&self.split_latents(&z)?)
     }
 
+    /// Share of the dimensions held by the latents of the `keep` coarsest scales
+    /// (Appendix D's "kept" fraction: 1, 1/2, 1/4, … for 64×64 images; 1, 1/2 for
+    /// CIFAR-10's two scales). `keep` counts from the coarsest scale.
+    pub fn kept_fraction(&self, keep: usize) -> f64 {
+        let dims = |s: &[usize; 3]| s[0] * s[1] * s[2];
+        let kept: usize = self.z_shapes.iter().rev().take(keep).map(dims).sum();
+        kept as f64 / self.dims() as f64
+    }
+
+    /// Conceptual compression (Appendix D): the per-scale latents `zs` (as from
+    /// [`RealNvp::encode`]) with those of the `keep` coarsest scales kept and all
+    /// finer ones drawn anew from the prior at `temperature`. Decoding the result
+    /// shows what the kept share of the latents determines. Errors unless
+    /// `keep ≤` the number of scales and `zs` has one latent per scale.
+    pub fn resample_finer<R: Rng + ?Sized>(
+        &self,
+        zs: &[Tensor],
+        keep: usize,
+        temperature: f64,
+        rng: &mut R,
+    ) -> Result<Vec<Tensor>> {
+        let l = self.z_shapes.len();
+        if zs.len() != l {
+            candle_core::bail!(
+                "resample_finer needs {l} latents (one per scale), got {}",
+                zs.len()
+            );
+        }
+        if keep > l {
+            candle_core::bail!("resample_finer: keep = {keep}, but the model has {l} scales");
+        }
+        zs.iter()
+            .enumerate()
+            .map(|(k, z)| {
+                if k >= l - keep {
+                    Ok(z.clone())
+                } else {
+                    self.prior
+                        .sample(z.dims(), temperature, rng, z.dtype(), z.device())
+                }
+            })
+            .collect()
+    }
+
     /// Parameters that get the L2 penalty: all weight-norm gains and all
     /// tanh scales.
     pub fn scale_parameters(&self) -> Vec<Tensor> {

@@ -6,10 +6,9 @@
 
 use std::f64::consts::FRAC_PI_2;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use image::Rgb;
-use nvp_data::Dequantize;
 use nvp_flow::{Flow, Mode};
 
 use crate::cli::InterpolateArgs;
@@ -22,76 +21,29 @@ pub fn run(a: InterpolateArgs) -> Result<()> {
     let mut l = super::load(&a.ckpt, a.device.as_deref())?;
     let m = l.settings.model.clone();
     let d = m.dims();
-    let count = |what: &str, n: usize| -> Result<usize> {
+    let count = |what: &str, n: usize| -> Result<()> {
         match n {
-            2 | 4 => Ok(n),
+            2 | 4 => Ok(()),
             _ => bail!("{what} needs four images (the manifold) or two (the path), got {n}"),
         }
     };
     // The images (four, or two) as planar u8.
-    let pixels: Vec<u8> = match (&a.images, &a.indices) {
-        (Some(files), _) => {
-            count("--images", files.len())?;
-            let mut v = Vec::with_capacity(files.len() * d);
-            for f in files {
-                let img = nvp_data::folder::decode_rgb(f)
-                    .with_context(|| format!("cannot read image {}", f.display()))?;
-                if (img.height() as usize, img.width() as usize) != (m.height, m.width)
-                    || m.channels != 3
-                {
-                    bail!(
-                        "image {} is {}×{} but the model takes {}×{}×{} (C×H×W)",
-                        f.display(),
-                        img.width(),
-                        img.height(),
-                        m.channels,
-                        m.height,
-                        m.width
-                    );
-                }
-                nvp_data::image_set::rgb_to_planar(&img, &mut v);
-            }
-            v
-        }
-        (None, Some(idx)) => {
-            count("--indices", idx.len())?;
-            if let Some(p) = &a.data {
-                l.settings.data.path = Some(p.clone());
-            }
-            let set = crate::data::open(&l.settings, super::parse_split(&a.split)?)?;
-            let mut v = vec![0u8; idx.len() * d];
-            for (&i, out) in idx.iter().zip(v.chunks_exact_mut(d)) {
-                if i >= set.len() {
-                    bail!(
-                        "--indices: image {i} is out of range (the {} split has {} images)",
-                        a.split,
-                        set.len()
-                    );
-                }
-                set.read_into(i, 0, out)
-                    .with_context(|| format!("--indices: reading image {i}"))?;
-            }
-            v
-        }
-        (None, None) => {
-            bail!(
-                "give four images with --images A B C D, or --data DIR --indices I,J,K,L \
-                 (or two of them for the path between two images)"
-            )
-        }
+    let src = super::ImageSource {
+        images: a.images.as_deref(),
+        data: a.data.as_deref(),
+        indices: a.indices.as_deref(),
+        split: &a.split,
     };
+    let pixels = super::read_images(
+        &mut l,
+        src,
+        count,
+        "give four images with --images A B C D, or --data DIR --indices I,J,K,L \
+         (or two of them for the path between two images)",
+    )?;
     let n_img = pixels.len() / d;
     // Encode with the midpoint dequantisation (u = 0.5): deterministic.
-    let deq = Dequantize::new(l.settings.data.alpha)?;
-    let mut y = vec![0f32; n_img * d];
-    for k in 0..n_img {
-        deq.apply_with_noise(
-            &pixels[k * d..(k + 1) * d],
-            &vec![0.5; d],
-            &mut y[k * d..(k + 1) * d],
-        )?;
-    }
-    let y = Tensor::from_vec(y, (n_img, m.channels, m.height, m.width), &l.device)?;
+    let y = super::midpoint_logits(&l, &pixels)?;
     let (z, _) = l.model.forward(&y, Mode::Eval)?;
     let mut z: Vec<f32> = z.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     if n_img == 2 {

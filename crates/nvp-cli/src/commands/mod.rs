@@ -1,15 +1,17 @@
 //! One module per subcommand.
 
 mod bench;
+mod compress;
 mod eval;
 mod interpolate;
 mod sample;
 mod train;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
-use candle_core::Device;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use nvp_data::Dequantize;
 use nvp_data::Split;
 use nvp_flow::{ParamStore, RealNvp};
 
@@ -22,6 +24,7 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Sample(a) => sample::run(a),
         Command::Interpolate(a) => interpolate::run(a),
+        Command::Compress(a) => compress::run(a),
         Command::Bench(a) => bench::run(a),
     }
 }
@@ -36,8 +39,19 @@ pub(crate) struct Loaded {
 }
 
 pub(crate) fn load(ckpt: &Path, device: Option<&str>) -> Result<Loaded> {
+    load_with(ckpt, device, |_| Ok(()))
+}
+
+/// [`load`], with the saved settings changed by `edit` before the model is built
+/// (e.g. another image size: the weights do not depend on it).
+pub(crate) fn load_with(
+    ckpt: &Path,
+    device: Option<&str>,
+    edit: impl FnOnce(&mut Settings) -> Result<()>,
+) -> Result<Loaded> {
     let dir = crate::checkpoint::resolve(ckpt)?;
-    let settings = crate::checkpoint::load_settings(&dir)?;
+    let mut settings = crate::checkpoint::load_settings(&dir)?;
+    edit(&mut settings)?;
     let device = open_device(device.unwrap_or("cpu"))?;
     let (store, model) = crate::checkpoint::load_model(&dir, &settings, &device)?;
     Ok(Loaded {
@@ -46,6 +60,93 @@ pub(crate) fn load(ckpt: &Path, device: Option<&str>) -> Result<Loaded> {
         store,
         model,
     })
+}
+
+/// Where the images of `interpolate` and `compress` come from: files, or indices into
+/// a dataset split.
+pub(crate) struct ImageSource<'a> {
+    pub images: Option<&'a [PathBuf]>,
+    pub data: Option<&'a Path>,
+    pub indices: Option<&'a [usize]>,
+    pub split: &'a str,
+}
+
+/// The images of `src` as planar u8 of the model's size, one after the other. `count`
+/// checks how many were given (`--images` or `--indices` naming the flag), `missing`
+/// is the error when neither was.
+pub(crate) fn read_images(
+    l: &mut Loaded,
+    src: ImageSource<'_>,
+    count: impl Fn(&str, usize) -> Result<()>,
+    missing: &str,
+) -> Result<Vec<u8>> {
+    let m = l.settings.model.clone();
+    let d = m.dims();
+    match (src.images, src.indices) {
+        (Some(files), _) => {
+            count("--images", files.len())?;
+            let mut v = Vec::with_capacity(files.len() * d);
+            for f in files {
+                let img = nvp_data::folder::decode_rgb(f)
+                    .with_context(|| format!("cannot read image {}", f.display()))?;
+                if (img.height() as usize, img.width() as usize) != (m.height, m.width)
+                    || m.channels != 3
+                {
+                    bail!(
+                        "image {} is {}×{} but the model takes {}×{}×{} (C×H×W)",
+                        f.display(),
+                        img.width(),
+                        img.height(),
+                        m.channels,
+                        m.height,
+                        m.width
+                    );
+                }
+                nvp_data::image_set::rgb_to_planar(&img, &mut v);
+            }
+            Ok(v)
+        }
+        (None, Some(idx)) => {
+            count("--indices", idx.len())?;
+            if let Some(p) = src.data {
+                l.settings.data.path = Some(p.to_path_buf());
+            }
+            let set = crate::data::open(&l.settings, parse_split(src.split)?)?;
+            let mut v = vec![0u8; idx.len() * d];
+            for (&i, out) in idx.iter().zip(v.chunks_exact_mut(d)) {
+                if i >= set.len() {
+                    bail!(
+                        "--indices: image {i} is out of range (the {} split has {} images)",
+                        src.split,
+                        set.len()
+                    );
+                }
+                set.read_into(i, 0, out)
+                    .with_context(|| format!("--indices: reading image {i}"))?;
+            }
+            Ok(v)
+        }
+        (None, None) => bail!("{missing}"),
+    }
+}
+
+/// 8-bit images (planar, the model's size) in logit space with the midpoint
+/// dequantisation `u = 0.5`: deterministic, for encoding given images.
+pub(crate) fn midpoint_logits(l: &Loaded, pixels: &[u8]) -> Result<Tensor> {
+    let m = &l.settings.model;
+    let d = m.dims();
+    let n = pixels.len() / d;
+    let deq = Dequantize::new(l.settings.data.alpha)?;
+    let mut y = vec![0f32; n * d];
+    let half = vec![0.5; d];
+    for (px, out) in pixels.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+        deq.apply_with_noise(px, &half, out)?;
+    }
+    Ok(Tensor::from_vec(
+        y,
+        (n, m.channels, m.height, m.width),
+        &l.device,
+    )?)
 }
 
 pub(crate) fn parse_split(s: &str) -> Result<Split> {

@@ -14,14 +14,27 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if !(a.temperature.is_finite() && a.temperature >= 0.0) {
         bail!("--temperature must be a number ≥ 0, got {}", a.temperature);
     }
-    let l = super::load(&a.ckpt, a.device.as_deref())?;
+    let size = a.size.as_deref().map(parse_size).transpose()?;
+    let l = super::load_with(&a.ckpt, a.device.as_deref(), |s| {
+        if let Some((h, w)) = size {
+            // Appendix C: the same weights build the flow at another size.
+            s.model.height = h;
+            s.model.width = w;
+            s.model
+                .validate()
+                .map_err(|e| anyhow::anyhow!("--size {h}x{w}: {e}"))?;
+        }
+        Ok(())
+    })?;
     let mut rng = StdRng::seed_from_u64(a.seed);
     let m = &l.settings.model;
     let mut px = Vec::with_capacity(a.n * m.dims());
-    // Decode in chunks to bound memory.
+    // Decode in chunks of at most 256 CIFAR-10-sized images' worth of values, to
+    // bound memory (fewer images per chunk at larger sizes).
+    let per_chunk = (256 * 3 * 32 * 32 / m.dims()).clamp(1, 256);
     let mut left = a.n;
     while left > 0 {
-        let k = left.min(256);
+        let k = left.min(per_chunk);
         px.extend(engine::sample_pixels(
             &l.model,
             k,
@@ -68,4 +81,15 @@ pub fn run(a: SampleArgs) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+/// `HxW` (also `H×W`) as (height, width), both at least 1.
+fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let parsed = s
+        .split_once(['x', 'X', '×'])
+        .and_then(|(h, w)| Some((h.trim().parse().ok()?, w.trim().parse().ok()?)));
+    match parsed {
+        Some((h, w)) if h > 0 && w > 0 => Ok((h, w)),
+        _ => bail!("--size must be HxW with positive integers, e.g. 64x64; got `{s}`"),
+    }
 }
