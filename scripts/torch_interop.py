@@ -14,7 +14,7 @@ checkpoint maps tensor by tensor onto nvp's parameter names.
   export CKPT_DIR OUT.pt
       The other way: an nvp checkpoint folder (or run folder) -> a `ckpt.pt` that
       `realnvp_torch.py eval/sample --ckpt` loads (square images, `bn-variant = "batch"`,
-      `bn-affine = false`).
+      `bn-affine = false`, `classes = 0`).
 
   fixture OUT.safetensors [--peer PATH]
       The cross-framework fixture of `tests/torch_parity.rs`: a small peer model in
@@ -164,9 +164,9 @@ def cmd_export(a):
         cfg = tomllib.load(fh)
     m = cfg.get("model", {})
     if (m.get("bn-variant", "batch") != "batch" or m.get("bn-affine", False)
-            or m.get("height") != m.get("width")):
-        raise SystemExit(f"{paths[1]}: the peer builds square images with batch-statistics "
-                         "batch norm and no learned affine only")
+            or m.get("classes", 0) != 0 or m.get("height") != m.get("width")):
+        raise SystemExit(f"{paths[1]}: the peer builds unconditional models of square images "
+                         "with batch-statistics batch norm and no learned affine only")
     tr = cfg.get("train", {})
     peer_cfg = dict(num_scales=m["scales"], n_blocks=m["res-blocks"], features=m["features"],
                     in_ch=m["channels"], size=m["height"], n_checker=m["checkerboard-couplings"],

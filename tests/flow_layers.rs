@@ -77,6 +77,7 @@ fn resnet_coupling(store: &ParamStore, mask: Mask, channels: usize) -> AffineCou
     let vb = store.var_builder(DType::F64, &Device::Cpu);
     let cfg = ResNetConfig {
         channels,
+        cond_channels: 0,
         features: 6,
         blocks: 2,
         bn: BatchNormConfig::default(),

@@ -110,6 +110,10 @@ pub struct SampleArgs {
     /// Also write one PNG per sample into this folder.
     #[arg(long)]
     pub each: Option<PathBuf>,
+    /// Class of every sample, for a class-conditional model (default: the classes in
+    /// turn, sample i of class i mod classes).
+    #[arg(long)]
+    pub class: Option<u32>,
     /// Sample at another size than the model was trained at, `HxW` (e.g. `64x64` from a
     /// 32×32 model: paper App. C; the flow is fully convolutional). Both must be
     /// multiples of 2^(scales − 1).
@@ -140,6 +144,10 @@ pub struct CompressArgs {
     pub temperature: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The images' class, for a class-conditional model given --images (with
+    /// --indices, the dataset's labels are used).
+    #[arg(long)]
+    pub class: Option<u32>,
     /// Output PNG: per image, the original, then the decodings that keep 100 %, 50 %,
     /// 25 %, … of the latents (one scale fewer each time).
     #[arg(long)]

@@ -4,7 +4,7 @@
 
 use std::f64::consts::LN_2;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use nvp_data::preprocess::{bits_per_dim_batch, mean_bits_per_dim};
 use nvp_data::{Batch, Logit};
@@ -81,7 +81,10 @@ impl Trainer {
                 Ok((v, saved))
             })
             .collect::<Result<Vec<_>>>()?;
-        let log_p = self.model.log_prob(&batch.y, Mode::Train)?;
+        let cond = condition(&self.model, batch.labels.as_deref())?;
+        let log_p = self
+            .model
+            .log_prob_cond(&batch.y, cond.as_ref(), Mode::Train)?;
         let nats = log_p.mean_all()?;
         let mut loss = (nats * (-1.0 / (dims as f64 * LN_2)))?;
         if self.l2 > 0.0 {
@@ -146,7 +149,23 @@ pub enum Phase {
     Update,
 }
 
-/// Bits/dim of each image of `batches` in evaluation mode.
+/// The condition of a class-conditional model for images with `labels` (one-hot), or
+/// `None` for an unconditional model (whose labels, if any, are not used).
+pub fn condition(model: &RealNvp, labels: Option<&[u32]>) -> Result<Option<Tensor>> {
+    if !model.is_conditional() {
+        return Ok(None);
+    }
+    match labels {
+        Some(l) => Ok(Some(model.one_hot(l)?)),
+        None => bail!(
+            "the model is class-conditional (model.classes = {}) but the images have no labels",
+            model.config().classes
+        ),
+    }
+}
+
+/// Bits/dim of each image of `batches` in evaluation mode (given their labels, for a
+/// class-conditional model).
 pub fn evaluate<I>(model: &RealNvp, batches: I) -> Result<Vec<f64>>
 where
     I: IntoIterator<Item = nvp_data::Result<Batch>>,
@@ -155,8 +174,9 @@ where
     let mut out = Vec::new();
     for b in batches {
         let b = b.context("loading an evaluation batch")?;
+        let cond = condition(model, b.labels.as_deref())?;
         let lp: Vec<f64> = model
-            .log_prob(&b.y, Mode::Eval)?
+            .log_prob_cond(&b.y, cond.as_ref(), Mode::Eval)?
             .to_dtype(DType::F64)?
             .to_vec1()?;
         out.extend(bits_per_dim_batch(&lp, &b.ld_pre, dims)?);
@@ -164,15 +184,27 @@ where
     Ok(out)
 }
 
-/// `n` samples at `temperature` as planar u8 pixels.
+/// `n` samples at `temperature` as planar u8 pixels. A class-conditional model draws
+/// sample `i` of class `class` where given, else of class `i mod classes` (a grid of
+/// one column per class when it has `classes` columns).
 pub fn sample_pixels<R: Rng>(
     model: &RealNvp,
     n: usize,
     temperature: f64,
     alpha: f64,
+    class: Option<u32>,
     rng: &mut R,
 ) -> Result<Vec<u8>> {
-    let y = model.sample(n, temperature, rng)?;
+    let cond = if model.is_conditional() {
+        let k = model.config().classes as u32;
+        let labels: Vec<u32> = (0..n as u32).map(|i| class.unwrap_or(i % k)).collect();
+        Some(model.one_hot(&labels)?)
+    } else if class.is_some() {
+        bail!("the model is not class-conditional: it takes no class");
+    } else {
+        None
+    };
+    let y = model.sample_cond(n, temperature, cond.as_ref(), rng)?;
     to_pixels(&y, alpha)
 }
 
@@ -188,12 +220,12 @@ pub fn inverse_error<I>(model: &RealNvp, batches: I) -> Result<f64>
 where
     I: IntoIterator<Item = nvp_data::Result<Batch>>,
 {
-    use nvp_flow::Flow;
     let mut worst = 0f64;
     for b in batches {
         let b = b.context("loading an evaluation batch")?;
-        let (z, _) = model.forward(&b.y, Mode::Eval)?;
-        let back = model.inverse(&z)?;
+        let cond = condition(model, b.labels.as_deref())?;
+        let (z, _) = model.encode_cond(&b.y, cond.as_ref(), Mode::Eval)?;
+        let back = model.decode_cond(&z, cond.as_ref())?;
         let err = (back - &b.y)?
             .abs()?
             .flatten_all()?

@@ -268,6 +268,16 @@ fn train_resume_eval_sample_interpolate() {
         s(&grid),
     ]);
     assert!(err.contains("HxW"), "{err}");
+    let err = fails(&[
+        "sample",
+        "--ckpt",
+        s(&full),
+        "--class",
+        "1",
+        "--out",
+        s(&grid),
+    ]);
+    assert!(err.contains("not class-conditional"), "{err}");
 
     // compress (App. D): per image the original, then 100 % and 50 % of the latents
     // kept (two scales); keeping all of them gives the original back, pixel for pixel
@@ -317,6 +327,108 @@ fn train_resume_eval_sample_interpolate() {
     assert_eq!(png_size(&cp1).0, img.width(), "one row of the same width");
     let err = fails(&["compress", "--ckpt", s(&full), "--out", s(&cp1)]);
     assert!(err.contains("--images"), "{err}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// App. F: `classes = 4` under `[model]` trains a class-conditional model on the
+/// procedural images' labels; eval, its inverse check, sample (classes in turn or one
+/// class) and compress work with the labels; interpolate and a missing class are
+/// clear errors.
+#[test]
+fn class_conditional_model_trains_evaluates_samples_and_compresses() {
+    let d = tmp("cond");
+    let cfg = write(
+        &d,
+        "cond.toml",
+        &TINY.replace("features = 4\n", "features = 4\nclasses = 4\n"),
+    );
+    let run = d.join("run");
+    ok(&["train", "--config", s(&cfg), "--out", s(&run)]);
+    let saved = std::fs::read_to_string(run.join("last/config.toml")).unwrap();
+    assert!(saved.contains("classes = 4"), "{saved}");
+    let out = ok(&["eval", "--ckpt", s(&run), "--json", "--check-inverse"]);
+    let bpd = json_number(&out, "bpd");
+    assert!(bpd.is_finite() && bpd > 0.0, "{out}");
+    assert!(json_number(&out, "inverse_max_abs_error") < 1e-4, "{out}");
+    let each = d.join("each");
+    ok(&[
+        "sample",
+        "--ckpt",
+        s(&run),
+        "--n",
+        "8",
+        "--out",
+        s(&d.join("all.png")),
+    ]);
+    ok(&[
+        "sample",
+        "--ckpt",
+        s(&run),
+        "--n",
+        "2",
+        "--class",
+        "2",
+        "--out",
+        s(&d.join("two.png")),
+        "--each",
+        s(&each),
+    ]);
+    let err = fails(&[
+        "sample",
+        "--ckpt",
+        s(&run),
+        "--class",
+        "4",
+        "--out",
+        s(&d.join("x.png")),
+    ]);
+    assert!(
+        err.contains("label 4") && err.contains("4 classes"),
+        "{err}"
+    );
+    ok(&[
+        "compress",
+        "--ckpt",
+        s(&run),
+        "--indices",
+        "0,1",
+        "--out",
+        s(&d.join("c.png")),
+    ]);
+    let img = s(&each.join("sample-00000.png")).to_string();
+    let c1 = d.join("c1.png");
+    let err = fails(&[
+        "compress",
+        "--ckpt",
+        s(&run),
+        "--out",
+        s(&c1),
+        "--images",
+        &img,
+    ]);
+    assert!(err.contains("--class"), "{err}");
+    ok(&[
+        "compress",
+        "--ckpt",
+        s(&run),
+        "--class",
+        "2",
+        "--out",
+        s(&c1),
+        "--images",
+        &img,
+    ]);
+    let ip = d.join("i.png");
+    let err = fails(&[
+        "interpolate",
+        "--ckpt",
+        s(&run),
+        "--indices",
+        "0,1",
+        "--out",
+        s(&ip),
+    ]);
+    assert!(err.contains("class-conditional"), "{err}");
     std::fs::remove_dir_all(&d).ok();
 }
 

@@ -52,6 +52,10 @@ pub struct RealNvpConfig {
     /// (§3.7's "learned scale", whose log enters the log-det). Off in the presets, as
     /// in the PyTorch peer.
     pub bn_affine: bool,
+    /// Class-conditional on this many classes (App. F): every s/t network also sees
+    /// the sample's one-hot label (or any `(N, classes)` condition vector) as constant
+    /// input planes. 0: unconditional (the presets).
+    pub classes: usize,
 }
 
 impl Default for RealNvpConfig {
@@ -77,6 +81,7 @@ impl RealNvpConfig {
             bn_eps: 1e-5,
             bn_variant: BatchNormVariant::Batch,
             bn_affine: false,
+            classes: 0,
         }
     }
 

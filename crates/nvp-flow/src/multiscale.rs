@@ -6,6 +6,10 @@
 //! final scale: checkerboard couplings only. Every coupling is followed by a
 //! [`FlowBatchNorm`]. Hidden features double at each coarser scale.
 //!
+//! A class-conditional model (`classes = K > 0`, App. F) takes a condition `(N, K)`
+//! (one-hot labels: [`RealNvp::one_hot`]) in the `*_cond` methods; every coupling's
+//! s/t network sees it.
+//!
 //! Parameter names: `scale{k}.checker{i}.*`, `scale{k}.checker{i}_bn.*`,
 //! `scale{k}.channel{i}.*`, `scale{k}.channel{i}_bn.*`.
 
@@ -43,10 +47,16 @@ impl Step {
     }
 }
 
-fn run_forward(steps: &[Step], x: Tensor, ld: Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
+fn run_forward(
+    steps: &[Step],
+    x: Tensor,
+    ld: Tensor,
+    cond: Option<&Tensor>,
+    mode: Mode,
+) -> Result<(Tensor, Tensor)> {
     let (mut h, mut ld) = (x, ld);
     for s in steps {
-        let (y, l1) = s.coupling.forward(&h, mode)?;
+        let (y, l1) = s.coupling.forward_cond(&h, cond, mode)?;
         let (y, l2) = s.bn.forward(&y, mode)?;
         h = y;
         ld = ((ld + l1)? + l2)?;
@@ -54,11 +64,11 @@ fn run_forward(steps: &[Step], x: Tensor, ld: Tensor, mode: Mode) -> Result<(Ten
     Ok((h, ld))
 }
 
-fn run_inverse(steps: &[Step], y: Tensor) -> Result<Tensor> {
+fn run_inverse(steps: &[Step], y: Tensor, cond: Option<&Tensor>) -> Result<Tensor> {
     let mut h = y;
     for s in steps.iter().rev() {
         h = s.bn.inverse(&h)?;
-        h = s.coupling.inverse(&h)?;
+        h = s.coupling.inverse_cond(&h, cond)?;
     }
     Ok(h)
 }
@@ -92,6 +102,7 @@ impl RealNvp {
             let svb = vb.pp(format!("scale{k}"));
             let net = |channels| ResNetConfig {
                 channels,
+                cond_channels: cfg.classes,
                 features: f,
                 blocks: cfg.res_blocks,
                 bn: cfg.inner_bn(),
@@ -188,21 +199,73 @@ impl RealNvp {
         Ok(())
     }
 
+    /// Whether the model is class-conditional (`classes > 0`).
+    pub fn is_conditional(&self) -> bool {
+        self.cfg.classes > 0
+    }
+
+    /// The one-hot condition `(N, classes)` of `labels`, in the model's dtype and on
+    /// its device. Errors for a label out of range or an unconditional model.
+    pub fn one_hot(&self, labels: &[u32]) -> Result<Tensor> {
+        let k = self.cfg.classes;
+        if k == 0 {
+            candle_core::bail!("the model is not class-conditional: it takes no labels");
+        }
+        let mut v = vec![0f32; labels.len() * k];
+        for (i, &l) in labels.iter().enumerate() {
+            if l as usize >= k {
+                candle_core::bail!("label {l} is out of range: the model has {k} classes");
+            }
+            v[i * k + l as usize] = 1.0;
+        }
+        Tensor::from_vec(v, (labels.len(), k), &self.device)?.to_dtype(self.dtype)
+    }
+
+    /// A condition given exactly when the model is conditional, with one row per sample.
+    fn check_cond(&self, cond: Option<&Tensor>, n: usize) -> Result<()> {
+        let k = self.cfg.classes;
+        match cond {
+            None if k > 0 => candle_core::bail!(
+                "the model is class-conditional ({k} classes): it needs each sample's label"
+            ),
+            Some(_) if k == 0 => {
+                candle_core::bail!("the model is not class-conditional: it takes no labels")
+            }
+            Some(c) if c.dims() != [n, k] => candle_core::bail!(
+                "condition has shape {:?}, the model needs ({n}, {k})",
+                c.dims()
+            ),
+            _ => Ok(()),
+        }
+    }
+
     /// `x` (N, C, H, W) in logit space → latents per scale and the per-sample
     /// log-determinant of the whole flow.
     pub fn encode(&self, x: &Tensor, mode: Mode) -> Result<(Vec<Tensor>, Tensor)> {
+        self.encode_cond(x, None, mode)
+    }
+
+    /// [`RealNvp::encode`] given the condition `(N, classes)` of a class-conditional
+    /// model (`None` for an unconditional one).
+    pub fn encode_cond(
+        &self,
+        x: &Tensor,
+        cond: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<(Vec<Tensor>, Tensor)> {
         self.check_input(x)?;
+        self.check_cond(cond, x.dim(0)?)?;
         let mut zs = Vec::with_capacity(self.scales.len());
         let mut h = x.clone();
         let mut ld = zero_logdet(x)?;
         for s in &self.scales {
-            (h, ld) = run_forward(&s.checker, h, ld, mode)?;
+            (h, ld) = run_forward(&s.checker, h, ld, cond, mode)?;
             if s.last {
                 zs.push(h.clone());
                 break;
             }
             h = squeeze(&h)?;
-            (h, ld) = run_forward(&s.channel, h, ld, mode)?;
+            (h, ld) = run_forward(&s.channel, h, ld, cond, mode)?;
             let half = h.dim(1)? / 2;
             zs.push(h.narrow(1, half, half)?.contiguous()?);
             h = h.narrow(1, 0, half)?.contiguous()?;
@@ -212,6 +275,11 @@ impl RealNvp {
 
     /// Latents per scale → `x` in logit space (evaluation mode).
     pub fn decode(&self, zs: &[Tensor]) -> Result<Tensor> {
+        self.decode_cond(zs, None)
+    }
+
+    /// [`RealNvp::decode`] given the condition of a class-conditional model.
+    pub fn decode_cond(&self, zs: &[Tensor], cond: Option<&Tensor>) -> Result<Tensor> {
         if zs.len() != self.scales.len() {
             candle_core::bail!(
                 "decode needs {} latents (one per scale), got {}",
@@ -230,14 +298,15 @@ impl RealNvp {
                 );
             }
         }
+        self.check_cond(cond, zs[0].dim(0)?)?;
         let mut h = zs[zs.len() - 1].clone();
         for (k, s) in self.scales.iter().enumerate().rev() {
             if !s.last {
                 h = Tensor::cat(&[&h, &zs[k]], 1)?;
-                h = run_inverse(&s.channel, h)?;
+                h = run_inverse(&s.channel, h, cond)?;
                 h = unsqueeze(&h)?;
             }
-            h = run_inverse(&s.checker, h)?;
+            h = run_inverse(&s.checker, h, cond)?;
         }
         Ok(h)
     }
@@ -273,7 +342,12 @@ impl RealNvp {
     /// latents plus the flow's log-determinant (add the preprocessing log-det
     /// for the density of the 8-bit data).
     pub fn log_prob(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let (zs, ld) = self.encode(x, mode)?;
+        self.log_prob_cond(x, None, mode)
+    }
+
+    /// `log p(x | cond)` per sample: [`RealNvp::log_prob`] of a class-conditional model.
+    pub fn log_prob_cond(&self, x: &Tensor, cond: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
+        let (zs, ld) = self.encode_cond(x, cond, mode)?;
         let lp = zs
             .iter()
             .map(|z| self.prior.log_prob(z))
@@ -288,6 +362,19 @@ impl RealNvp {
         temperature: f64,
         rng: &mut R,
     ) -> Result<Tensor> {
+        self.sample_cond(n, temperature, None, rng)
+    }
+
+    /// [`RealNvp::sample`] of a class-conditional model: sample `i` given row `i` of
+    /// `cond` (`(n, classes)`).
+    pub fn sample_cond<R: Rng + ?Sized>(
+        &self,
+        n: usize,
+        temperature: f64,
+        cond: Option<&Tensor>,
+        rng: &mut R,
+    ) -> Result<Tensor> {
+        self.check_cond(cond, n)?;
         let z = self.prior.sample(
             &[n, self.dims()],
             temperature,
@@ -295,7 +382,7 @@ impl RealNvp {
             self.dtype,
             &self.device,
         )?;
-        self.decode(&self.split_latents(&z)?)
+        self.decode_cond(&self.split_latents(&z)?, cond)
     }
 
     /// Share of the dimensions held by the latents of the `keep` coarsest scales

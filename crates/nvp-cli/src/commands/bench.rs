@@ -78,11 +78,13 @@ fn make_batch(
     for i in 0..n {
         ld.push(deq.apply(&px[i * d..(i + 1) * d], rng, &mut y[i * d..(i + 1) * d])?);
     }
+    // A class-conditional model gets the classes in turn.
+    let labels = (m.classes > 0).then(|| (0..n).map(|i| (i % m.classes) as u32).collect());
     Ok(Batch {
         epoch: 0,
         index: 0,
         pixels: px,
-        labels: None,
+        labels,
         y: Tensor::from_vec(y, (n, m.channels, m.height, m.width), device)?,
         ld_pre: ld,
         indices: (0..n).collect(),
@@ -165,9 +167,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for i in 0..if a.eval_reps > 0 { a.eval_reps + 1 } else { 0 } {
         let t0 = Instant::now();
         let b = make_batch(&px, a.eval_batch, &s, false, &mut rng, &device)?;
+        let cond = engine::condition(&trainer.frozen, b.labels.as_deref())?;
         let lp = trainer
             .frozen
-            .log_prob(&b.y, Mode::Eval)?
+            .log_prob_cond(&b.y, cond.as_ref(), Mode::Eval)?
             .to_vec1::<f32>()?;
         let lp: Vec<f64> = lp.into_iter().map(f64::from).collect();
         let bpd = nvp_data::preprocess::mean_bits_per_dim(&lp, &b.ld_pre, d)?;
@@ -186,7 +189,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         0
     } {
         let t0 = Instant::now();
-        let px = engine::sample_pixels(&trainer.frozen, a.sample_n, 1.0, s.data.alpha, &mut rng)?;
+        let px = engine::sample_pixels(
+            &trainer.frozen,
+            a.sample_n,
+            1.0,
+            s.data.alpha,
+            None,
+            &mut rng,
+        )?;
         std::hint::black_box(px);
         if i > 0 {
             times.push(t0.elapsed().as_secs_f64());

@@ -24,7 +24,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
         indices: a.indices.as_deref(),
         split: &a.split,
     };
-    let pixels = super::read_images(
+    let images = super::read_images(
         &mut l,
         src,
         |what, n| match n {
@@ -33,19 +33,35 @@ pub fn run(a: CompressArgs) -> Result<()> {
         },
         "give the images with --images A [B …], or --data DIR --indices I[,J…]",
     )?;
+    let pixels = images.pixels;
     let d = m.dims();
     let n_img = pixels.len() / d;
     let scales = l.model.latent_shapes().len();
+    // A class-conditional model encodes and decodes each image with its label: the
+    // dataset's (--indices), else --class for all.
+    let labels: Option<Vec<u32>> = match (l.model.is_conditional(), images.labels, a.class) {
+        (false, _, Some(_)) => bail!("--class: the model is not class-conditional"),
+        (false, _, None) => None,
+        (true, _, Some(c)) => Some(vec![c; n_img]),
+        (true, Some(ls), None) => Some(ls),
+        (true, None, None) => bail!(
+            "the model is class-conditional (model.classes = {}): give the images' class \
+             with --class, or take labelled images with --data/--indices",
+            m.classes
+        ),
+    };
     let mut rng = StdRng::seed_from_u64(a.seed);
     let mut px = Vec::with_capacity(n_img * (scales + 1) * d);
-    for img in pixels.chunks_exact(d) {
+    for (i, img) in pixels.chunks_exact(d).enumerate() {
         let y = super::midpoint_logits(&l, img)?;
-        let (zs, _) = l.model.encode(&y, Mode::Eval)?;
+        let label = labels.as_ref().map(|ls| &ls[i..=i]);
+        let cond = engine::condition(&l.model, label)?;
+        let (zs, _) = l.model.encode_cond(&y, cond.as_ref(), Mode::Eval)?;
         px.extend_from_slice(img);
         for keep in (1..=scales).rev() {
             let z = l.model.resample_finer(&zs, keep, a.temperature, &mut rng)?;
             px.extend(engine::to_pixels(
-                &l.model.decode(&z)?,
+                &l.model.decode_cond(&z, cond.as_ref())?,
                 l.settings.data.alpha,
             )?);
         }

@@ -19,6 +19,15 @@ pub fn run(a: InterpolateArgs) -> Result<()> {
         bail!("--steps must be at least 2");
     }
     let mut l = super::load(&a.ckpt, a.device.as_deref())?;
+    if l.model.is_conditional() {
+        // Each image's latents are relative to its own label: no one label decodes a
+        // mixture of them.
+        bail!(
+            "interpolate needs an unconditional model; this one is class-conditional \
+             (model.classes = {})",
+            l.settings.model.classes
+        );
+    }
     let m = l.settings.model.clone();
     let d = m.dims();
     let count = |what: &str, n: usize| -> Result<()> {
@@ -40,7 +49,8 @@ pub fn run(a: InterpolateArgs) -> Result<()> {
         count,
         "give four images with --images A B C D, or --data DIR --indices I,J,K,L \
          (or two of them for the path between two images)",
-    )?;
+    )?
+    .pixels;
     let n_img = pixels.len() / d;
     // Encode with the midpoint dequantisation (u = 0.5): deterministic.
     let y = super::midpoint_logits(&l, &pixels)?;

@@ -71,15 +71,21 @@ pub(crate) struct ImageSource<'a> {
     pub split: &'a str,
 }
 
-/// The images of `src` as planar u8 of the model's size, one after the other. `count`
-/// checks how many were given (`--images` or `--indices` naming the flag), `missing`
-/// is the error when neither was.
+/// Images read by [`read_images`]: planar u8 of the model's size, one after the other,
+/// and their labels where the dataset has them (none for image files).
+pub(crate) struct Images {
+    pub pixels: Vec<u8>,
+    pub labels: Option<Vec<u32>>,
+}
+
+/// The images of `src`. `count` checks how many were given (`--images` or `--indices`
+/// naming the flag), `missing` is the error when neither was.
 pub(crate) fn read_images(
     l: &mut Loaded,
     src: ImageSource<'_>,
     count: impl Fn(&str, usize) -> Result<()>,
     missing: &str,
-) -> Result<Vec<u8>> {
+) -> Result<Images> {
     let m = l.settings.model.clone();
     let d = m.dims();
     match (src.images, src.indices) {
@@ -104,7 +110,10 @@ pub(crate) fn read_images(
                 }
                 nvp_data::image_set::rgb_to_planar(&img, &mut v);
             }
-            Ok(v)
+            Ok(Images {
+                pixels: v,
+                labels: None,
+            })
         }
         (None, Some(idx)) => {
             count("--indices", idx.len())?;
@@ -113,6 +122,7 @@ pub(crate) fn read_images(
             }
             let set = crate::data::open(&l.settings, parse_split(src.split)?)?;
             let mut v = vec![0u8; idx.len() * d];
+            let mut labels = Vec::with_capacity(idx.len());
             for (&i, out) in idx.iter().zip(v.chunks_exact_mut(d)) {
                 if i >= set.len() {
                     bail!(
@@ -121,10 +131,16 @@ pub(crate) fn read_images(
                         set.len()
                     );
                 }
-                set.read_into(i, 0, out)
+                let label = set
+                    .read_into(i, 0, out)
                     .with_context(|| format!("--indices: reading image {i}"))?;
+                labels.extend(label);
             }
-            Ok(v)
+            let labelled = labels.len() == idx.len();
+            Ok(Images {
+                pixels: v,
+                labels: labelled.then_some(labels),
+            })
         }
         (None, None) => bail!("{missing}"),
     }

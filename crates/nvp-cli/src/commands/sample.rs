@@ -40,6 +40,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
             k,
             a.temperature,
             l.settings.data.alpha,
+            a.class,
             &mut rng,
         )?);
         left -= k;

@@ -284,6 +284,7 @@ fn periodic(
             n,
             s.train.temperature,
             s.data.alpha,
+            None,
             &mut rng,
         )?;
         let m = &s.model;

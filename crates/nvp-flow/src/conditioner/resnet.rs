@@ -15,6 +15,9 @@ use crate::nn::{BatchNorm, BatchNormConfig, WnConv2d, WnConvConfig};
 pub struct ResNetConfig {
     /// Input channels `C`; the output has `2C`.
     pub channels: usize,
+    /// Extra input channels after the `C` (a class-conditional coupling's label
+    /// planes); the output still has `2C`.
+    pub cond_channels: usize,
     /// Hidden feature maps `F`.
     pub features: usize,
     /// Residual blocks.
@@ -26,6 +29,7 @@ impl Default for ResNetConfig {
     fn default() -> Self {
         Self {
             channels: 3,
+            cond_channels: 0,
             features: 64,
             blocks: 8,
             bn: BatchNormConfig::default(),
@@ -72,7 +76,7 @@ impl ResNet {
     pub fn new(cfg: ResNetConfig, vb: VarBuilder) -> Result<Self> {
         let f = cfg.features;
         let inp = WnConv2d::new(
-            cfg.channels,
+            cfg.channels + cfg.cond_channels,
             f,
             WnConvConfig { zero_init: false },
             vb.pp("inp"),
