@@ -208,6 +208,15 @@ pub fn sample_pixels<R: Rng>(
     to_pixels(&y, alpha)
 }
 
+/// Columns of a grid of `n` samples: one per class for a class-conditional model whose
+/// samples take the classes in turn (`class` not given), else about √n.
+pub fn sample_grid_cols(model: &RealNvp, n: usize, class: Option<u32>) -> usize {
+    match (model.config().classes, class) {
+        (k, None) if k > 0 => k.min(n),
+        _ => (n as f64).sqrt().ceil() as usize,
+    }
+}
+
 /// Logit-space images to planar u8 pixels (sigmoid, undo the affine map,
 /// ×256, floor, clamp).
 pub fn to_pixels(y: &Tensor, alpha: f64) -> Result<Vec<u8>> {

@@ -360,6 +360,12 @@ fn class_conditional_model_trains_evaluates_samples_and_compresses() {
         "--out",
         s(&d.join("all.png")),
     ]);
+    let (w, h) = png_size(&d.join("all.png"));
+    assert_eq!(
+        (w - 2) / (h - 2),
+        2,
+        "8 samples in 4 columns (one per class), 2 rows"
+    );
     ok(&[
         "sample",
         "--ckpt",

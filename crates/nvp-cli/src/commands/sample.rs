@@ -45,7 +45,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         )?);
         left -= k;
     }
-    let cols = (a.n as f64).sqrt().ceil() as usize;
+    let cols = engine::sample_grid_cols(&l.model, a.n, a.class);
     let img = report::grid(
         &px,
         a.n,

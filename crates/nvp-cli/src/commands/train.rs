@@ -288,7 +288,7 @@ fn periodic(
             &mut rng,
         )?;
         let m = &s.model;
-        let cols = (n as f64).sqrt().ceil() as usize;
+        let cols = engine::sample_grid_cols(&trainer.frozen, n, None);
         let img = report::grid(
             &px,
             n,
