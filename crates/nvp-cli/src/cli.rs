@@ -20,10 +20,11 @@ pub enum Command {
     Eval(EvalArgs),
     /// Draw samples from a checkpoint into a PNG grid.
     Sample(SampleArgs),
-    /// Decode the latent manifold spanned by four images (paper eq. 19).
+    /// Decode the latent manifold spanned by four images (paper eq. 19), or the path
+    /// between two.
     Interpolate(InterpolateArgs),
     /// Conceptual compression (paper App. D): keep the coarsest scales' latents of
-    /// images, draw the rest from the prior, decode.
+    /// images, draw the rest from the prior, decode; one row per image.
     Compress(CompressArgs),
     /// Training, evaluation and sampling throughput and peak memory of a config's model.
     Bench(BenchArgs),
@@ -123,11 +124,10 @@ pub struct SampleArgs {
     pub device: Option<String>,
 }
 
+/// The images `interpolate` and `compress` encode: files, or indices into a dataset.
 #[derive(Debug, Args)]
-pub struct CompressArgs {
-    #[arg(long)]
-    pub ckpt: PathBuf,
-    /// Image files (PNG/JPEG) of the model's size, one row of the output each.
+pub struct ImageArgs {
+    /// Image files (PNG/JPEG) of the model's size.
     #[arg(long, num_args = 1.., conflicts_with_all = ["data", "indices"])]
     pub images: Option<Vec<PathBuf>>,
     /// Dataset folder to take the images from (with --indices).
@@ -139,6 +139,14 @@ pub struct CompressArgs {
     /// Split the indices refer to.
     #[arg(long, default_value = "test")]
     pub split: String,
+}
+
+#[derive(Debug, Args)]
+pub struct CompressArgs {
+    #[arg(long)]
+    pub ckpt: PathBuf,
+    #[command(flatten)]
+    pub src: ImageArgs,
     /// Temperature of the prior the discarded latents are drawn from.
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
@@ -160,19 +168,8 @@ pub struct CompressArgs {
 pub struct InterpolateArgs {
     #[arg(long)]
     pub ckpt: PathBuf,
-    /// Four image files (PNG/JPEG) of the model's size: the manifold's corners; or two:
-    /// the path `cos φ z₁ + sin φ z₂` between them (the grid's first row).
-    #[arg(long, num_args = 2..=4, conflicts_with_all = ["data", "indices"])]
-    pub images: Option<Vec<PathBuf>>,
-    /// Dataset folder to take the images from (with --indices).
-    #[arg(long, requires = "indices")]
-    pub data: Option<PathBuf>,
-    /// Four (or two) comma-separated image indices into --split of the dataset.
-    #[arg(long, value_delimiter = ',', num_args = 1)]
-    pub indices: Option<Vec<usize>>,
-    /// Split the indices refer to.
-    #[arg(long, default_value = "test")]
-    pub split: String,
+    #[command(flatten)]
+    pub src: ImageArgs,
     /// Grid side: steps × steps images (one row of steps with two images).
     #[arg(long, default_value_t = 8)]
     pub steps: usize,

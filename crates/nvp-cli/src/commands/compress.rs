@@ -18,15 +18,9 @@ pub fn run(a: CompressArgs) -> Result<()> {
     }
     let mut l = super::load(&a.ckpt, a.device.as_deref())?;
     let m = l.settings.model.clone();
-    let src = super::ImageSource {
-        images: a.images.as_deref(),
-        data: a.data.as_deref(),
-        indices: a.indices.as_deref(),
-        split: &a.split,
-    };
     let images = super::read_images(
         &mut l,
-        src,
+        &a.src,
         |what, n| match n {
             0 => bail!("{what} needs at least one image"),
             _ => Ok(()),

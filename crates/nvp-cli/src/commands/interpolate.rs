@@ -37,15 +37,9 @@ pub fn run(a: InterpolateArgs) -> Result<()> {
         }
     };
     // The images (four, or two) as planar u8.
-    let src = super::ImageSource {
-        images: a.images.as_deref(),
-        data: a.data.as_deref(),
-        indices: a.indices.as_deref(),
-        split: &a.split,
-    };
     let pixels = super::read_images(
         &mut l,
-        src,
+        &a.src,
         count,
         "give four images with --images A B C D, or --data DIR --indices I,J,K,L \
          (or two of them for the path between two images)",

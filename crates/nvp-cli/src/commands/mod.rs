@@ -7,7 +7,7 @@ mod interpolate;
 mod sample;
 mod train;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -15,7 +15,7 @@ use nvp_data::Dequantize;
 use nvp_data::Split;
 use nvp_flow::{ParamStore, RealNvp};
 
-use crate::cli::Command;
+use crate::cli::{Command, ImageArgs};
 use crate::settings::{open_device, Settings};
 
 pub fn run(cmd: Command) -> Result<()> {
@@ -62,15 +62,6 @@ pub(crate) fn load_with(
     })
 }
 
-/// Where the images of `interpolate` and `compress` come from: files, or indices into
-/// a dataset split.
-pub(crate) struct ImageSource<'a> {
-    pub images: Option<&'a [PathBuf]>,
-    pub data: Option<&'a Path>,
-    pub indices: Option<&'a [usize]>,
-    pub split: &'a str,
-}
-
 /// Images read by [`read_images`]: planar u8 of the model's size, one after the other,
 /// and their labels where the dataset has them (none for image files).
 pub(crate) struct Images {
@@ -82,13 +73,13 @@ pub(crate) struct Images {
 /// naming the flag), `missing` is the error when neither was.
 pub(crate) fn read_images(
     l: &mut Loaded,
-    src: ImageSource<'_>,
+    src: &ImageArgs,
     count: impl Fn(&str, usize) -> Result<()>,
     missing: &str,
 ) -> Result<Images> {
     let m = l.settings.model.clone();
     let d = m.dims();
-    match (src.images, src.indices) {
+    match (&src.images, &src.indices) {
         (Some(files), _) => {
             count("--images", files.len())?;
             let mut v = Vec::with_capacity(files.len() * d);
@@ -117,10 +108,10 @@ pub(crate) fn read_images(
         }
         (None, Some(idx)) => {
             count("--indices", idx.len())?;
-            if let Some(p) = src.data {
-                l.settings.data.path = Some(p.to_path_buf());
+            if let Some(p) = &src.data {
+                l.settings.data.path = Some(p.clone());
             }
-            let set = crate::data::open(&l.settings, parse_split(src.split)?)?;
+            let set = crate::data::open(&l.settings, parse_split(&src.split)?)?;
             let mut v = vec![0u8; idx.len() * d];
             let mut labels = Vec::with_capacity(idx.len());
             for (&i, out) in idx.iter().zip(v.chunks_exact_mut(d)) {
