@@ -272,6 +272,30 @@ impl Settings {
                 bail!("data.train-size and data.test-size must be at least 1");
             }
         }
+        // A class-conditional model needs labels, all of them below model.classes.
+        let k = self.model.classes;
+        if k > 0 {
+            let needs = |name: &str, n: usize| -> Result<()> {
+                if k < n {
+                    bail!(
+                        "model.classes = {k}, but {name} has {n} classes: set model.classes = {n}"
+                    );
+                }
+                Ok(())
+            };
+            match d.dataset {
+                DatasetKind::Cifar10 => needs("CIFAR-10", 10)?,
+                DatasetKind::Imagenet => needs("ImageNet", 1000)?,
+                DatasetKind::Procedural => {
+                    needs("the procedural dataset (data.classes)", d.classes)?
+                }
+                DatasetKind::Folder if !d.class_subfolders => bail!(
+                    "model.classes = {k} needs labelled images: set data.class-subfolders = true \
+                     (one sub-folder per class)"
+                ),
+                DatasetKind::Folder => {}
+            }
+        }
         Ok(())
     }
 

@@ -435,6 +435,17 @@ fn class_conditional_model_trains_evaluates_samples_and_compresses() {
         s(&ip),
     ]);
     assert!(err.contains("class-conditional"), "{err}");
+    // labels the model cannot take are refused before training, naming the keys
+    let bad = write(
+        &d,
+        "bad.toml",
+        &TINY.replace("features = 4\n", "features = 4\nclasses = 2\n"),
+    );
+    let err = fails(&["train", "--config", s(&bad), "--out", s(&d.join("bad"))]);
+    assert!(
+        err.contains("model.classes = 2") && err.contains("data.classes"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&d).ok();
 }
 
