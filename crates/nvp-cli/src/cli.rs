@@ -91,6 +91,12 @@ pub struct EvalArgs {
     /// (logit space) over the evaluated images.
     #[arg(long)]
     pub check_inverse: bool,
+    /// Class-conditional models: also score every image under every class, and report
+    /// the bits/dim of the marginal p(x) = Σ_y p(x | y) / classes (uniform prior over
+    /// the classes; exact) and the accuracy of the Bayes classifier argmax_y p(x | y).
+    /// Costs `classes` evaluations.
+    #[arg(long)]
+    pub classify: bool,
 }
 
 #[derive(Debug, Args)]

@@ -278,6 +278,11 @@ fn train_resume_eval_sample_interpolate() {
         s(&grid),
     ]);
     assert!(err.contains("not class-conditional"), "{err}");
+    let err = fails(&["eval", "--ckpt", s(&full), "--classify"]);
+    assert!(
+        err.contains("--classify") && err.contains("class-conditional"),
+        "{err}"
+    );
 
     // compress (App. D): per image the original, then 100 % and 50 % of the latents
     // kept (two scales); keeping all of them gives the original back, pixel for pixel
@@ -350,6 +355,16 @@ fn class_conditional_model_trains_evaluates_samples_and_compresses() {
     let bpd = json_number(&out, "bpd");
     assert!(bpd.is_finite() && bpd > 0.0, "{out}");
     assert!(json_number(&out, "inverse_max_abs_error") < 1e-4, "{out}");
+    // --classify: p(x) = Σ_y p(x|y)/4 ≥ p(x|label)/4, so its bits/dim are at most the
+    // conditional ones plus log2(4)/D (D = 3·8·8); accuracy is a fraction
+    let out = ok(&["eval", "--ckpt", s(&run), "--json", "--classify"]);
+    let (cond, marg) = (json_number(&out, "bpd"), json_number(&out, "marginal_bpd"));
+    assert!(
+        marg.is_finite() && marg <= cond + 2.0 / 192.0 + 1e-9,
+        "{out}"
+    );
+    let acc = json_number(&out, "accuracy");
+    assert!((0.0..=1.0).contains(&acc), "{out}");
     let each = d.join("each");
     ok(&[
         "sample",

@@ -34,19 +34,45 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let t0 = Instant::now();
     let bpd = engine::evaluate(&l.model, loader.eval_batches()?)?;
     let secs = t0.elapsed().as_secs_f64();
+    let classified = if a.classify {
+        Some(engine::evaluate_classified(
+            &l.model,
+            loader.eval_batches()?,
+        )?)
+    } else {
+        None
+    };
     let (mean, se) = nvp_flow::bits::mean_and_stderr(&bpd);
     let inv = if a.check_inverse {
         Some(engine::inverse_error(&l.model, loader.eval_batches()?)?)
     } else {
         None
     };
+    let num = |v: f64| {
+        if v.is_finite() {
+            v.to_string()
+        } else {
+            "null".into()
+        }
+    };
+    // (marginal bits/dim, its standard error, accuracy) of --classify
+    let cls = classified.as_ref().map(|c| {
+        let (m, mse) = nvp_flow::bits::mean_and_stderr(&c.marginal);
+        (m, mse, c.correct as f64 / n as f64)
+    });
     if a.json {
         println!(
-            "{{\"split\":\"{}\",\"images\":{n},\"bpd\":{mean},\"stderr\":{},\"seconds\":{secs:.3},\"img_per_s\":{:.3}{}}}",
+            "{{\"split\":\"{}\",\"images\":{n},\"bpd\":{mean},\"stderr\":{},\"seconds\":{secs:.3},\"img_per_s\":{:.3}{}{}}}",
             a.split,
-            if se.is_finite() { se.to_string() } else { "null".into() },
+            num(se),
             n as f64 / secs,
-            inv.map(|e| format!(",\"inverse_max_abs_error\":{e:e}")).unwrap_or_default()
+            inv.map(|e| format!(",\"inverse_max_abs_error\":{e:e}")).unwrap_or_default(),
+            cls.map(|(m, mse, acc)| format!(
+                ",\"marginal_bpd\":{},\"marginal_stderr\":{},\"accuracy\":{acc}",
+                num(m),
+                num(mse)
+            ))
+            .unwrap_or_default()
         );
     } else {
         println!(
@@ -56,6 +82,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
         );
         if let Some(e) = inv {
             println!("inverse: max |f⁻¹(f(y)) − y| = {e:.3e} (logit space)");
+        }
+        if let Some((m, mse, acc)) = cls {
+            println!(
+                "marginal p(x) = Σ_y p(x | y) / {}: {m:.5} ± {mse:.5} bits/dim; \
+                 classification by argmax_y p(x | y): {:.2} % correct",
+                l.settings.model.classes,
+                100.0 * acc
+            );
         }
     }
     Ok(())
