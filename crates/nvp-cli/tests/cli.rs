@@ -272,6 +272,16 @@ fn train_resume_eval_sample_interpolate() {
         "sample",
         "--ckpt",
         s(&full),
+        "--size",
+        "65536x8",
+        "--out",
+        s(&grid),
+    ]);
+    assert!(err.contains("between 1 and 4096"), "{err}");
+    let err = fails(&[
+        "sample",
+        "--ckpt",
+        s(&full),
         "--class",
         "1",
         "--out",

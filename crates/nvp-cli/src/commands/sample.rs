@@ -84,13 +84,18 @@ pub fn run(a: SampleArgs) -> Result<()> {
     Ok(())
 }
 
-/// `HxW` (also `H×W`) as (height, width), both at least 1.
+/// The largest side `--size` takes: one 4096×4096 image already needs several GB per
+/// feature map of a 32-feature network; larger requests would fail on memory, not here.
+const MAX_SIDE: usize = 4096;
+
+/// `HxW` (also `H×W`) as (height, width), both in `1..=MAX_SIDE`.
 fn parse_size(s: &str) -> Result<(usize, usize)> {
     let parsed = s
         .split_once(['x', 'X', '×'])
         .and_then(|(h, w)| Some((h.trim().parse().ok()?, w.trim().parse().ok()?)));
     match parsed {
-        Some((h, w)) if h > 0 && w > 0 => Ok((h, w)),
-        _ => bail!("--size must be HxW with positive integers, e.g. 64x64; got `{s}`"),
+        Some((h, w)) if (1..=MAX_SIDE).contains(&h) && (1..=MAX_SIDE).contains(&w) => Ok((h, w)),
+        Some(_) => bail!("--size {s}: each side must be between 1 and {MAX_SIDE}"),
+        None => bail!("--size must be HxW with positive integers, e.g. 64x64; got `{s}`"),
     }
 }
