@@ -94,7 +94,7 @@ pub struct EvalArgs {
     /// Class-conditional models: also score every image under every class, and report
     /// the bits/dim of the marginal p(x) = Σ_y p(x | y) / classes (uniform prior over
     /// the classes; exact) and the accuracy of the Bayes classifier argmax_y p(x | y).
-    /// Costs `classes` evaluations.
+    /// Costs `classes` evaluations (the img/s reported then covers all of them).
     #[arg(long)]
     pub classify: bool,
 }

@@ -374,7 +374,7 @@ impl RealNvp {
         cond: Option<&Tensor>,
         rng: &mut R,
     ) -> Result<Tensor> {
-        self.check_cond(cond, n)?;
+        // (decode_cond checks the condition against the n latents)
         let z = self.prior.sample(
             &[n, self.dims()],
             temperature,

@@ -32,16 +32,15 @@ pub fn run(a: EvalArgs) -> Result<()> {
     cfg.device = l.device.clone();
     let loader = Loader::from_source(set, cfg)?;
     let t0 = Instant::now();
-    let bpd = engine::evaluate(&l.model, loader.eval_batches()?)?;
-    let secs = t0.elapsed().as_secs_f64();
-    let classified = if a.classify {
-        Some(engine::evaluate_classified(
-            &l.model,
-            loader.eval_batches()?,
-        )?)
+    // --classify scores the images under every class, their own included: those scores
+    // are the evaluation's bits/dim, not computed a second time.
+    let (bpd, classified) = if a.classify {
+        let mut c = engine::evaluate_classified(&l.model, loader.eval_batches()?)?;
+        (std::mem::take(&mut c.conditional), Some(c))
     } else {
-        None
+        (engine::evaluate(&l.model, loader.eval_batches()?)?, None)
     };
+    let secs = t0.elapsed().as_secs_f64();
     let (mean, se) = nvp_flow::bits::mean_and_stderr(&bpd);
     let inv = if a.check_inverse {
         Some(engine::inverse_error(&l.model, loader.eval_batches()?)?)
