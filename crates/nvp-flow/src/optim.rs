@@ -40,15 +40,20 @@ struct Slot {
 /// How [`Adam::step`] runs its arithmetic; the results are the same to the bit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum UpdateMode {
-    /// [`UpdateMode::Flat`] off the CPU, [`UpdateMode::PerVariable`] on it.
+    /// [`UpdateMode::Fused`] on the CPU (f32/f64, unless the fast CPU kernels are
+    /// switched off: then [`UpdateMode::PerVariable`]), [`UpdateMode::Flat`] off it.
     #[default]
     Auto,
+    /// In place, one pass over each variable with its moments
+    /// (`nvp_kernels::adam_update`, f32/f64 on the CPU; elsewhere as
+    /// [`UpdateMode::PerVariable`]).
+    Fused,
     /// When every variable has a gradient: the gradients concatenated, the moment
     /// and step arithmetic as a dozen ops on the whole vector, then each variable
     /// takes its slice of the step — on a GPU a few kernel launches per variable
     /// instead of fifteen.
     Flat,
-    /// Variable by variable (on the CPU each variable's arithmetic stays in cache).
+    /// Variable by variable, as candle ops (the reference the others are tested against).
     PerVariable,
 }
 
@@ -124,15 +129,29 @@ impl Adam {
     /// one transfer (on a GPU: one synchronisation per step, not one per parameter
     /// tensor); they are added on the host in slot order, in f64.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let parts = self
+        let gs: Vec<&Tensor> = self
             .slots
             .iter()
             .filter_map(|s| grads.get(s.var.as_tensor()))
-            .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
-            .collect::<Result<Vec<_>>>()?;
-        if parts.is_empty() {
+            .collect();
+        if gs.is_empty() {
             return Ok(0.0);
         }
+        if gs.iter().all(|g| g.device().is_cpu()) {
+            // One pass per tensor, in f64 from the first element.
+            let mut sum = 0f64;
+            for g in gs {
+                sum += match nvp_kernels::sum_squares_f64(g) {
+                    Some(s) => s,
+                    None => g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar()?,
+                };
+            }
+            return Ok(sum.sqrt());
+        }
+        let parts = gs
+            .into_iter()
+            .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+            .collect::<Result<Vec<_>>>()?;
         let parts: Vec<f64> = Tensor::stack(&parts, 0)?.to_vec1()?;
         Ok(parts.iter().fold(0f64, |acc, p| acc + p).sqrt())
     }
@@ -147,12 +166,19 @@ impl Adam {
             .iter()
             .map(|s| grads.get(s.var.as_tensor()))
             .collect();
-        let flat = match self.mode {
-            UpdateMode::Flat => true,
-            UpdateMode::PerVariable => false,
-            UpdateMode::Auto => !self.m.device().is_cpu(),
+        let fused_applies = nvp_kernels::adam_update_applies(self.m.dtype(), self.m.device());
+        let (fused, flat) = match self.mode {
+            UpdateMode::Fused => (fused_applies, false),
+            UpdateMode::Flat => (false, true),
+            UpdateMode::PerVariable => (false, false),
+            UpdateMode::Auto => (
+                fused_applies && nvp_kernels::fast_cpu_enabled(),
+                !self.m.device().is_cpu(),
+            ),
         };
-        if flat && gs.iter().all(Option::is_some) {
+        if fused {
+            self.step_fused(&gs, clip_scale)
+        } else if flat && gs.iter().all(Option::is_some) {
             self.step_flat(&gs.into_iter().flatten().collect::<Vec<_>>(), clip_scale)
         } else {
             self.step_each(&gs, clip_scale)
@@ -199,6 +225,38 @@ impl Adam {
             s.var.set(&(s.var.as_tensor() - u)?)?;
         }
         Ok(())
+    }
+
+    /// The update in place, one pass per variable, skipping those without a gradient.
+    fn step_fused(&mut self, gs: &[Option<&Tensor>], clip_scale: f64) -> Result<()> {
+        let c = &self.cfg;
+        let t = self.step as i32;
+        let scalars = nvp_kernels::AdamScalars {
+            lr: c.lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            bias1: 1.0 - c.beta1.powi(t),
+            bias2: 1.0 - c.beta2.powi(t),
+            clip_scale,
+        };
+        let grads = gs
+            .iter()
+            .map(|g| g.map(Tensor::contiguous).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        let params: Vec<nvp_kernels::AdamParam<'_>> = self
+            .slots
+            .iter()
+            .zip(&grads)
+            .filter_map(|(s, g)| {
+                g.as_ref().map(|grad| nvp_kernels::AdamParam {
+                    param: s.var.as_tensor(),
+                    grad,
+                    offset: s.offset,
+                })
+            })
+            .collect();
+        nvp_kernels::adam_update(self.m.as_tensor(), self.v.as_tensor(), &params, &scalars)
     }
 
     /// The update variable by variable, skipping those without a gradient.

@@ -33,6 +33,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
+mod adam;
 mod bn;
 mod conv;
 mod coupling;
@@ -43,6 +44,7 @@ mod resnet;
 mod util;
 mod winograd;
 
+pub use adam::{adam_update, adam_update_applies, sum_squares_f64, AdamParam, AdamScalars};
 pub use bn::{
     batch_norm, batch_norm_blended, batch_norm_inverse, batch_norm_reference,
     batch_norm_uses_fast_path, BatchNormAffine, BatchNormOutput, BatchNormPlain, BatchVar,
