@@ -211,6 +211,10 @@ fn winograd_partial_tiles_and_small_blocks() {
     check_case(3, 5, 7, 13, 22, 19);
     check_case(4, 6, 6, 16, 16, 20);
     check_case(2, 8, 13, 8, 8, 21);
+    // At least 128 channels on both sides: the weight gradient's outer-product form,
+    // with a part-run of input channels (136 = 8·16 + 8) and of output rows
+    // (130 = 21·6 + 4).
+    check_case(2, 136, 130, 8, 8, 22);
     let _guard = lock();
     tuning::set_winograd_block_bytes(640 * 1024);
 }
