@@ -57,8 +57,9 @@ pub fn adam_update_applies(dtype: DType, device: &candle_core::Device) -> bool {
 /// p ← p − ((m·(1/bias1)) / (sqrt(v·(1/bias2)) + ε))·lr
 /// ```
 ///
-/// Every tensor must be on the CPU, of one dtype (f32 or f64) and contiguous; a
-/// gradient may not share storage with its parameter.
+/// Every tensor must be on the CPU, of one dtype (f32 or f64) and contiguous, and the
+/// parameters' moment ranges must not overlap. A gradient that is a view of its own
+/// parameter is copied first; the parameters are updated in the order given.
 pub fn adam_update(
     m: &Tensor,
     v: &Tensor,
