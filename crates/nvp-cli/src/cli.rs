@@ -26,6 +26,9 @@ pub enum Command {
     /// Conceptual compression (paper App. D): keep the coarsest scales' latents of
     /// images, draw the rest from the prior, decode; one row per image.
     Compress(CompressArgs),
+    /// Class-conditional models (paper App. F): encode images with their class, decode
+    /// their latents with other classes; one row per image.
+    Relabel(RelabelArgs),
     /// Training, evaluation and sampling throughput and peak memory of a config's model.
     Bench(BenchArgs),
 }
@@ -164,6 +167,26 @@ pub struct CompressArgs {
     pub class: Option<u32>,
     /// Output PNG: per image, the original, then the decodings that keep 100 %, 50 %,
     /// 25 %, … of the latents (one scale fewer each time).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RelabelArgs {
+    #[arg(long)]
+    pub ckpt: PathBuf,
+    #[command(flatten)]
+    pub src: ImageArgs,
+    /// The images' class, for --images (with --indices, the dataset's labels are used).
+    #[arg(long)]
+    pub class: Option<u32>,
+    /// Comma-separated classes to decode with, one column each (default: every class).
+    #[arg(long, value_delimiter = ',', num_args = 1)]
+    pub to: Option<Vec<u32>>,
+    /// Output PNG: per image, the original, then its latents decoded with each class
+    /// of --to.
     #[arg(long)]
     pub out: PathBuf,
     #[arg(long)]

@@ -148,6 +148,26 @@ pub fn auto_zoom(w: usize, cols: usize) -> usize {
     (480 / (w * cols).max(1)).clamp(1, 8)
 }
 
+/// Frames cell (`row`, `col`) of a [`grid`] of `h × w` images at `zoom` in red (the
+/// originals among their decodings).
+pub fn frame_cell(
+    img: &mut RgbImage,
+    (row, col): (usize, usize),
+    (h, w): (usize, usize),
+    zoom: usize,
+) {
+    let (cw, ch) = ((w * zoom + 2) as u32, (h * zoom + 2) as u32);
+    frame(
+        img,
+        col as u32 * cw,
+        row as u32 * ch,
+        cw + 2,
+        ch + 2,
+        2,
+        Rgb([230, 30, 30]),
+    );
+}
+
 /// Draw a rectangle border of `thick` pixels.
 pub fn frame(img: &mut RgbImage, x0: u32, y0: u32, w: u32, h: u32, thick: u32, color: Rgb<u8>) {
     for y in y0..(y0 + h).min(img.height()) {

@@ -342,6 +342,16 @@ fn train_resume_eval_sample_interpolate() {
     assert_eq!(png_size(&cp1).0, img.width(), "one row of the same width");
     let err = fails(&["compress", "--ckpt", s(&full), "--out", s(&cp1)]);
     assert!(err.contains("--images"), "{err}");
+    let err = fails(&[
+        "relabel",
+        "--ckpt",
+        s(&full),
+        "--indices",
+        "0",
+        "--out",
+        s(&cp1),
+    ]);
+    assert!(err.contains("class-conditional"), "{err}");
     std::fs::remove_dir_all(&d).ok();
 }
 
@@ -355,7 +365,10 @@ fn class_conditional_model_trains_evaluates_samples_and_compresses() {
     let cfg = write(
         &d,
         "cond.toml",
-        &TINY.replace("features = 4\n", "features = 4\nclasses = 4\n"),
+        // (trained long enough, at a higher rate, for the labels to move pixels)
+        &TINY
+            .replace("features = 4\n", "features = 4\nclasses = 4\n")
+            .replace("max-steps = 4\n", "max-steps = 60\nlr = 0.01\n"),
     );
     let run = d.join("run");
     ok(&["train", "--config", s(&cfg), "--out", s(&run)]);
@@ -449,6 +462,88 @@ fn class_conditional_model_trains_evaluates_samples_and_compresses() {
         "--images",
         &img,
     ]);
+    // relabel (App. F): per image the original, then its latents decoded with each
+    // class; its own class gives it back pixel for pixel, the others differ
+    let rl = d.join("relabel.png");
+    let o = nvp(&[
+        "relabel",
+        "--ckpt",
+        s(&run),
+        "--indices",
+        "0,1,2",
+        "--out",
+        s(&rl),
+    ]);
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{msg}");
+    let own: Vec<usize> = msg
+        .split("(classes ")
+        .nth(1)
+        .and_then(|t| t.split(')').next())
+        .expect("the message names the images' classes")
+        .split(", ")
+        .map(|c| c.parse().unwrap())
+        .collect();
+    assert_eq!(own.len(), 3, "{msg}");
+    let rimg = image::open(&rl).unwrap().to_rgb8();
+    let z = (rimg.width() as usize - 2) / 5 - 2; // zoom × 8
+    assert_eq!(
+        rimg.width() as usize,
+        5 * (z + 2) + 2,
+        "original + 4 classes"
+    );
+    assert_eq!(rimg.height() as usize, 3 * (z + 2) + 2, "three rows");
+    let cell = |r: usize, c: usize| -> Vec<u8> {
+        let (x0, y0) = (2 + c * (z + 2), 2 + r * (z + 2));
+        (0..z)
+            .flat_map(|y| (0..z).map(move |x| (x0 + x, y0 + y)))
+            .flat_map(|(x, y)| rimg.get_pixel(x as u32, y as u32).0)
+            .collect()
+    };
+    // (after a few steps the labels move few pixels: some other class must differ)
+    let mut others_differ = 0;
+    for (r, &y) in own.iter().enumerate() {
+        assert!(cell(r, 0) == cell(r, 1 + y), "row {r}: own class {y}");
+        others_differ += (0..4)
+            .filter(|&k| k != y && cell(r, 0) != cell(r, 1 + k))
+            .count();
+    }
+    assert!(others_differ > 0, "no other class changes any pixel");
+    ok(&[
+        "relabel",
+        "--ckpt",
+        s(&run),
+        "--images",
+        &img,
+        "--class",
+        "1",
+        "--to",
+        "3,0",
+        "--out",
+        s(&d.join("relabel1.png")),
+    ]);
+    let err = fails(&[
+        "relabel",
+        "--ckpt",
+        s(&run),
+        "--indices",
+        "0",
+        "--to",
+        "4",
+        "--out",
+        s(&rl),
+    ]);
+    assert!(err.contains("--to") && err.contains("4 classes"), "{err}");
+    let err = fails(&[
+        "relabel",
+        "--ckpt",
+        s(&run),
+        "--images",
+        &img,
+        "--out",
+        s(&rl),
+    ]);
+    assert!(err.contains("--class"), "{err}");
     let ip = d.join("i.png");
     let err = fails(&[
         "interpolate",

@@ -4,7 +4,6 @@
 //! image: the original (framed), then one decoding per kept share.
 
 use anyhow::{bail, Result};
-use image::Rgb;
 use nvp_flow::Mode;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -33,17 +32,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
     let scales = l.model.latent_shapes().len();
     // A class-conditional model encodes and decodes each image with its label: the
     // dataset's (--indices), else --class for all.
-    let labels: Option<Vec<u32>> = match (l.model.is_conditional(), images.labels, a.class) {
-        (false, _, Some(_)) => bail!("--class: the model is not class-conditional"),
-        (false, _, None) => None,
-        (true, _, Some(c)) => Some(vec![c; n_img]),
-        (true, Some(ls), None) => Some(ls),
-        (true, None, None) => bail!(
-            "the model is class-conditional (model.classes = {}): give the images' class \
-             with --class, or take labelled images with --data/--indices",
-            m.classes
-        ),
-    };
+    let labels = super::image_labels(&l, images.labels, a.class, n_img)?;
     let mut rng = StdRng::seed_from_u64(a.seed);
     let mut px = Vec::with_capacity(n_img * (scales + 1) * d);
     for (i, img) in pixels.chunks_exact(d).enumerate() {
@@ -63,17 +52,8 @@ pub fn run(a: CompressArgs) -> Result<()> {
     let cols = scales + 1;
     let zoom = report::auto_zoom(m.width, cols);
     let mut grid = report::grid(&px, n_img * cols, m.channels, m.height, m.width, cols, zoom);
-    let (cell_w, cell_h) = ((m.width * zoom + 2) as u32, (m.height * zoom + 2) as u32);
-    for r in 0..n_img as u32 {
-        report::frame(
-            &mut grid,
-            0,
-            r * cell_h,
-            cell_w + 2,
-            cell_h + 2,
-            2,
-            Rgb([230, 30, 30]),
-        );
+    for r in 0..n_img {
+        report::frame_cell(&mut grid, (r, 0), (m.height, m.width), zoom);
     }
     report::save_png(&grid, &a.out)?;
     let kept: Vec<String> = (1..=scales)

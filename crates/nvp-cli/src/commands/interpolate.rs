@@ -8,7 +8,6 @@ use std::f64::consts::FRAC_PI_2;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
-use image::Rgb;
 use nvp_flow::{Flow, Mode};
 
 use crate::cli::InterpolateArgs;
@@ -86,18 +85,8 @@ pub fn run(a: InterpolateArgs) -> Result<()> {
     }
     let zoom = report::auto_zoom(m.width, s);
     let mut img = report::grid(&px, rows * s, m.channels, m.height, m.width, s, zoom);
-    let cell = (m.width * zoom + 2) as u32;
-    let cell_h = (m.height * zoom + 2) as u32;
-    for (r, c) in [(0, 0), (0, s - 1), (rows - 1, 0), (rows - 1, s - 1)] {
-        report::frame(
-            &mut img,
-            c as u32 * cell,
-            r as u32 * cell_h,
-            cell + 2,
-            cell_h + 2,
-            2,
-            Rgb([230, 30, 30]),
-        );
+    for rc in [(0, 0), (0, s - 1), (rows - 1, 0), (rows - 1, s - 1)] {
+        report::frame_cell(&mut img, rc, (m.height, m.width), zoom);
     }
     report::save_png(&img, &a.out)?;
     if n_img == 2 {

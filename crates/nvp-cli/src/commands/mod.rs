@@ -4,6 +4,7 @@ mod bench;
 mod compress;
 mod eval;
 mod interpolate;
+mod relabel;
 mod sample;
 mod train;
 
@@ -25,6 +26,7 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Sample(a) => sample::run(a),
         Command::Interpolate(a) => interpolate::run(a),
         Command::Compress(a) => compress::run(a),
+        Command::Relabel(a) => relabel::run(a),
         Command::Bench(a) => bench::run(a),
     }
 }
@@ -134,6 +136,28 @@ pub(crate) fn read_images(
             })
         }
         (None, None) => bail!("{missing}"),
+    }
+}
+
+/// The labels a class-conditional model encodes `n` images with: `--class` for all of
+/// them, else the dataset's (`--indices`); `None` for an unconditional model (which
+/// refuses `--class`).
+pub(crate) fn image_labels(
+    l: &Loaded,
+    dataset: Option<Vec<u32>>,
+    class: Option<u32>,
+    n: usize,
+) -> Result<Option<Vec<u32>>> {
+    match (l.model.is_conditional(), dataset, class) {
+        (false, _, Some(_)) => bail!("--class: the model is not class-conditional"),
+        (false, _, None) => Ok(None),
+        (true, _, Some(c)) => Ok(Some(vec![c; n])),
+        (true, Some(ls), None) => Ok(Some(ls)),
+        (true, None, None) => bail!(
+            "the model is class-conditional (model.classes = {}): give the images' class \
+             with --class, or take labelled images with --data/--indices",
+            l.settings.model.classes
+        ),
     }
 }
 
