@@ -139,10 +139,23 @@ pub(crate) fn im2col_rows(
     oh1: usize,
     col: &mut [f32],
 ) {
+    let tp = (oh1 - oh0) * w;
+    im2col_rows_ld(x, (c, h, w), (oh0, oh1), col, tp);
+}
+
+/// [`im2col_rows`] into rows `ld` apart (`ld ≥ tp`: the tile as a column block of a
+/// wider matrix).
+pub(crate) fn im2col_rows_ld(
+    x: &[f32],
+    (c, h, w): (usize, usize, usize),
+    (oh0, oh1): (usize, usize),
+    col: &mut [f32],
+    ld: usize,
+) {
     let hw = h * w;
     let tp = (oh1 - oh0) * w;
-    debug_assert!(oh0 <= oh1 && oh1 <= h);
-    debug_assert!(x.len() >= c * hw && col.len() >= 9 * c * tp);
+    debug_assert!(oh0 <= oh1 && oh1 <= h && ld >= tp);
+    debug_assert!(x.len() >= c * hw && (tp == 0 || col.len() >= (9 * c - 1) * ld + tp));
     if tp == 0 {
         return;
     }
@@ -150,7 +163,7 @@ pub(crate) fn im2col_rows(
         let xc = &x[ci * hw..(ci + 1) * hw];
         for ki in 0..3 {
             for kj in 0..3 {
-                let row = &mut col[((ci * 3 + ki) * 3 + kj) * tp..][..tp];
+                let row = &mut col[((ci * 3 + ki) * 3 + kj) * ld..][..tp];
                 for (oh, dst) in (oh0..oh1).zip(row.chunks_exact_mut(w)) {
                     let ih = oh + ki;
                     if ih == 0 || ih > h {
@@ -397,6 +410,69 @@ pub(crate) fn conv3x3_grad_input(dy: &[f32], wmat: &[f32], d: ConvDims) -> Vec<f
     conv3x3_fwd(dy, &wt, None, dt)
 }
 
+/// Output pixels per GEMM below which [`wgrad_images`] gathers several images into one
+/// GEMM ([`wgrad_image_groups`]).
+const WGRAD_GROUP_PIXELS: usize = 256;
+
+/// Accumulates `dw (k × 9c) (+)= dy (k × g·hw) · im2col(x)ᵀ` over groups of `g` whole
+/// images (`g·hw ≈` [`WGRAD_GROUP_PIXELS`]), their `dy` rows and im2col columns side by
+/// side: for small images one GEMM per image would have an inner dimension of `hw`
+/// (16 at 4×4) and read and write all of `dw` for every image. `dw` is overwritten by
+/// the first group.
+fn wgrad_image_groups(xs: &[f32], dys: &[f32], dw: &mut [f32], d: ConvDims, par: Parallelism) {
+    let hw = d.hw();
+    let kd = d.kdim();
+    let (x_img, y_img) = (d.c * hw, d.k * hw);
+    let n = xs.len() / x_img;
+    assert!(dw.len() == d.k * kd && dys.len() == n * y_img && n >= 1);
+    let g = (WGRAD_GROUP_PIXELS / hw).clamp(1, n);
+    let mut dyp = vec![0.0f32; d.k * g * hw];
+    with_scratch(kd * g * hw, |col| {
+        let mut first = true;
+        for i0 in (0..n).step_by(g) {
+            let gi = g.min(n - i0);
+            let ld = gi * hw;
+            for j in 0..gi {
+                let xi = &xs[(i0 + j) * x_img..][..x_img];
+                im2col_rows_ld(xi, (d.c, d.h, d.w), (0, d.h), &mut col[j * hw..], ld);
+                let dyi = &dys[(i0 + j) * y_img..][..y_img];
+                for ko in 0..d.k {
+                    dyp[ko * ld + j * hw..][..hw].copy_from_slice(&dyi[ko * hw..][..hw]);
+                }
+            }
+            // SAFETY: dst is `k × 9c` row-major in `dw` (len checked); lhs is the
+            // row-major `k × ld` matrix at the start of `dyp` (len k·g·hw ≥ k·ld); rhs is
+            // `ld × 9c` read as the transpose of the row-major `9c × ld` matrix at the
+            // start of `col` (element (r, j) at `j·ld + r`, len 9c·g·hw ≥ 9c·ld). `dw` is
+            // initialised and overlaps neither input.
+            unsafe {
+                gemm::gemm(
+                    d.k,
+                    kd,
+                    ld,
+                    dw.as_mut_ptr(),
+                    1,
+                    kd as isize,
+                    !first,
+                    dyp.as_ptr(),
+                    1,
+                    ld as isize,
+                    col.as_ptr(),
+                    ld as isize,
+                    1,
+                    1.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+            first = false;
+        }
+    });
+}
+
 /// Accumulates `dw (k × 9c) (+)= dy_img (k × hw) · im2col(x_img)ᵀ` over the given
 /// images, in tiles of output rows. `dw` is overwritten by the first tile.
 fn wgrad_images(
@@ -499,6 +575,7 @@ fn conv3x3_grad_weight_plan(x: &[f32], dy: &[f32], d: ConvDims, plan: Plan) -> V
     let rows = plan.rows;
     let x_img = d.c * hw;
     let y_img = d.k * hw;
+    let grouped = 2 * hw <= WGRAD_GROUP_PIXELS;
     match plan.chunk {
         Some(per) => {
             let partials: Vec<Vec<f32>> = x
@@ -506,9 +583,13 @@ fn conv3x3_grad_weight_plan(x: &[f32], dy: &[f32], d: ConvDims, plan: Plan) -> V
                 .zip(dy.par_chunks(per * y_img))
                 .map(|(xs, dys)| {
                     let mut part = vec![0.0f32; w_len];
-                    with_scratch(col_len, |col| {
-                        wgrad_images(xs, dys, &mut part, col, d, rows, Parallelism::None)
-                    });
+                    if grouped {
+                        wgrad_image_groups(xs, dys, &mut part, d, Parallelism::None);
+                    } else {
+                        with_scratch(col_len, |col| {
+                            wgrad_images(xs, dys, &mut part, col, d, rows, Parallelism::None)
+                        });
+                    }
                     part
                 })
                 .collect();
@@ -520,9 +601,13 @@ fn conv3x3_grad_weight_plan(x: &[f32], dy: &[f32], d: ConvDims, plan: Plan) -> V
         }
         None => {
             let par = gemm_par();
-            with_scratch(col_len, |col| {
-                wgrad_images(x, dy, &mut dw, col, d, rows, par)
-            });
+            if grouped {
+                wgrad_image_groups(x, dy, &mut dw, d, par);
+            } else {
+                with_scratch(col_len, |col| {
+                    wgrad_images(x, dy, &mut dw, col, d, rows, par)
+                });
+            }
         }
     }
     dw

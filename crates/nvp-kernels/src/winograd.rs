@@ -1497,9 +1497,16 @@ fn gemm_products(du: &mut [f32], dm: &[f32], v: &[f32], d: ConvDims, nbp: usize)
         });
 }
 
-/// Whether [`conv3x3_grad_weight_gemm`] beats im2col + GEMM: 64 to 512 tiles (its
+/// Whether [`conv3x3_grad_weight_gemm`] beats im2col + GEMM: 32 to 512 tiles (its
 /// buffers hold all of them; with fewer, the products' inner dimension is too short
 /// for writing and transforming the `36·k·c` of them to pay) and `128² ≤ k·c ≤ 512²`.
+/// Session 8 (after the faster weight transforms of session 7, and with im2col
+/// gathering small images into one GEMM), ms, this / im2col, two rounds: (64, 512, 4)
+/// 26.2 / 25.8 against 51.5 / 51.6, (128, 512, 4) 48.4 / 45.6 against 106.6 / 95.4,
+/// (64, 512, 8) 73.6 / 69.7 against 164.7 / 128.9; at 32 tiles, this against im2col
+/// (both the default in turn): (32, 512, 4) 20.2 / 18.6 against 21.0 / 24.4, (32, 256,
+/// 4) 4.9 / 4.6 against 6.9 / 8.6, (8, 512, 8) 23.1 / 24.5 against 23.1 / 26.6.
+/// Session 6's figures:
 /// Measured (`cargo bench --bench conv`, weight gradient, ms, this / im2col): (N, C=K,
 /// H=W) = (64, 128, 4) 3.3 / 5.2, (64, 256, 4) 15.2 / 20.3, (64, 512, 4) 64 / 72 (3
 /// interleaved rounds), (128, 512, 4) 86 / 159, (64, 512, 8) 112 / 222, (16, 512, 8)
@@ -1509,7 +1516,7 @@ pub(crate) fn wgrad_gemm_pays(d: ConvDims) -> bool {
     let total = Tiles::of(d).total(d);
     crate::winograd_enabled()
         && have_avx2()
-        && (64..=512).contains(&total)
+        && (32..=512).contains(&total)
         && (128 * 128..=512 * 512).contains(&(d.k * d.c))
 }
 

@@ -220,7 +220,7 @@ fn winograd_partial_tiles_and_small_blocks() {
 }
 
 /// Few tiles and many channels: the Winograd weight gradient with all tiles in one
-/// block and its 36 products as GEMMs (`winograd::wgrad_gemm_pays`: 64 to 512 tiles,
+/// block and its 36 products as GEMMs (`winograd::wgrad_gemm_pays`: 32 to 512 tiles,
 /// 128² ≤ k·c ≤ 512²; the blocked Winograd does not pay there) against candle in f64.
 #[test]
 fn winograd_weight_gradient_by_gemm_for_few_tiles() {
