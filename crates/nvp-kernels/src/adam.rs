@@ -374,7 +374,7 @@ fn update<T: Elem>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], k: &Consts<T>
 }
 
 /// `Σ x²` of a contiguous f32/f64 CPU tensor, accumulated in f64: runs of
-/// [`CHUNK`] elements summed over 8 lanes each, on the rayon pool, and the runs' sums
+/// 32,768 elements summed over 8 lanes each, on the rayon pool, and the runs' sums
 /// added in order (so the result does not depend on the number of threads).
 /// `None` for another dtype or device, or a non-contiguous tensor.
 pub fn sum_squares_f64(t: &Tensor) -> Option<f64> {

@@ -410,6 +410,52 @@ pub(crate) fn conv3x3_grad_input(dy: &[f32], wmat: &[f32], d: ConvDims) -> Vec<f
     conv3x3_fwd(dy, &wt, None, dt)
 }
 
+/// `dw (k × 9c) (+)= lhs (k × tp) · colᵀ` with one GEMM: `lhs` row-major with row
+/// stride `lhs.1`, `col` the row-major `9c × tp` matrix with row stride `ld` (`cols`
+/// = `(tp, ld)`); `dw` row-major `k × 9c`, overwritten unless `accumulate`.
+///
+/// # Safety
+/// `lhs.0` must point at `k` rows of `tp` readable floats `lhs.1` apart, and `col` hold
+/// at least `(9c − 1)·ld + tp` floats; neither may overlap `dw`.
+unsafe fn gemm_dw(
+    dw: &mut [f32],
+    d: ConvDims,
+    lhs: (*const f32, usize),
+    col: &[f32],
+    (tp, ld): (usize, usize),
+    accumulate: bool,
+    par: Parallelism,
+) {
+    let kd = d.kdim();
+    assert!(dw.len() == d.k * kd && ld >= tp && col.len() >= (kd - 1) * ld + tp);
+    // SAFETY: dst is `k × 9c` row-major in `dw` (len checked) and initialised; the lhs
+    // is as the caller guarantees; the rhs is `tp × 9c`, read as the transpose of the
+    // row-major `9c × tp` matrix in `col` (element (r, j) at `j·ld + r`, len checked).
+    unsafe {
+        gemm::gemm(
+            d.k,
+            kd,
+            tp,
+            dw.as_mut_ptr(),
+            1,
+            kd as isize,
+            accumulate,
+            lhs.0,
+            1,
+            lhs.1 as isize,
+            col.as_ptr(),
+            ld as isize,
+            1,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
 /// Output pixels per GEMM below which [`wgrad_images`] gathers several images into one
 /// GEMM ([`wgrad_image_groups`]).
 const WGRAD_GROUP_PIXELS: usize = 256;
@@ -440,34 +486,9 @@ fn wgrad_image_groups(xs: &[f32], dys: &[f32], dw: &mut [f32], d: ConvDims, par:
                     dyp[ko * ld + j * hw..][..hw].copy_from_slice(&dyi[ko * hw..][..hw]);
                 }
             }
-            // SAFETY: dst is `k × 9c` row-major in `dw` (len checked); lhs is the
-            // row-major `k × ld` matrix at the start of `dyp` (len k·g·hw ≥ k·ld); rhs is
-            // `ld × 9c` read as the transpose of the row-major `9c × ld` matrix at the
-            // start of `col` (element (r, j) at `j·ld + r`, len 9c·g·hw ≥ 9c·ld). `dw` is
-            // initialised and overlaps neither input.
-            unsafe {
-                gemm::gemm(
-                    d.k,
-                    kd,
-                    ld,
-                    dw.as_mut_ptr(),
-                    1,
-                    kd as isize,
-                    !first,
-                    dyp.as_ptr(),
-                    1,
-                    ld as isize,
-                    col.as_ptr(),
-                    ld as isize,
-                    1,
-                    1.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    par,
-                );
-            }
+            // SAFETY: `dyp` holds the row-major `k × ld` matrix (len k·g·hw ≥ k·ld) and
+            // `col` the row-major `9c × ld` one (len 9c·g·hw ≥ 9c·ld).
+            unsafe { gemm_dw(dw, d, (dyp.as_ptr(), ld), col, (ld, ld), !first, par) };
             first = false;
         }
     });
@@ -498,35 +519,21 @@ fn wgrad_images(
             let oh1 = (oh0 + rows).min(d.h);
             let tp = (oh1 - oh0) * d.w;
             im2col_rows(xi, d.c, d.h, d.w, oh0, oh1, col);
-            // SAFETY: dst is `k × 9c` row-major in `dw` (len checked); lhs is the `k × tp`
-            // block at column `oh0·w` of the row-major `k × hw` matrix `dyi` (len k·hw by
-            // chunking, last element `(k−1)·hw + oh1·w − 1`); rhs is `tp × 9c` read as the
-            // transpose of the row-major `9c × tp` im2col tile in `col` (element (r, j) at
-            // `j·tp + r`, len ≥ 9c·rows·w checked). `dw` is initialised (zeroed by the
-            // caller) and does not overlap the inputs.
+            // SAFETY: the lhs is the `k × tp` block at column `oh0·w` of the row-major
+            // `k × hw` matrix `dyi` (len k·hw by chunking, last element
+            // `(k−1)·hw + oh1·w − 1`); `col` holds the row-major `9c × tp` tile (len ≥
+            // 9c·rows·w checked).
             unsafe {
-                gemm::gemm(
-                    d.k,
-                    kd,
-                    tp,
-                    dw.as_mut_ptr(),
-                    1,
-                    kd as isize,
+                gemm_dw(
+                    dw,
+                    d,
+                    (dyi.as_ptr().add(oh0 * d.w), hw),
+                    col,
+                    (tp, tp),
                     !first,
-                    dyi.as_ptr().add(oh0 * d.w),
-                    1,
-                    hw as isize,
-                    col.as_ptr(),
-                    tp as isize,
-                    1,
-                    1.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
                     par,
-                );
-            }
+                )
+            };
             first = false;
             oh0 = oh1;
         }

@@ -17,13 +17,9 @@ pub fn run(a: CompressArgs) -> Result<()> {
     }
     let mut l = super::load(&a.ckpt, a.device.as_deref())?;
     let m = l.settings.model.clone();
-    let images = super::read_images(
+    let images = super::read_some_images(
         &mut l,
         &a.src,
-        |what, n| match n {
-            0 => bail!("{what} needs at least one image"),
-            _ => Ok(()),
-        },
         "give the images with --images A [B …], or --data DIR --indices I[,J…]",
     )?;
     let pixels = images.pixels;

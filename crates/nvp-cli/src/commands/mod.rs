@@ -139,6 +139,19 @@ pub(crate) fn read_images(
     }
 }
 
+/// [`read_images`] for commands that take any number of images, at least one.
+pub(crate) fn read_some_images(l: &mut Loaded, src: &ImageArgs, missing: &str) -> Result<Images> {
+    read_images(
+        l,
+        src,
+        |what, n| match n {
+            0 => bail!("{what} needs at least one image"),
+            _ => Ok(()),
+        },
+        missing,
+    )
+}
+
 /// The labels a class-conditional model encodes `n` images with: `--class` for all of
 /// them, else the dataset's (`--indices`); `None` for an unconditional model (which
 /// refuses `--class`).

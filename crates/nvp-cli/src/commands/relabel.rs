@@ -27,13 +27,9 @@ pub fn run(a: RelabelArgs) -> Result<()> {
             m.classes - 1
         );
     }
-    let images = super::read_images(
+    let images = super::read_some_images(
         &mut l,
         &a.src,
-        |what, n| match n {
-            0 => bail!("{what} needs at least one image"),
-            _ => Ok(()),
-        },
         "give the images with --images A [B …] and --class, or --data DIR --indices I[,J…]",
     )?;
     let pixels = images.pixels;
