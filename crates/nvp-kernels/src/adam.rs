@@ -157,47 +157,33 @@ trait Elem:
     fn slice_mut(s: &mut CpuStorage) -> Option<&mut Vec<Self>>;
 }
 
-impl Elem for f32 {
-    fn of(v: f64) -> Self {
-        v as f32
-    }
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-    fn slice(s: &CpuStorage) -> Option<&Vec<Self>> {
-        match s {
-            CpuStorage::F32(v) => Some(v),
-            _ => None,
+macro_rules! elem {
+    ($t:ty, $variant:ident) => {
+        impl Elem for $t {
+            fn of(v: f64) -> Self {
+                v as $t
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn slice(s: &CpuStorage) -> Option<&Vec<Self>> {
+                match s {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn slice_mut(s: &mut CpuStorage) -> Option<&mut Vec<Self>> {
+                match s {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
         }
-    }
-    fn slice_mut(s: &mut CpuStorage) -> Option<&mut Vec<Self>> {
-        match s {
-            CpuStorage::F32(v) => Some(v),
-            _ => None,
-        }
-    }
+    };
 }
 
-impl Elem for f64 {
-    fn of(v: f64) -> Self {
-        v
-    }
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-    fn slice(s: &CpuStorage) -> Option<&Vec<Self>> {
-        match s {
-            CpuStorage::F64(v) => Some(v),
-            _ => None,
-        }
-    }
-    fn slice_mut(s: &mut CpuStorage) -> Option<&mut Vec<Self>> {
-        match s {
-            CpuStorage::F64(v) => Some(v),
-            _ => None,
-        }
-    }
-}
+elem!(f32, F32);
+elem!(f64, F64);
 
 /// The contiguous elements of `l` in `data`.
 fn span(l: &Layout, what: &str) -> Result<(usize, usize)> {
@@ -374,7 +360,7 @@ fn update<T: Elem>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], k: &Consts<T>
 }
 
 /// `Σ x²` of a contiguous f32/f64 CPU tensor, accumulated in f64: runs of
-/// 32,768 elements summed over 8 lanes each, on the rayon pool, and the runs' sums
+/// 32,768 elements summed each (f32 over 8 lanes), on the rayon pool, and the runs' sums
 /// added in order (so the result does not depend on the number of threads).
 /// `None` for another dtype or device, or a non-contiguous tensor.
 pub fn sum_squares_f64(t: &Tensor) -> Option<f64> {
@@ -391,24 +377,11 @@ pub fn sum_squares_f64(t: &Tensor) -> Option<f64> {
             .par_chunks(CHUNK)
             .map(|c| crate::util::sq_dev_f64(c, 0.0))
             .collect(),
-        CpuStorage::F64(x) => x[a..b].par_chunks(CHUNK).map(sum_sq_f64).collect(),
+        CpuStorage::F64(x) => x[a..b]
+            .par_chunks(CHUNK)
+            .map(|c| c.iter().map(|v| v * v).sum())
+            .collect(),
         _ => return None,
     };
     Some(parts.iter().sum())
-}
-
-/// `Σ x²` of an f64 run over 8 lanes.
-fn sum_sq_f64(row: &[f64]) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let mut it = row.chunks_exact(8);
-    for ch in &mut it {
-        for (a, v) in acc.iter_mut().zip(ch) {
-            *a += v * v;
-        }
-    }
-    let mut s: f64 = acc.iter().sum();
-    for v in it.remainder() {
-        s += v * v;
-    }
-    s
 }

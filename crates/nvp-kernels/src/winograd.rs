@@ -1312,6 +1312,7 @@ unsafe fn wgrad_blocks_avx2(
 ) {
     let even = tiles.tw.is_multiple_of(2);
     let pad = avx::Pad::new(tiles);
+    let outer = wgrad_outer(d);
     let mut panel = [0.0f32; 512 * avx::PW];
     for bi in b0..b1 {
         let t0 = bi * nb;
@@ -1326,7 +1327,7 @@ unsafe fn wgrad_blocks_avx2(
             input_transform(x, pro, d, tiles, span, v, nbp);
             grad_output_transform(dy, d, tiles, span, dm, nbp);
         }
-        if wgrad_outer(d) {
+        if outer {
             avx::wgrad_products_outer(dm, v, du, (d.k, d.c, nbp), &mut panel);
         } else {
             avx::wgrad_products(dm, v, du, d.k, d.c, nbp);
