@@ -5,6 +5,7 @@ mod cli;
 mod commands;
 mod data;
 mod engine;
+mod interrupt;
 mod model;
 mod report;
 mod settings;
@@ -62,6 +63,9 @@ fn main() {
     let cli = cli::Cli::parse();
     if let Err(e) = commands::run(cli.command) {
         eprintln!("error: {}", one_line(&e));
+        if e.downcast_ref::<interrupt::Interrupted>().is_some() {
+            std::process::exit(interrupt::EXIT_INTERRUPTED);
+        }
         std::process::exit(1);
     }
 }

@@ -119,6 +119,9 @@ pub struct TrainSettings {
     pub minutes: f64,
     /// Every this many steps: test bits/dim, samples, metrics row, checkpoint.
     pub eval_every: u64,
+    /// Between evaluations, save the `last` checkpoint every this many minutes of
+    /// wall time (0 = only at evaluations).
+    pub checkpoint_minutes: f64,
     /// Images in the periodic sample grid.
     pub samples: usize,
     /// Temperature of the periodic samples.
@@ -144,6 +147,7 @@ impl Default for TrainSettings {
             max_steps: 100_000,
             minutes: 0.0,
             eval_every: 500,
+            checkpoint_minutes: 10.0,
             samples: 64,
             temperature: 0.7,
             seed: 0,
@@ -232,6 +236,12 @@ impl Settings {
         }
         if !(t.minutes.is_finite() && t.minutes >= 0.0) {
             bail!("train.minutes must be ≥ 0, got {}", t.minutes);
+        }
+        if !(t.checkpoint_minutes.is_finite() && t.checkpoint_minutes >= 0.0) {
+            bail!(
+                "train.checkpoint-minutes must be ≥ 0 (0 = only at evaluations), got {}",
+                t.checkpoint_minutes
+            );
         }
         if t.eval_every == 0 {
             bail!("train.eval-every must be at least 1");

@@ -754,12 +754,16 @@ fn trains_on_cifar_format_files() {
 fn killed_run_resumes_to_the_same_parameters() {
     let d = tmp("kill");
     // With the learned batch-norm affine: its parameters and their Adam moments must
-    // be saved and restored too.
+    // be saved and restored too. No evaluation in the run: its checkpoints are the
+    // timed ones (`checkpoint-minutes`, here after every step).
     let cfg = write(
         &d,
         "tiny.toml",
         &TINY
-            .replace("eval-every = 2", "eval-every = 1")
+            .replace(
+                "eval-every = 2",
+                "eval-every = 1000000\ncheckpoint-minutes = 1e-9",
+            )
             .replace("features = 4", "features = 4\nbn-affine = true"),
     );
     let killed = d.join("killed");
@@ -793,14 +797,7 @@ fn killed_run_resumes_to_the_same_parameters() {
     child.kill().unwrap();
     child.wait().unwrap();
     // the checkpoint on disk is complete: resume it a few steps further
-    let st = std::fs::read_to_string(killed.join("last/state.toml")).unwrap();
-    let step: u64 = st
-        .lines()
-        .find_map(|l| l.strip_prefix("step = "))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let step = saved_step(&killed.join("last"));
     let target = (step + 3).to_string();
     ok(&[
         "train",
@@ -832,6 +829,105 @@ fn killed_run_resumes_to_the_same_parameters() {
             a == b,
             "{f} differs between the killed+resumed run and the straight run"
         );
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// The step number in a checkpoint's `state.toml`.
+fn saved_step(ckpt: &Path) -> u64 {
+    let st = std::fs::read_to_string(ckpt.join("state.toml")).unwrap();
+    st.lines()
+        .find_map(|l| l.strip_prefix("step = "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM stop `nvp train` after the current step with its
+/// checkpoint saved and exit status 130; resuming it ends where a straight run does.
+#[cfg(unix)]
+#[test]
+fn interrupted_run_saves_its_step_and_resumes_exactly() {
+    use std::io::{BufRead, BufReader};
+    let d = tmp("sigint");
+    // No evaluation and no timed checkpoint: the checkpoint is the interrupt's.
+    let cfg = write(
+        &d,
+        "tiny.toml",
+        &TINY.replace(
+            "eval-every = 2",
+            "eval-every = 1000000\ncheckpoint-minutes = 0",
+        ),
+    );
+    for signal in ["-INT", "-TERM"] {
+        let run = d.join(&signal[1..]);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nvp"))
+            .args([
+                "train",
+                "--config",
+                s(&cfg),
+                "--out",
+                s(&run),
+                "--max-steps",
+                "1000000",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut header = String::new();
+        stderr.read_line(&mut header).unwrap();
+        assert!(header.starts_with("nvp train:"), "{header}");
+        // a tiny step takes milliseconds: by now it has taken some
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        assert!(
+            !run.join("last").exists(),
+            "a checkpoint before the interrupt"
+        );
+        let killed = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(130), "{signal}: {rest}");
+        assert!(!rest.contains("panicked"), "{rest}");
+        let step = saved_step(&run.join("last"));
+        assert!(step >= 1, "{rest}");
+        assert!(
+            rest.contains(&format!(
+                "error: interrupted at step {step}; checkpoint saved in"
+            )) && rest.contains("--resume"),
+            "{rest}"
+        );
+        let target = (step + 2).to_string();
+        ok(&[
+            "train",
+            "--out",
+            s(&run),
+            "--resume",
+            "--max-steps",
+            &target,
+        ]);
+        let straight = d.join(format!("straight{signal}"));
+        ok(&[
+            "train",
+            "--config",
+            s(&cfg),
+            "--out",
+            s(&straight),
+            "--max-steps",
+            &target,
+        ]);
+        for f in ["model.safetensors", "optimizer.safetensors"] {
+            let a = std::fs::read(run.join("last").join(f)).unwrap();
+            let b = std::fs::read(straight.join("last").join(f)).unwrap();
+            assert!(a == b, "{signal}: {f} differs from the straight run");
+        }
     }
     std::fs::remove_dir_all(&d).ok();
 }

@@ -136,8 +136,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let mut last_eval_step = state.step;
     let mut ema_bpd = f64::NAN;
     let mut skips_reported = 0usize;
+    // Checkpoints between evaluations, every `checkpoint-minutes` of wall time.
+    let ckpt_every_secs = t.checkpoint_minutes * 60.0;
+    let mut last_saved = Instant::now();
+    let mut saved_step = resume_dir.as_ref().map(|_| state.step);
+    let stop = crate::interrupt::install()?;
+    let mut interrupted = false;
 
     while state.step < t.max_steps {
+        if stop.is_set() {
+            interrupted = true;
+            break;
+        }
         if limit_secs > 0.0 && started.elapsed().as_secs_f64() >= limit_secs {
             break;
         }
@@ -216,11 +226,42 @@ pub fn run(a: TrainArgs) -> Result<()> {
             );
             warn_skipped(&pb, train_set.as_ref(), &mut skips_reported);
             last_eval_step = state.step;
+            (saved_step, last_saved) = (Some(state.step), Instant::now());
             (bpd_sum, bpd_n, imgs) = (0.0, 0, 0);
             window = Instant::now();
+        } else if ckpt_every_secs > 0.0 && last_saved.elapsed().as_secs_f64() >= ckpt_every_secs {
+            state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
+            save_checkpoints(&trainer, &settings, &out, &state, false)?;
+            (saved_step, last_saved) = (Some(state.step), Instant::now());
         }
     }
     drop(stream);
+    if interrupted {
+        pb.abandon();
+        let msg = if saved_step == Some(state.step) {
+            format!(
+                "interrupted at step {}; the checkpoint {}/last is of this step",
+                state.step,
+                out.display()
+            )
+        } else if state.step > 0 {
+            state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
+            save_checkpoints(&trainer, &settings, &out, &state, false)?;
+            format!(
+                "interrupted at step {}; checkpoint saved in {}/last",
+                state.step,
+                out.display()
+            )
+        } else {
+            bail!(crate::interrupt::Interrupted(
+                "interrupted before the first step; nothing to save".into()
+            ));
+        };
+        bail!(crate::interrupt::Interrupted(format!(
+            "{msg} (continue with `nvp train --out {} --resume`)",
+            out.display()
+        )));
+    }
     if state.step > last_eval_step || (resume_dir.is_none() && state.step == 0) {
         let rate = imgs as f64 / window.elapsed().as_secs_f64().max(1e-9);
         let train_bpd = if bpd_n > 0 {
@@ -310,16 +351,7 @@ fn periodic(
     if improved {
         state.best_test_bpd = Some(test_bpd);
     }
-    let ckpt = Checkpoint {
-        store: &trainer.store,
-        optimizer: trainer.adam.state()?,
-        state,
-        settings: s,
-    };
-    checkpoint::save(out, "last", &ckpt)?;
-    if improved {
-        checkpoint::save(out, "best", &ckpt)?;
-    }
+    save_checkpoints(trainer, s, out, state, improved)?;
     let row = MetricsRow {
         step: state.step,
         epoch: state.epoch,
@@ -334,6 +366,27 @@ fn periodic(
     report::append_metrics(&csv, &row)?;
     report::plot_bpd(&report::read_metrics(&csv)?, &out.join("bpd.png"))?;
     Ok(row)
+}
+
+/// Saves the `last` checkpoint, and `best` too when `best` is set.
+fn save_checkpoints(
+    trainer: &Trainer,
+    s: &Settings,
+    out: &std::path::Path,
+    state: &RunState,
+    best: bool,
+) -> Result<()> {
+    let ckpt = Checkpoint {
+        store: &trainer.store,
+        optimizer: trainer.adam.state()?,
+        state,
+        settings: s,
+    };
+    checkpoint::save(out, "last", &ckpt)?;
+    if best {
+        checkpoint::save(out, "best", &ckpt)?;
+    }
+    Ok(())
 }
 
 /// A warning for the unreadable training files a streamed folder has skipped since the
