@@ -20,6 +20,8 @@ pub struct Trainer {
     /// The same parameters without autograd, for evaluation and sampling.
     pub frozen: RealNvp,
     pub adam: Adam,
+    lr: f64,
+    lr_warmup: u64,
     l2: f64,
     clip: f64,
     scale_params: Vec<Tensor>,
@@ -51,6 +53,8 @@ impl Trainer {
             model,
             frozen,
             adam,
+            lr: s.train.lr,
+            lr_warmup: s.train.lr_warmup,
             l2: s.train.l2,
             clip: s.train.clip,
             scale_params,
@@ -128,6 +132,8 @@ impl Trainer {
         } else {
             1.0
         };
+        self.adam
+            .set_lr(warmup_lr(self.lr, self.lr_warmup, self.adam.steps() + 1));
         self.adam.step(&grads, scale)?;
         mark(Phase::Update)?;
         Ok(StepOutcome {
@@ -135,6 +141,16 @@ impl Trainer {
             grad_norm,
             skipped: false,
         })
+    }
+}
+
+/// The learning rate of optimizer step `step` (from 1): `lr · min(1, step / warmup)`,
+/// or `lr` when `warmup` is 0.
+pub fn warmup_lr(lr: f64, warmup: u64, step: u64) -> f64 {
+    if warmup == 0 || step >= warmup {
+        lr
+    } else {
+        lr * step as f64 / warmup as f64
     }
 }
 
@@ -319,7 +335,17 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::classify_one;
+    use super::{classify_one, warmup_lr};
+
+    #[test]
+    fn warmup_ramps_linearly_then_holds() {
+        assert_eq!(warmup_lr(1e-3, 0, 1), 1e-3);
+        assert_eq!(warmup_lr(1e-3, 4, 1), 0.25e-3);
+        assert_eq!(warmup_lr(1e-3, 4, 2), 0.5e-3);
+        assert_eq!(warmup_lr(1e-3, 4, 3), 0.75e-3);
+        assert_eq!(warmup_lr(1e-3, 4, 4), 1e-3);
+        assert_eq!(warmup_lr(1e-3, 4, 1000), 1e-3);
+    }
 
     /// Worked by hand: log p(x|y) = (−1, −2, −3), label 1 → log p(x|1) = −2,
     /// log p(x) = ln((e⁻¹ + e⁻² + e⁻³)/3) = −1.6910063242237292, most likely class 0;

@@ -109,6 +109,9 @@ pub struct TrainSettings {
     pub batch_size: usize,
     /// Adam learning rate.
     pub lr: f64,
+    /// Warm-up: step `t` (from 1) uses `lr · min(1, t / lr-warmup)`, a linear ramp
+    /// over the first `lr-warmup` steps (0 = none).
+    pub lr_warmup: u64,
     /// L2 penalty on the scale parameters (weight-norm gains, tanh scales).
     pub l2: f64,
     /// Gradient-norm clipping threshold (0 = off).
@@ -142,6 +145,7 @@ impl Default for TrainSettings {
         Self {
             batch_size: 64,
             lr: 1e-3,
+            lr_warmup: 0,
             l2: 5e-5,
             clip: 100.0,
             max_steps: 100_000,

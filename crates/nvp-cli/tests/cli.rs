@@ -851,13 +851,15 @@ fn saved_step(ckpt: &Path) -> u64 {
 fn interrupted_run_saves_its_step_and_resumes_exactly() {
     use std::io::{BufRead, BufReader};
     let d = tmp("sigint");
-    // No evaluation and no timed checkpoint: the checkpoint is the interrupt's.
+    // No evaluation and no timed checkpoint: the checkpoint is the interrupt's. With a
+    // learning-rate warm-up longer than the run: the resumed steps must take it up
+    // where it was.
     let cfg = write(
         &d,
         "tiny.toml",
         &TINY.replace(
             "eval-every = 2",
-            "eval-every = 1000000\ncheckpoint-minutes = 0",
+            "eval-every = 1000000\ncheckpoint-minutes = 0\nlr-warmup = 100000",
         ),
     );
     for signal in ["-INT", "-TERM"] {
@@ -929,6 +931,35 @@ fn interrupted_run_saves_its_step_and_resumes_exactly() {
             assert!(a == b, "{signal}: {f} differs from the straight run");
         }
     }
+    // The warm-up is applied: without it, the same steps give other parameters.
+    let no_warmup = d.join("no-warmup");
+    let cfg0 = write(
+        &d,
+        "tiny0.toml",
+        &TINY.replace("eval-every = 2", "eval-every = 1000000"),
+    );
+    ok(&[
+        "train",
+        "--config",
+        s(&cfg0),
+        "--out",
+        s(&no_warmup),
+        "--max-steps",
+        "2",
+    ]);
+    let warm = d.join("warm");
+    ok(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&warm),
+        "--max-steps",
+        "2",
+    ]);
+    let a = std::fs::read(warm.join("last/model.safetensors")).unwrap();
+    let b = std::fs::read(no_warmup.join("last/model.safetensors")).unwrap();
+    assert!(a != b, "lr-warmup changed nothing");
     std::fs::remove_dir_all(&d).ok();
 }
 
