@@ -14,7 +14,8 @@ checkpoint maps tensor by tensor onto nvp's parameter names.
   export CKPT_DIR OUT.pt
       The other way: an nvp checkpoint folder (or run folder) -> a `ckpt.pt` that
       `realnvp_torch.py eval/sample --ckpt` loads (square images, `bn-variant = "batch"`,
-      `bn-affine = false`, `classes = 0`).
+      `bn-affine = false`, `classes = 0`). Its averaged model (`ema.safetensors`, from
+      `train.ema`) when it has one, as `nvp eval` does.
 
   fixture OUT.safetensors [--peer PATH]
       The cross-framework fixture of `tests/torch_parity.rs`: a small peer model in
@@ -156,7 +157,10 @@ def cmd_export(a):
     ckdir = a.ckpt
     if os.path.isdir(os.path.join(ckdir, "last")):
         ckdir = os.path.join(ckdir, "last")
-    paths = [os.path.join(ckdir, f) for f in ("model.safetensors", "config.toml")]
+    # The averaged model (train.ema) when the run kept one, as `nvp eval` does.
+    weights = "ema.safetensors" if os.path.isfile(os.path.join(ckdir, "ema.safetensors")) \
+        else "model.safetensors"
+    paths = [os.path.join(ckdir, f) for f in (weights, "config.toml")]
     for p in paths:
         if not os.path.isfile(p):
             raise SystemExit(f"{p} is missing: not an nvp checkpoint folder")
@@ -187,7 +191,7 @@ def cmd_export(a):
     torch.save(ck, tmp)
     os.replace(tmp, a.out)
     n = sum(t.numel() for k, t in state.items() if "running_" not in k and "num_batches" not in k)
-    print(f"{a.out}: {len(state)} tensors, {n} trainable parameters")
+    print(f"{a.out}: {len(state)} tensors, {n} trainable parameters (from {paths[0]})")
 
 
 def load_peer(path):

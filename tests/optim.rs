@@ -443,3 +443,90 @@ fn fused_update_equals_the_candle_ops_bitwise() {
     run(DType::F32);
     run(DType::F64);
 }
+
+/// A store holding `w` (trainable) and `bn.running_mean` (a buffer) of `len` elements.
+fn ema_store(len: usize, dtype: DType) -> nvp::flow::ParamStore {
+    let store = nvp::flow::ParamStore::new(7);
+    let vb = store.var_builder(dtype, &Device::Cpu);
+    vb.get(len, "w").unwrap();
+    vb.get(len, "bn.running_mean").unwrap();
+    store
+}
+
+fn named(store: &nvp::flow::ParamStore, name: &str) -> Var {
+    store
+        .named_vars()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap()
+        .1
+}
+
+/// Polyak averaging against the formula: update t uses d = min(decay, (1 + t)/(10 + t)),
+/// avg ← d·avg + (1 − d)·p; buffers are copied, not averaged.
+#[test]
+fn ema_matches_the_formula_and_copies_buffers() {
+    use nvp::flow::ema::decay_at;
+    let live = ema_store(2, DType::F64);
+    let avg = ema_store(2, DType::F64);
+    let (w, rm) = (named(&live, "w"), named(&live, "bn.running_mean"));
+    w.set(&Tensor::new(&[1.0f64, -2.0], &Device::Cpu).unwrap()).unwrap();
+    let mut ema = nvp::flow::Ema::new(&live, &avg, 0.5).unwrap();
+    assert_eq!(values(&named(&avg, "w")), [1.0, -2.0], "starts as a copy");
+    // d₁ = min(0.5, 2/11) = 2/11; d₂ = min(0.5, 3/12) = 1/4; d₃ = min(0.5, 4/13) = 4/13;
+    // d₁₀₀ = 0.5.
+    assert_eq!(decay_at(0.5, 1), 2.0 / 11.0);
+    assert_eq!(decay_at(0.5, 100), 0.5);
+    let mut want = [1.0f64, -2.0];
+    for (t, p) in [[3.0f64, 0.0], [-1.0, 4.0], [0.5, 0.25]].iter().enumerate() {
+        w.set(&Tensor::new(p, &Device::Cpu).unwrap()).unwrap();
+        rm.set(&Tensor::new(&[t as f64, 10.0], &Device::Cpu).unwrap())
+            .unwrap();
+        ema.update().unwrap();
+        let d = [2.0 / 11.0, 0.25, 4.0 / 13.0][t];
+        for (a, p) in want.iter_mut().zip(p) {
+            *a = d * *a + (1.0 - d) * p;
+        }
+        let got = values(&named(&avg, "w"));
+        for (g, e) in got.iter().zip(&want) {
+            assert!((g - e).abs() < 1e-15, "update {}: {got:?} vs {want:?}", t + 1);
+        }
+        assert_eq!(values(&named(&avg, "bn.running_mean")), [t as f64, 10.0]);
+    }
+    assert_eq!(ema.updates(), 3);
+    // A store of another model is refused by name.
+    let other = nvp::flow::ParamStore::new(7);
+    other.var_builder(DType::F64, &Device::Cpu).get(2, "v").unwrap();
+    let err = nvp::flow::Ema::new(&live, &other, 0.9).err().unwrap().to_string();
+    assert!(err.contains("`w`") || err.contains("`v`"), "{err}");
+}
+
+/// The in-place average (`nvp_kernels::ema_update`, over the rayon pool for large
+/// tensors) gives the candle ops' result to the bit, in f32 and f64.
+#[test]
+fn fused_ema_equals_the_candle_ops_bitwise() {
+    for dtype in [DType::F32, DType::F64] {
+        let n = 100_003; // more than two 32,768-element runs, not a multiple of one
+        let a = Tensor::randn(0f32, 1.0, n, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let x = Tensor::randn(0f32, 1.0, n, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let d = 0.9990000000001;
+        let want = ((&a * d).unwrap() + (&x * (1.0 - d)).unwrap()).unwrap();
+        let got = a.copy().unwrap();
+        nvp_kernels::ema_update(&got, &x, d).unwrap();
+        let (w, g): (Vec<f64>, Vec<f64>) = (
+            want.to_dtype(DType::F64).unwrap().to_vec1().unwrap(),
+            got.to_dtype(DType::F64).unwrap().to_vec1().unwrap(),
+        );
+        assert!(
+            w.iter().zip(&g).all(|(w, g)| w.to_bits() == g.to_bits()),
+            "{dtype:?}"
+        );
+        assert!(nvp_kernels::ema_update(&got, &got, d).is_err(), "aliasing");
+    }
+}

@@ -1,7 +1,10 @@
 //! Checkpoints: a folder holding the weights and batch-norm statistics
 //! (`model.safetensors`, loadable with Python's `safetensors`), the Adam
 //! moments (`optimizer.safetensors`), the run state (`state.toml`: step,
-//! epoch, batch, …) and the resolved config (`config.toml`).
+//! epoch, batch, …) and the resolved config (`config.toml`); with `train.ema`, also
+//! the averaged model (`ema.safetensors`: the averaged weights with the batch-norm
+//! statistics, the same keys as `model.safetensors`), which `eval`, `sample`, … load
+//! by default.
 //!
 //! Written atomically: everything goes into a temporary folder which then
 //! replaces the old checkpoint by rename (`last` → `last.old`, tmp → `last`,
@@ -21,6 +24,7 @@ use crate::settings::Settings;
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIM_FILE: &str = "optimizer.safetensors";
+pub const EMA_FILE: &str = "ema.safetensors";
 pub const STATE_FILE: &str = "state.toml";
 pub const CONFIG_FILE: &str = "config.toml";
 
@@ -45,6 +49,8 @@ pub struct RunState {
 pub struct Checkpoint<'a> {
     pub store: &'a ParamStore,
     pub optimizer: HashMap<String, Tensor>,
+    /// The averaged model, when the run keeps one.
+    pub ema: Option<&'a ParamStore>,
     pub state: &'a RunState,
     pub settings: &'a Settings,
 }
@@ -85,6 +91,10 @@ pub fn save(run_dir: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf> {
     let model = ckpt.store.tensors();
     check_finite("model", &model)?;
     check_finite("optimizer", &ckpt.optimizer)?;
+    let ema = ckpt.ema.map(ParamStore::tensors);
+    if let Some(t) = &ema {
+        check_finite("averaged model", t)?;
+    }
     let final_dir = run_dir.join(name);
     let tmp = run_dir.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
@@ -93,6 +103,9 @@ pub fn save(run_dir: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf> {
     fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     save_tensors(&tmp.join(MODEL_FILE), &model)?;
     save_tensors(&tmp.join(OPTIM_FILE), &ckpt.optimizer)?;
+    if let Some(t) = &ema {
+        save_tensors(&tmp.join(EMA_FILE), t)?;
+    }
     write_synced(
         &tmp.join(STATE_FILE),
         toml::to_string_pretty(ckpt.state)?.as_bytes(),
@@ -146,6 +159,22 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     )
 }
 
+/// The weights `--ckpt ARG` names in the checkpoint folder `dir` (from [`resolve`]):
+/// `ARG` itself when it is a checkpoint's weights file (`model.safetensors`, or
+/// `ema.safetensors`), otherwise the averaged model when the run kept one, otherwise
+/// `model.safetensors`.
+pub fn weights_file(arg: &Path, dir: &Path) -> PathBuf {
+    let named = arg.file_name().and_then(|n| n.to_str());
+    if arg.is_file() && matches!(named, Some(MODEL_FILE | EMA_FILE)) {
+        return arg.to_path_buf();
+    }
+    if dir.join(EMA_FILE).is_file() {
+        dir.join(EMA_FILE)
+    } else {
+        dir.join(MODEL_FILE)
+    }
+}
+
 /// The resolved settings saved with a checkpoint.
 pub fn load_settings(ckpt_dir: &Path) -> Result<Settings> {
     let p = ckpt_dir.join(CONFIG_FILE);
@@ -172,21 +201,26 @@ fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>>
         .with_context(|| format!("cannot read {} as safetensors", path.display()))
 }
 
-/// Build the model of `settings` on `device` and load the weights of
-/// `ckpt_dir`; the model returned records no autograd graph (inference).
+/// Build the model of `settings` on `device` and load the weights file `path` (a
+/// checkpoint's `model.safetensors` or `ema.safetensors`) into it; the model returned
+/// records no autograd graph (inference).
 pub fn load_model(
-    ckpt_dir: &Path,
+    path: &Path,
     settings: &Settings,
     device: &Device,
 ) -> Result<(ParamStore, RealNvp)> {
     let (store, _trainable) = crate::model::build(settings, device)?;
-    let path = ckpt_dir.join(MODEL_FILE);
-    let tensors = load_tensors(&path, device)?;
-    store
-        .load_tensors(&tensors)
-        .with_context(|| format!("{} does not fit the model of its config", path.display()))?;
+    load_into(&store, path, device)?;
     let frozen = crate::model::frozen(settings, &store, device)?;
     Ok((store, frozen))
+}
+
+/// Overwrites every tensor of `store` from the weights file `path`.
+pub fn load_into(store: &ParamStore, path: &Path, device: &Device) -> Result<()> {
+    let tensors = load_tensors(path, device)?;
+    store
+        .load_tensors(&tensors)
+        .with_context(|| format!("{} does not fit the model of its config", path.display()))
 }
 
 /// The Adam moments of a checkpoint.

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use nvp_data::preprocess::{bits_per_dim_batch, mean_bits_per_dim};
 use nvp_data::{Batch, Logit};
-use nvp_flow::{Adam, AdamConfig, Mode, ParamStore, RealNvp};
+use nvp_flow::{Adam, AdamConfig, Ema, Mode, ParamStore, RealNvp};
 use rand::Rng;
 
 use crate::settings::Settings;
@@ -20,11 +20,22 @@ pub struct Trainer {
     /// The same parameters without autograd, for evaluation and sampling.
     pub frozen: RealNvp,
     pub adam: Adam,
+    /// The averaged model of `train.ema`.
+    pub averaged: Option<Averaged>,
     lr: f64,
     lr_warmup: u64,
     l2: f64,
     clip: f64,
     scale_params: Vec<Tensor>,
+}
+
+/// A moving average of the trained parameters, as a model of its own.
+pub struct Averaged {
+    pub ema: Ema,
+    /// The averaged parameters (and a copy of the batch-norm statistics).
+    pub store: ParamStore,
+    /// The averaged model, without autograd (shares `store`'s storage).
+    pub frozen: RealNvp,
 }
 
 /// What one step did.
@@ -48,11 +59,22 @@ impl Trainer {
         )?;
         let scale_params = model.scale_parameters();
         let frozen = crate::model::frozen(s, &store, model.device())?;
+        let averaged = if s.train.ema > 0.0 {
+            let (avg, _) = crate::model::build(s, model.device())?;
+            Some(Averaged {
+                ema: Ema::new(&store, &avg, s.train.ema)?,
+                frozen: crate::model::frozen(s, &avg, model.device())?,
+                store: avg,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             store,
             model,
             frozen,
             adam,
+            averaged,
             lr: s.train.lr,
             lr_warmup: s.train.lr_warmup,
             l2: s.train.l2,
@@ -135,12 +157,26 @@ impl Trainer {
         self.adam
             .set_lr(warmup_lr(self.lr, self.lr_warmup, self.adam.steps() + 1));
         self.adam.step(&grads, scale)?;
+        if let Some(a) = &mut self.averaged {
+            a.ema.update()?;
+        }
         mark(Phase::Update)?;
         Ok(StepOutcome {
             bpd,
             grad_norm,
             skipped: false,
         })
+    }
+}
+
+impl Trainer {
+    /// The model the periodic evaluation and samples use: the averaged one when the
+    /// run keeps it.
+    pub fn eval_model(&self) -> &RealNvp {
+        match &self.averaged {
+            Some(a) => &a.frozen,
+            None => &self.frozen,
+        }
     }
 }
 

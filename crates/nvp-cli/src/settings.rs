@@ -112,6 +112,10 @@ pub struct TrainSettings {
     /// Warm-up: step `t` (from 1) uses `lr · min(1, t / lr-warmup)`, a linear ramp
     /// over the first `lr-warmup` steps (0 = none).
     pub lr_warmup: u64,
+    /// Polyak averaging: keep an exponential moving average of the parameters with
+    /// this decay (e.g. 0.999; 0 = off), used for the periodic evaluation and samples
+    /// and saved as `ema.safetensors`, which `eval`, `sample`, … load by default.
+    pub ema: f64,
     /// L2 penalty on the scale parameters (weight-norm gains, tanh scales).
     pub l2: f64,
     /// Gradient-norm clipping threshold (0 = off).
@@ -146,6 +150,7 @@ impl Default for TrainSettings {
             batch_size: 64,
             lr: 1e-3,
             lr_warmup: 0,
+            ema: 0.0,
             l2: 5e-5,
             clip: 100.0,
             max_steps: 100_000,
@@ -231,6 +236,9 @@ impl Settings {
         }
         if !(t.lr.is_finite() && t.lr > 0.0) {
             bail!("train.lr must be a positive number, got {}", t.lr);
+        }
+        if !(0.0..1.0).contains(&t.ema) {
+            bail!("train.ema must be in [0, 1) (0 = off), got {}", t.ema);
         }
         if !(t.l2.is_finite() && t.l2 >= 0.0) {
             bail!("train.l2 must be ≥ 0, got {}", t.l2);

@@ -762,7 +762,7 @@ fn killed_run_resumes_to_the_same_parameters() {
         &TINY
             .replace(
                 "eval-every = 2",
-                "eval-every = 1000000\ncheckpoint-minutes = 1e-9",
+                "eval-every = 1000000\ncheckpoint-minutes = 1e-9\nema = 0.9",
             )
             .replace("features = 4", "features = 4\nbn-affine = true"),
     );
@@ -822,7 +822,11 @@ fn killed_run_resumes_to_the_same_parameters() {
         model.windows(9).any(|w| w == b"log_scale"),
         "the checkpoint has no batch-norm affine"
     );
-    for f in ["model.safetensors", "optimizer.safetensors"] {
+    for f in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "ema.safetensors",
+    ] {
         let a = std::fs::read(killed.join("last").join(f)).unwrap();
         let b = std::fs::read(straight.join("last").join(f)).unwrap();
         assert!(
@@ -830,6 +834,44 @@ fn killed_run_resumes_to_the_same_parameters() {
             "{f} differs between the killed+resumed run and the straight run"
         );
     }
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// `train.ema`: the averaged model is saved beside the trained one, scored by the
+/// periodic evaluation, and loaded by `eval` unless `--ckpt` names `model.safetensors`.
+#[test]
+fn averaged_parameters_are_saved_evaluated_and_chosen() {
+    let d = tmp("ema");
+    let cfg = write(
+        &d,
+        "tiny.toml",
+        &TINY.replace("eval-every = 2", "eval-every = 4\nema = 0.9"),
+    );
+    let run = d.join("run");
+    ok(&["train", "--config", s(&cfg), "--out", s(&run)]);
+    let last = run.join("last");
+    let ema = std::fs::read(last.join("ema.safetensors")).unwrap();
+    let live = std::fs::read(last.join("model.safetensors")).unwrap();
+    assert!(ema != live, "the average equals the trained parameters");
+    let avg = ok(&["eval", "--ckpt", s(&run), "--json"]);
+    assert!(avg.contains("\"weights\":\"ema.safetensors\""), "{avg}");
+    let trained = ok(&[
+        "eval",
+        "--ckpt",
+        s(&last.join("model.safetensors")),
+        "--json",
+    ]);
+    assert!(
+        trained.contains("\"weights\":\"model.safetensors\""),
+        "{trained}"
+    );
+    let (a, t) = (json_number(&avg, "bpd"), json_number(&trained, "bpd"));
+    assert!(a != t, "the same bits/dim from both: {a}");
+    // the metrics row of step 4 is the averaged model's test bits/dim
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let row = csv.lines().last().unwrap();
+    let test_bpd: f64 = row.split(',').nth(4).unwrap().parse().unwrap();
+    assert!((test_bpd - a).abs() < 1e-5, "{row} vs {a}"); // the CSV has 5 decimals
     std::fs::remove_dir_all(&d).ok();
 }
 

@@ -5,7 +5,7 @@
 //! [`mask`]), the batch-norm bijection with its log-determinant
 //! ([`batch_norm`]), squeeze ([`squeeze`]), and the multi-scale model with
 //! factor-out ([`multiscale`]), plus a standard normal prior ([`prior`]) and
-//! the bits/dim helpers ([`bits`]).
+//! the bits/dim helpers ([`bits`]), Adam ([`optim`]) and parameter averaging ([`ema`]).
 //!
 //! Every layer implements [`Flow`]: `forward(x, mode)` returns the output and
 //! the per-sample log-determinant, `inverse(y)` returns the input. Parameters
@@ -20,6 +20,7 @@ pub mod bits;
 pub mod conditioner;
 pub mod config;
 pub mod coupling;
+pub mod ema;
 pub mod flow;
 pub mod mask;
 pub mod multiscale;
@@ -32,6 +33,7 @@ pub mod squeeze;
 pub use batch_norm::{BatchNormVariant, FlowBatchNorm};
 pub use config::{ConfigError, RealNvpConfig};
 pub use coupling::AffineCoupling;
+pub use ema::Ema;
 pub use flow::{Flow, Mode, Sequential};
 pub use mask::{Mask, MaskKind};
 pub use multiscale::RealNvp;

@@ -385,3 +385,77 @@ pub fn sum_squares_f64(t: &Tensor) -> Option<f64> {
     };
     Some(parts.iter().sum())
 }
+
+/// One step of an exponential moving average in place: `avg ← avg·decay + x·(1 − decay)`,
+/// for f32/f64 contiguous CPU tensors of one dtype and element count, with the
+/// arithmetic of the candle ops `(avg * decay) + (x * (1 − decay))` (so the same to the
+/// bit), over the rayon pool. `avg` and `x` must not share storage.
+pub fn ema_update(avg: &Tensor, x: &Tensor, decay: f64) -> Result<()> {
+    let dtype = avg.dtype();
+    if !adam_update_applies(dtype, avg.device())
+        || x.dtype() != dtype
+        || !x.device().is_cpu()
+        || x.elem_count() != avg.elem_count()
+    {
+        bail!(
+            "ema_update: the average is {dtype:?} {:?} on {:?}, the value {:?} {:?} on {:?}; need one f32/f64 shape on the CPU",
+            avg.dims(),
+            avg.device().location(),
+            x.dtype(),
+            x.dims(),
+            x.device().location()
+        );
+    }
+    if shares_storage(avg, x) {
+        bail!("ema_update: the average and the value share storage");
+    }
+    avg.inplace_op2(x, &Ema { decay })
+}
+
+struct Ema {
+    decay: f64,
+}
+
+impl InplaceOp2 for Ema {
+    fn name(&self) -> &'static str {
+        "nvp-ema"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        x: &CpuStorage,
+        x_l: &Layout,
+    ) -> Result<()> {
+        fn run<T: Elem>(a: &mut [T], x: &[T], decay: f64) {
+            let (d, e, z) = (T::of(decay), T::of(1.0 - decay), T::of(0.0));
+            let lerp = |a: &mut [T], x: &[T]| {
+                for (a, &x) in a.iter_mut().zip(x) {
+                    *a = (*a * d + z) + (x * e + z);
+                }
+            };
+            if a.len() < 2 * CHUNK {
+                lerp(a, x);
+            } else {
+                a.par_chunks_mut(CHUNK)
+                    .zip(x.par_chunks(CHUNK))
+                    .for_each(|(a, x)| lerp(a, x));
+            }
+        }
+        match dst.dtype() {
+            DType::F32 => run::<f32>(
+                mut_of(dst, dst_l, "average")?,
+                ref_of(x, x_l, "value")?,
+                self.decay,
+            ),
+            DType::F64 => run::<f64>(
+                mut_of(dst, dst_l, "average")?,
+                ref_of(x, x_l, "value")?,
+                self.decay,
+            ),
+            other => bail!("ema_update: dtype {other:?}"),
+        }
+        Ok(())
+    }
+}

@@ -44,7 +44,9 @@ mod resnet;
 mod util;
 mod winograd;
 
-pub use adam::{adam_update, adam_update_applies, sum_squares_f64, AdamParam, AdamScalars};
+pub use adam::{
+    adam_update, adam_update_applies, ema_update, sum_squares_f64, AdamParam, AdamScalars,
+};
 pub use bn::{
     batch_norm, batch_norm_blended, batch_norm_inverse, batch_norm_reference,
     batch_norm_uses_fast_path, BatchNormAffine, BatchNormOutput, BatchNormPlain, BatchVar,

@@ -41,6 +41,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
         (engine::evaluate(&l.model, loader.eval_batches()?)?, None)
     };
     let secs = t0.elapsed().as_secs_f64();
+    let weights = l
+        .weights
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let (mean, se) = nvp_flow::bits::mean_and_stderr(&bpd);
     let inv = if a.check_inverse {
         Some(engine::inverse_error(&l.model, loader.eval_batches()?)?)
@@ -61,7 +66,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     });
     if a.json {
         println!(
-            "{{\"split\":\"{}\",\"images\":{n},\"bpd\":{mean},\"stderr\":{},\"seconds\":{secs:.3},\"img_per_s\":{:.3}{}{}}}",
+            "{{\"split\":\"{}\",\"images\":{n},\"bpd\":{mean},\"stderr\":{},\"seconds\":{secs:.3},\"img_per_s\":{:.3},\"weights\":\"{weights}\"{}{}}}",
             a.split,
             num(se),
             n as f64 / secs,
@@ -75,7 +80,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         );
     } else {
         println!(
-            "{} bits/dim: {mean:.5} ± {se:.5} (standard error, {n} images, {:.1} img/s)",
+            "{} bits/dim: {mean:.5} ± {se:.5} (standard error, {n} images, {:.1} img/s; weights {weights})",
             a.split,
             n as f64 / secs
         );

@@ -38,6 +38,8 @@ pub(crate) struct Loaded {
     #[allow(dead_code)]
     pub store: ParamStore,
     pub model: RealNvp,
+    /// The weights file loaded (`model.safetensors` or `ema.safetensors`).
+    pub weights: std::path::PathBuf,
 }
 
 pub(crate) fn load(ckpt: &Path, device: Option<&str>) -> Result<Loaded> {
@@ -55,12 +57,14 @@ pub(crate) fn load_with(
     let mut settings = crate::checkpoint::load_settings(&dir)?;
     edit(&mut settings)?;
     let device = open_device(device.unwrap_or("cpu"))?;
-    let (store, model) = crate::checkpoint::load_model(&dir, &settings, &device)?;
+    let weights = crate::checkpoint::weights_file(ckpt, &dir);
+    let (store, model) = crate::checkpoint::load_model(&weights, &settings, &device)?;
     Ok(Loaded {
         settings,
         device,
         store,
         model,
+        weights,
     })
 }
 

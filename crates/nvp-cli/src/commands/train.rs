@@ -74,8 +74,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let (store, model) = crate::model::build(&settings, &device)?;
     let mut trainer = Trainer::new(store, model, &settings)?;
     if let Some(dir) = &resume_dir {
-        let (loaded, _) = checkpoint::load_model(dir, &settings, &device)?;
-        trainer.store.load_tensors(&loaded.tensors())?;
+        checkpoint::load_into(&trainer.store, &dir.join(checkpoint::MODEL_FILE), &device)?;
+        if let Some(a) = &mut trainer.averaged {
+            let path = dir.join(checkpoint::EMA_FILE);
+            if !path.is_file() {
+                bail!(
+                    "{} is missing: the run averages its parameters (train.ema = {})",
+                    path.display(),
+                    settings.train.ema
+                );
+            }
+            checkpoint::load_into(&a.store, &path, &device)?;
+            a.ema.set_updates(state.step);
+        }
         let opt = checkpoint::load_optimizer(dir, &device)?;
         trainer.adam.load_state(&opt, state.step).with_context(|| {
             format!(
@@ -315,13 +326,13 @@ fn periodic(
     train_bpd: f64,
     rate: f64,
 ) -> Result<MetricsRow> {
-    let bpd = engine::evaluate(&trainer.frozen, eval_loader.eval_batches()?)?;
+    let bpd = engine::evaluate(trainer.eval_model(), eval_loader.eval_batches()?)?;
     let (test_bpd, stderr) = nvp_flow::bits::mean_and_stderr(&bpd);
     let n = s.train.samples;
     if n > 0 {
         let mut rng = StdRng::seed_from_u64(s.train.seed ^ SAMPLE_SEED);
         let px = engine::sample_pixels(
-            &trainer.frozen,
+            trainer.eval_model(),
             n,
             s.train.temperature,
             s.data.alpha,
@@ -329,7 +340,7 @@ fn periodic(
             &mut rng,
         )?;
         let m = &s.model;
-        let cols = engine::sample_grid_cols(&trainer.frozen, n, None);
+        let cols = engine::sample_grid_cols(trainer.eval_model(), n, None);
         let img = report::grid(
             &px,
             n,
@@ -379,6 +390,7 @@ fn save_checkpoints(
     let ckpt = Checkpoint {
         store: &trainer.store,
         optimizer: trainer.adam.state()?,
+        ema: trainer.averaged.as_ref().map(|a| &a.store),
         state,
         settings: s,
     };
