@@ -294,3 +294,33 @@ fn class_subfolders_reject_images_in_the_root() {
     .unwrap_err();
     assert!(err.to_string().contains("stray.png"), "{err}");
 }
+
+/// Symbolic links to a folder itself or to one above it (link loops) end the scan, and
+/// no image is listed twice through them.
+#[cfg(unix)]
+#[test]
+fn link_loops_end_and_list_each_image_once() {
+    let dir = TempDir::new("links");
+    let sub = dir.path().join("a");
+    std::fs::create_dir_all(&sub).unwrap();
+    for (i, p) in [
+        dir.path().join("x.png"),
+        sub.join("y.png"),
+        sub.join("z.png"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        solid(4, 4, [i as u8, 0, 0]).save(p).unwrap();
+    }
+    std::os::unix::fs::symlink(".", sub.join("self")).unwrap();
+    std::os::unix::fs::symlink("..", sub.join("up")).unwrap();
+    std::os::unix::fs::symlink("a", dir.path().join("again")).unwrap();
+    let files = list_images(dir.path()).unwrap();
+    assert_eq!(files.len(), 3, "{files:?}");
+    // of the folder and the link to it, the folder (first by name) is listed
+    assert!(
+        files.iter().all(|f| !f.to_string_lossy().contains("again")),
+        "{files:?}"
+    );
+}

@@ -256,6 +256,26 @@ fn wrong_shapes_and_types_are_errors() {
         "{err}"
     );
 
+    // a header declaring 10¹² images over 12 KB of data: an error naming the file and
+    // the shape, not an attempt to allocate 3 PB
+    let lie = dir.path().join("lie.npz");
+    std::fs::write(
+        &lie,
+        zip_stored(&[
+            (
+                "data.npy",
+                npy("|u1", "(1000000000000, 3072)", &[0u8; 4 * 3072]),
+            ),
+            ("labels.npy", labels_i64(&[1, 2, 3, 4])),
+        ]),
+    )
+    .unwrap();
+    let err = read_imagenet_file(&lie, &opts).unwrap_err().to_string();
+    assert!(
+        err.contains("lie.npz") && err.contains("1000000000000 × 3072"),
+        "{err}"
+    );
+
     // 8×8 data where 32×32 is expected
     let small = dir.path().join("small.npz");
     std::fs::write(&small, archive(2, 8, 0, &[1, 2])).unwrap();

@@ -55,7 +55,8 @@ pub struct Checkpoint<'a> {
     pub settings: &'a Settings,
 }
 
-fn check_finite(kind: &str, tensors: &HashMap<String, Tensor>) -> Result<()> {
+/// The first tensor (by name) with a non-finite value: its name, the index and value.
+fn first_non_finite(tensors: &HashMap<String, Tensor>) -> Result<Option<(String, usize, f32)>> {
     let mut names: Vec<_> = tensors.keys().collect();
     names.sort();
     for name in names {
@@ -64,8 +65,15 @@ fn check_finite(kind: &str, tensors: &HashMap<String, Tensor>) -> Result<()> {
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?;
         if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-            bail!("refusing to write a checkpoint: {kind} tensor `{name}` has a non-finite value ({}) at index {i}", v[i]);
+            return Ok(Some((name.clone(), i, v[i])));
         }
+    }
+    Ok(None)
+}
+
+fn check_finite(kind: &str, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    if let Some((name, i, v)) = first_non_finite(tensors)? {
+        bail!("refusing to write a checkpoint: {kind} tensor `{name}` has a non-finite value ({v}) at index {i}");
     }
     Ok(())
 }
@@ -97,6 +105,7 @@ pub fn save(run_dir: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf> {
     }
     let final_dir = run_dir.join(name);
     let tmp = run_dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    remove_stale_temps(run_dir, name);
     if tmp.exists() {
         fs::remove_dir_all(&tmp)?;
     }
@@ -111,11 +120,13 @@ pub fn save(run_dir: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf> {
         toml::to_string_pretty(ckpt.state)?.as_bytes(),
     )?;
     write_synced(&tmp.join(CONFIG_FILE), ckpt.settings.to_toml()?.as_bytes())?;
+    // `name.old` is removed only when `name` is there to replace it: after a save cut
+    // off between the two renames, `name.old` is the only whole checkpoint.
     let old = run_dir.join(format!("{name}.old"));
-    if old.exists() {
-        fs::remove_dir_all(&old)?;
-    }
     if final_dir.exists() {
+        if old.exists() {
+            fs::remove_dir_all(&old)?;
+        }
         fs::rename(&final_dir, &old)?;
     }
     fs::rename(&tmp, &final_dir)
@@ -127,6 +138,24 @@ pub fn save(run_dir: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf> {
         d.sync_all().ok();
     }
     Ok(final_dir)
+}
+
+/// Removes the temporary folders (`.name.tmp-PID`) of saves that a killed process
+/// left behind; each holds a whole checkpoint's worth of files. Best effort.
+fn remove_stale_temps(run_dir: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = fs::read_dir(run_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file_name = e.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        if rest.parse::<u32>().is_ok() && e.path().is_dir() {
+            fs::remove_dir_all(e.path()).ok();
+        }
+    }
 }
 
 /// The checkpoint folder behind `path`: a checkpoint folder, a file inside
@@ -218,6 +247,12 @@ pub fn load_model(
 /// Overwrites every tensor of `store` from the weights file `path`.
 pub fn load_into(store: &ParamStore, path: &Path, device: &Device) -> Result<()> {
     let tensors = load_tensors(path, device)?;
+    if let Some((name, i, v)) = first_non_finite(&tensors)? {
+        bail!(
+            "{}: tensor `{name}` has a non-finite value ({v}) at index {i}: the file is corrupt",
+            path.display()
+        );
+    }
     store
         .load_tensors(&tensors)
         .with_context(|| format!("{} does not fit the model of its config", path.display()))
@@ -225,5 +260,13 @@ pub fn load_into(store: &ParamStore, path: &Path, device: &Device) -> Result<()>
 
 /// The Adam moments of a checkpoint.
 pub fn load_optimizer(ckpt_dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    load_tensors(&ckpt_dir.join(OPTIM_FILE), device)
+    let path = ckpt_dir.join(OPTIM_FILE);
+    let tensors = load_tensors(&path, device)?;
+    if let Some((name, i, v)) = first_non_finite(&tensors)? {
+        bail!(
+            "{}: tensor `{name}` has a non-finite value ({v}) at index {i}: the file is corrupt",
+            path.display()
+        );
+    }
+    Ok(tensors)
 }

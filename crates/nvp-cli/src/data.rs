@@ -19,6 +19,19 @@ pub fn open(s: &Settings, split: Split) -> Result<Arc<dyn ImageSource>> {
     let d = &s.data;
     let set = match d.dataset {
         DatasetKind::Procedural => {
+            if let Some(p) = &d.path {
+                bail!(
+                    "the dataset is procedural (generated, no files), but a data folder was given ({}): \
+                     pass the config of a file dataset with --config (e.g. configs/cifar10.toml)",
+                    p.display()
+                );
+            }
+            if !(4..=1024).contains(&s.model.height) {
+                bail!(
+                    "the procedural dataset makes images of 4 to 1024 pixels a side, not {}",
+                    s.model.height
+                );
+            }
             let gen = Procedural::new(ProceduralConfig {
                 size: s.model.height,
                 classes: d.classes,

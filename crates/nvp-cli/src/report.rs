@@ -196,19 +196,18 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
 pub fn plot_bpd(rows: &[MetricsRow], path: &Path) -> Result<()> {
     let (w, h, m) = (640u32, 400u32, 30i64);
     let mut img = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
+    // A diverging run's values (NaN, or 1e13 bits/dim) are left off the plot.
+    let plotted = |v: f64| v.is_finite() && v.abs() <= MAX_PLOTTED_BPD;
     let pts: Vec<(f64, f64, f64)> = rows
         .iter()
-        .filter(|r| r.train_bpd.is_finite())
+        .filter(|r| plotted(r.train_bpd))
         .map(|r| (r.step as f64, r.train_bpd, r.test_bpd))
         .collect();
     if pts.is_empty() {
         return save_png(&img, path);
     }
     let xmax = pts.iter().map(|p| p.0).fold(1.0, f64::max);
-    let vals = pts
-        .iter()
-        .flat_map(|p| [p.1, p.2])
-        .filter(|v| v.is_finite());
+    let vals = pts.iter().flat_map(|p| [p.1, p.2]).filter(|&v| plotted(v));
     let (lo, hi) = vals.fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
     let (lo, hi) = (
         (lo - 0.05 * (hi - lo).max(0.1)).floor(),
@@ -216,15 +215,17 @@ pub fn plot_bpd(rows: &[MetricsRow], path: &Path) -> Result<()> {
     );
     let tx = |x: f64| m + ((x / xmax) * (w as i64 - 2 * m) as f64) as i64;
     let ty = |y: f64| h as i64 - m - (((y - lo) / (hi - lo)) * (h as i64 - 2 * m) as f64) as i64;
-    let mut y = lo;
-    while y <= hi {
+    // Grid lines at whole multiples of 1, 2, 5, 10, 20, … bits/dim: at most 10 of them.
+    let step = grid_step(hi - lo);
+    let first = (lo / step).ceil() as i64;
+    for k in first..=(hi / step).floor() as i64 {
+        let y = k as f64 * step;
         line(
             &mut img,
             (m, ty(y)),
             (w as i64 - m, ty(y)),
             Rgb([225, 225, 225]),
         );
-        y += 1.0;
     }
     line(
         &mut img,
@@ -237,7 +238,7 @@ pub fn plot_bpd(rows: &[MetricsRow], path: &Path) -> Result<()> {
         let series: Vec<(i64, i64)> = pts
             .iter()
             .map(|p| (p.0, if sel == 1 { p.1 } else { p.2 }))
-            .filter(|p| p.1.is_finite())
+            .filter(|p| plotted(p.1))
             .map(|p| (tx(p.0), ty(p.1)))
             .collect();
         for s in series.windows(2) {
@@ -254,6 +255,23 @@ pub fn plot_bpd(rows: &[MetricsRow], path: &Path) -> Result<()> {
     save_png(&img, path)
 }
 
+/// Bits/dim beyond this are not plotted (a diverged run; 8-bit data with a uniform
+/// model has 8).
+const MAX_PLOTTED_BPD: f64 = 1e4;
+
+/// The smallest of 1, 2, 5, 10, 20, 50, … that cuts `range` into at most 10 parts.
+fn grid_step(range: f64) -> f64 {
+    if !(range.is_finite() && range > 10.0) {
+        return 1.0;
+    }
+    let decade = 10f64.powf((range / 10.0).log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * decade)
+        .find(|s| range / s <= 10.0)
+        .unwrap_or(10.0 * decade)
+}
+
 fn put(img: &mut RgbImage, x: i64, y: i64, c: Rgb<u8>) {
     if x >= 0 && y >= 0 && (x as u32) < img.width() && (y as u32) < img.height() {
         img.put_pixel(x as u32, y as u32, c);
@@ -267,5 +285,44 @@ fn line(img: &mut RgbImage, a: (i64, i64), b: (i64, i64), c: Rgb<u8>) {
         let y = a.1 + (b.1 - a.1) * i / n;
         put(img, x, y, c);
         put(img, x, y + 1, c);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_steps_are_round_and_few() {
+        assert_eq!(grid_step(3.0), 1.0);
+        assert_eq!(grid_step(10.0), 1.0);
+        assert_eq!(grid_step(15.0), 2.0);
+        assert_eq!(grid_step(45.0), 5.0);
+        assert_eq!(grid_step(9.6e13), 1e13);
+    }
+
+    /// A diverging run's metrics (a NaN and a 9.6e13 test bits/dim) are plotted at once
+    /// (the grid loop once drew a line per whole bits/dim).
+    #[test]
+    fn plotting_a_diverged_run_finishes() {
+        let row = |step, train_bpd, test_bpd| MetricsRow {
+            step,
+            epoch: 0,
+            elapsed_s: 1.0,
+            train_bpd,
+            test_bpd,
+            test_bpd_stderr: 0.0,
+            img_per_s: 1.0,
+            skipped_steps: 0,
+        };
+        let rows = [
+            row(2, 36.35, f64::NAN),
+            row(4, 58.49, 9.6e13),
+            row(6, 1e300, -1e300),
+        ];
+        let path = std::env::temp_dir().join(format!("nvp-plot-{}.png", std::process::id()));
+        plot_bpd(&rows, &path).unwrap();
+        assert!(path.is_file());
+        std::fs::remove_file(&path).ok();
     }
 }

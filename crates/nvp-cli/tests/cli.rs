@@ -619,6 +619,20 @@ fn non_finite_steps_stop_the_run_and_spare_the_checkpoint() {
         st.contains("skipped-steps = 0"),
         "checkpoints are written only after good steps: {st}"
     );
+    // diverging before the first checkpoint: the message says there is none
+    let cfg = write(
+        &d,
+        "nan-early.toml",
+        &std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("eval-every = 1", "eval-every = 1000"),
+    );
+    let early = d.join("early");
+    let err = fails(&["train", "--config", s(&cfg), "--out", s(&early)]);
+    assert!(
+        err.contains("no checkpoint was saved") && !err.contains("intact"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&d).ok();
 }
 
@@ -678,6 +692,36 @@ fn bad_checkpoints_and_flags_give_clear_errors() {
         "{err}"
     );
     std::fs::write(&c, text).unwrap();
+
+    // a non-finite weight is refused when loading, naming the file and the tensor: the
+    // first 4 bytes of the data (after the 8-byte header length and the JSON header)
+    // become an f32 NaN
+    let model = run.join("last/model.safetensors");
+    let good = std::fs::read(&model).unwrap();
+    let mut bad = good.clone();
+    let start = 8 + u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    bad[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&model, &bad).unwrap();
+    let err = fails(&["eval", "--ckpt", s(&run)]);
+    assert!(
+        err.contains("model.safetensors") && err.contains("non-finite") && err.contains("tensor `"),
+        "{err}"
+    );
+    std::fs::write(&model, &good).unwrap();
+
+    // --data with the procedural dataset (e.g. a forgotten --config) is refused
+    let err = fails(&["train", "--data", s(&d), "--out", s(&d.join("r3"))]);
+    assert!(
+        err.contains("procedural") && err.contains("--config"),
+        "{err}"
+    );
+
+    // a killed save's temporary folder is removed by the next save
+    let stale = run.join(".last.tmp-4000000");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("model.safetensors"), b"partial").unwrap();
+    ok(&["train", "--out", s(&run), "--resume", "--max-steps", "4"]);
+    assert!(!stale.exists(), "the stale temporary folder is still there");
 
     // an image of the wrong size for interpolate
     let small = d.join("small.png");

@@ -127,17 +127,34 @@ fn is_image_name(p: &Path) -> bool {
     !hidden && ext_ok
 }
 
-fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
+/// Appends the image files under `dir` to `out`. `seen` holds the canonical paths of
+/// the folders listed so far: a folder reached again (through a symbolic link to it or
+/// to one above it) is not listed twice, so link loops end and no image is counted twice
+/// through linked folders.
+fn walk(
+    dir: &Path,
+    depth: usize,
+    seen: &mut std::collections::HashSet<PathBuf>,
+    out: &mut Vec<PathBuf>,
+) -> Result<()> {
+    let canonical = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
+    if !seen.insert(canonical) {
+        return Ok(());
+    }
     if depth > MAX_DEPTH {
         return Err(Error::arg(format!(
             "{}: folders nested deeper than {MAX_DEPTH} levels (a link loop?)",
             dir.display()
         )));
     }
-    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    for entry in rd {
-        let entry = entry.map_err(|e| Error::io(dir, e))?;
-        let path = entry.path();
+    // In name order, so that of a folder and a link to it, the same one is listed
+    // whatever order the file system returns them in.
+    let mut paths = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .map(|e| e.map(|e| e.path()).map_err(|e| Error::io(dir, e)))
+        .collect::<Result<Vec<_>>>()?;
+    paths.sort();
+    for path in paths {
         // follows symbolic links
         let meta = match std::fs::metadata(&path) {
             Ok(m) => m,
@@ -149,7 +166,7 @@ fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with('.'));
             if !hidden {
-                walk(&path, depth + 1, out)?;
+                walk(&path, depth + 1, seen, out)?;
             }
         } else if meta.is_file() && is_image_name(&path) {
             out.push(path);
@@ -167,7 +184,7 @@ pub fn list_images(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
         return Err(Error::arg(format!("{} is not a folder", dir.display())));
     }
     let mut out = Vec::new();
-    walk(dir, 0, &mut out)?;
+    walk(dir, 0, &mut Default::default(), &mut out)?;
     if out.is_empty() {
         return Err(Error::EmptyFolder {
             dir: dir.to_path_buf(),

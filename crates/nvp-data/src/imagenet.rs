@@ -252,10 +252,34 @@ fn convert_labels(
 
 /// Reads one archive from any `Read + Seek` source; `path` is used in error messages.
 pub fn read_imagenet_npz<R: Read + Seek>(
-    reader: R,
+    mut reader: R,
     path: &Path,
     opts: &ImagenetOptions,
 ) -> Result<ImageSet> {
+    // The images' shape, from the array's header, against the bytes the archive holds
+    // for it, before the array is allocated: a damaged or crafted header would ask for
+    // any amount of memory.
+    {
+        let mut zip = zip::ZipArchive::new(&mut reader).map_err(|e| npz_err(path, e))?;
+        if let Ok(entry) = zip.by_name("data.npy") {
+            let size = entry.size();
+            let (rows, row, header) = npy_u8_header(entry, path)?;
+            let need = (rows as u128) * (row as u128);
+            if need > u128::from(size.saturating_sub(header)) {
+                return Err(array_err(
+                    path,
+                    "data",
+                    format!(
+                        "its header declares {rows} × {row} bytes, but the archive holds {} bytes of it",
+                        size.saturating_sub(header)
+                    ),
+                ));
+            }
+        };
+    }
+    reader
+        .seek(std::io::SeekFrom::Start(0))
+        .map_err(|e| Error::io(path, e))?;
     let mut npz = NpzReader::new(reader).map_err(|e| npz_err(path, e))?;
     let names = npz.names().map_err(|e| npz_err(path, e))?;
     let present = if names.is_empty() {
@@ -337,9 +361,19 @@ fn read_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<
 /// The `(rows, row length)` of the uint8 C-order 2-D array whose `.npy` file starts at
 /// `offset` in `file`, and the offset of its data.
 fn npy_u8_matrix(file: &File, path: &Path, offset: u64) -> Result<(usize, usize, u64)> {
+    let mut r = file;
+    r.seek(std::io::SeekFrom::Start(offset))
+        .map_err(|e| Error::io(path, e))?;
+    let (rows, row, header) = npy_u8_header(r, path)?;
+    Ok((rows, row, offset + header))
+}
+
+/// The shape `(N, row)` of the 2-D uint8 `.npy` array that `r` starts with, and the
+/// length of its header in bytes.
+fn npy_u8_header(mut r: impl Read, path: &Path) -> Result<(usize, usize, u64)> {
     let bad = |m: String| array_err(path, "data", m);
     let mut pre = [0u8; 12];
-    read_at(file, &mut pre, offset).map_err(|e| Error::io(path, e))?;
+    r.read_exact(&mut pre).map_err(|e| Error::io(path, e))?;
     if &pre[..6] != b"\x93NUMPY" {
         return Err(bad("not an .npy array (bad magic)".into()));
     }
@@ -352,7 +386,13 @@ fn npy_u8_matrix(file: &File, path: &Path, offset: u64) -> Result<(usize, usize,
         v => return Err(bad(format!("unsupported .npy version {v}"))),
     };
     let mut h = vec![0u8; hlen];
-    read_at(file, &mut h, offset + hstart).map_err(|e| Error::io(path, e))?;
+    if hstart == 10 {
+        // version 1: the header began at byte 10, two of which are already read
+        h[..2].copy_from_slice(&pre[10..12]);
+        r.read_exact(&mut h[2..]).map_err(|e| Error::io(path, e))?;
+    } else {
+        r.read_exact(&mut h).map_err(|e| Error::io(path, e))?;
+    }
     let h = String::from_utf8_lossy(&h);
     let value = |key: &str| -> Option<&str> {
         let at = h.find(&format!("'{key}'"))? + key.len() + 2;
@@ -388,7 +428,7 @@ fn npy_u8_matrix(file: &File, path: &Path, offset: u64) -> Result<(usize, usize,
             "expected a 2-D uint8 array (N, 3*H*W), got shape {shape:?}"
         )));
     };
-    Ok((rows, row, offset + hstart + hlen as u64))
+    Ok((rows, row, hstart + hlen as u64))
 }
 
 impl StreamedImagenet {

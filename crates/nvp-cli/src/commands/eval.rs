@@ -66,8 +66,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
     });
     if a.json {
         println!(
-            "{{\"split\":\"{}\",\"images\":{n},\"bpd\":{mean},\"stderr\":{},\"seconds\":{secs:.3},\"img_per_s\":{:.3},\"weights\":\"{weights}\"{}{}}}",
+            "{{\"split\":\"{}\",\"images\":{n},\"bpd\":{},\"stderr\":{},\"seconds\":{secs:.3},\"img_per_s\":{:.3},\"weights\":\"{weights}\"{}{}}}",
             a.split,
+            num(mean),
             num(se),
             n as f64 / secs,
             inv.map(|e| format!(",\"inverse_max_abs_error\":{e:e}")).unwrap_or_default(),

@@ -192,10 +192,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
             );
             if bad_in_row >= t.max_bad_steps {
                 pb.abandon();
+                let kept = match checkpoint::resolve(&out) {
+                    Ok(dir) => format!("the last good checkpoint, {}, is intact", dir.display()),
+                    Err(_) => format!("no checkpoint was saved in {} yet", out.display()),
+                };
                 bail!(
-                    "stopping: {bad_in_row} non-finite steps in a row after step {}; the last good checkpoint in {} is intact (try a lower train.lr or train.clip)",
-                    state.step,
-                    out.display()
+                    "stopping: {bad_in_row} non-finite steps in a row after step {}; {kept} (try a lower train.lr or train.clip)",
+                    state.step
                 );
             }
             continue;
@@ -228,13 +231,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 bpd_sum / bpd_n.max(1) as f64,
                 rate,
             )?;
-            say(
-                &pb,
-                format!(
-                    "step {:>6}  train bpd {:.4}  test bpd {:.4} ± {:.4}  {:.1} img/s",
-                    row.step, row.train_bpd, row.test_bpd, row.test_bpd_stderr, row.img_per_s
-                ),
-            );
+            say_row(&pb, &row);
             warn_skipped(&pb, train_set.as_ref(), &mut skips_reported);
             last_eval_step = state.step;
             (saved_step, last_saved) = (Some(state.step), Instant::now());
@@ -290,13 +287,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             train_bpd,
             rate,
         )?;
-        say(
-            &pb,
-            format!(
-                "step {:>6}  train bpd {:.4}  test bpd {:.4} ± {:.4}  {:.1} img/s",
-                row.step, row.train_bpd, row.test_bpd, row.test_bpd_stderr, row.img_per_s
-            ),
-        );
+        say_row(&pb, &row);
     }
     warn_skipped(&pb, train_set.as_ref(), &mut skips_reported);
     pb.finish_and_clear();
@@ -399,6 +390,29 @@ fn save_checkpoints(
         checkpoint::save(out, "best", &ckpt)?;
     }
     Ok(())
+}
+
+/// The line of an evaluation, and a warning when its test bits/dim is not finite: the
+/// weights are (checkpoints refuse others), but the model overflows on some test image;
+/// `best/` keeps the best finite one.
+fn say_row(pb: &indicatif::ProgressBar, row: &MetricsRow) {
+    say(
+        pb,
+        format!(
+            "step {:>6}  train bpd {:.4}  test bpd {:.4} ± {:.4}  {:.1} img/s",
+            row.step, row.train_bpd, row.test_bpd, row.test_bpd_stderr, row.img_per_s
+        ),
+    );
+    if !row.test_bpd.is_finite() {
+        say(
+            pb,
+            format!(
+                "warning: the test bits/dim at step {} is not finite: the model diverges on some test images \
+                 (best/ keeps the best finite one; try a lower train.lr or train.clip)",
+                row.step
+            ),
+        );
+    }
 }
 
 /// A warning for the unreadable training files a streamed folder has skipped since the
