@@ -163,7 +163,7 @@ fn label_out_of_range_names_the_record() {
             ..
         } => {
             assert_eq!(p, &path);
-            assert_eq!((*record, *offset, *label), (3, 3 * 3073, 10));
+            assert_eq!((*record, *offset, *label), (3, Some(3 * 3073), 10));
         }
         e => panic!("unexpected error {e}"),
     }

@@ -203,6 +203,10 @@ fn int32_labels_and_zero_based_option() {
         "{err}"
     );
     assert!(err.to_string().contains("x.npz"), "{err}");
+    assert!(
+        err.to_string().contains("expected 1..=1000") && !err.to_string().contains("offset"),
+        "{err}"
+    );
 }
 
 #[test]

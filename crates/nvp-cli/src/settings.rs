@@ -226,6 +226,12 @@ impl Settings {
 
     /// Check every value; errors name the key.
     pub fn validate(&self) -> Result<()> {
+        if self.name.is_empty() || self.name.starts_with('.') || self.name.contains(['/', '\\']) {
+            bail!(
+                "name = {:?}: the run's name becomes the folder runs/<name>; use a plain name (no path separators, not starting with '.')",
+                self.name
+            );
+        }
         self.model.validate()?;
         let t = &self.train;
         if t.batch_size == 0 {

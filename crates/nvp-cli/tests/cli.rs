@@ -716,6 +716,37 @@ fn bad_checkpoints_and_flags_give_clear_errors() {
         "{err}"
     );
 
+    // sizes that cannot be held in memory, and a name that is a path
+    let err = fails(&[
+        "sample",
+        "--ckpt",
+        s(&run),
+        "--n",
+        "1000000000",
+        "--out",
+        s(&d.join("x.png")),
+    ]);
+    assert!(err.contains("--n") && err.contains("GiB"), "{err}");
+    let err = fails(&[
+        "interpolate",
+        "--ckpt",
+        s(&run),
+        "--indices",
+        "0,1",
+        "--steps",
+        "100000",
+        "--out",
+        s(&d.join("x.png")),
+    ]);
+    assert!(err.contains("--steps"), "{err}");
+    let evil = write(
+        &d,
+        "evil.toml",
+        &TINY.replace("name = \"tiny\"", "name = \"../evil\""),
+    );
+    let err = fails(&["train", "--config", s(&evil), "--max-steps", "1"]);
+    assert!(err.contains("name") && err.contains("../evil"), "{err}");
+
     // a killed save's temporary folder is removed by the next save
     let stale = run.join(".last.tmp-4000000");
     std::fs::create_dir_all(&stale).unwrap();

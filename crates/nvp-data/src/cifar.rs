@@ -127,8 +127,9 @@ pub fn parse_cifar10(bytes: &[u8], path: &Path) -> Result<ImageSet> {
             return Err(Error::LabelOutOfRange {
                 path: path.to_path_buf(),
                 record: i,
-                offset: (i * RECORD_BYTES) as u64,
+                offset: Some((i * RECORD_BYTES) as u64),
                 label: i64::from(label),
+                min: 0,
                 max: NUM_CLASSES as i64 - 1,
             });
         }

@@ -47,19 +47,22 @@ pub enum Error {
 
     /// A label outside the valid range.
     #[error(
-        "{}: record {record} (byte offset {offset}) has label {label}, expected 0..={max}",
-        path.display()
+        "{}: record {record}{} has label {label}, expected {min}..={max}",
+        path.display(),
+        offset.map(|o| format!(" (byte offset {o})")).unwrap_or_default()
     )]
     LabelOutOfRange {
         /// The file.
         path: PathBuf,
         /// Index of the record (image) in the file.
         record: usize,
-        /// Byte offset of the label within the file (0 when not meaningful).
-        offset: u64,
+        /// Byte offset of the label within the file, where that means something (a
+        /// binary record file; not a compressed array).
+        offset: Option<u64>,
         /// The label as found in the file.
         label: i64,
-        /// The largest valid label.
+        /// The smallest and largest valid labels.
+        min: i64,
         max: i64,
     },
 

@@ -240,8 +240,9 @@ fn convert_labels(
             return Err(Error::LabelOutOfRange {
                 path: path.to_path_buf(),
                 record: i,
-                offset: 0,
+                offset: None,
                 label: l,
+                min: base,
                 max,
             });
         }

@@ -14,8 +14,11 @@ use crate::cli::InterpolateArgs;
 use crate::{engine, report};
 
 pub fn run(a: InterpolateArgs) -> Result<()> {
-    if a.steps < 2 {
-        bail!("--steps must be at least 2");
+    if !(2..=256).contains(&a.steps) {
+        bail!(
+            "--steps must be from 2 to 256 (a steps × steps grid), got {}",
+            a.steps
+        );
     }
     let mut l = super::load(&a.ckpt, a.device.as_deref())?;
     if l.model.is_conditional() {

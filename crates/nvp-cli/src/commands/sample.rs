@@ -7,6 +7,9 @@ use rand::SeedableRng;
 use crate::cli::SampleArgs;
 use crate::{engine, report};
 
+/// The most pixel bytes one `nvp sample` call produces (1 GiB).
+const MAX_PIXEL_BYTES: usize = 1 << 30;
+
 pub fn run(a: SampleArgs) -> Result<()> {
     if a.n == 0 {
         bail!("--n must be at least 1");
@@ -26,8 +29,22 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
         Ok(())
     })?;
-    let mut rng = StdRng::seed_from_u64(a.seed);
     let m = &l.settings.model;
+    // The pixels and the grid are held in memory: refuse what cannot be.
+    if a.n
+        .checked_mul(m.dims())
+        .is_none_or(|b| b > MAX_PIXEL_BYTES)
+    {
+        bail!(
+            "--n {} images of {}×{}×{} is more than {} GiB of pixels: draw fewer per call (--n) or use --seed to draw more batches",
+            a.n,
+            m.channels,
+            m.height,
+            m.width,
+            MAX_PIXEL_BYTES >> 30
+        );
+    }
+    let mut rng = StdRng::seed_from_u64(a.seed);
     let mut px = Vec::with_capacity(a.n * m.dims());
     // Decode in chunks of at most 256 CIFAR-10-sized images' worth of values, to
     // bound memory (fewer images per chunk at larger sizes).
