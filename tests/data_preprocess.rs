@@ -54,18 +54,32 @@ fn identity_flow_on_constant_image_matches_closed_form() {
     }
 }
 
+/// The uniform density `256^-D` on the cube `[0, 256)^D`, pushed to logit space, is 8
+/// bits/dim. Its log-density at `y` is computed here from `y` alone, with the inverse
+/// map's derivative `dx/dy = 256/(1 − 2α) · σ(y)(1 − σ(y))` written out (not the
+/// library's log-det): `log p_y(y) = −D ln 256 + Σ_k ln |dx_k/dy_k|`. Then
+/// `bits/dim = −(log p_y + ld_pre)/(D ln 2)` is 8 exactly when the library's `ld_pre`
+/// equals `−Σ ln |dx/dy|`: a missing `−ln 256` gives 0, a wrong α term or sign moves it.
 #[test]
-fn uniform_density_on_the_cube_gives_exactly_8_bits_per_dim() {
-    let dq = Dequantize::default();
+fn uniform_density_on_the_cube_gives_8_bits_per_dim_via_the_inverse_jacobian() {
     let mut rng = StdRng::seed_from_u64(7);
-    for dims in [1usize, 12, 3072] {
-        let pixels: Vec<u8> = (0..dims).map(|_| rng.random()).collect();
-        let noise = Dequantize::noise(&mut rng, dims);
-        let (_, ld) = dq.apply_with_noise_f64(&pixels, &noise).unwrap();
-        // density 256^-D on x; in y: log p(y) = -D ln 256 - log|dy/dx|
-        let log_p_y = -(dims as f64) * LN_256 - ld;
-        let bpd = bits_per_dim(log_p_y, ld, dims);
-        assert!((bpd - 8.0).abs() < 1e-12, "{bpd}");
+    for alpha in [0.05, 0.001, 0.3] {
+        let dq = Dequantize::new(alpha).unwrap();
+        for dims in [1usize, 12, 3072] {
+            let pixels: Vec<u8> = (0..dims).map(|_| rng.random()).collect();
+            let noise = Dequantize::noise(&mut rng, dims);
+            let (y, ld) = dq.apply_with_noise_f64(&pixels, &noise).unwrap();
+            // ln σ(y) = −ln(1 + e^−y), ln(1 − σ(y)) = −ln(1 + e^y)
+            let ln_dx_dy: f64 = y
+                .iter()
+                .map(|&v| {
+                    256f64.ln() - (1.0 - 2.0 * alpha).ln() - (-v).exp().ln_1p() - v.exp().ln_1p()
+                })
+                .sum();
+            let log_p_y = -(dims as f64) * 256f64.ln() + ln_dx_dy;
+            let bpd = bits_per_dim(log_p_y, ld, dims);
+            assert!((bpd - 8.0).abs() < 1e-11, "alpha {alpha}, D {dims}: {bpd}");
+        }
     }
 }
 
@@ -90,7 +104,7 @@ fn uniform_density_pushed_to_logit_space_integrates_to_one() {
 
 #[test]
 fn log_det_matches_finite_differences() {
-    for alpha in [0.05, 0.0, 0.2, 0.45] {
+    for alpha in [0.05, 1e-6, 0.2, 0.45] {
         let l = Logit::new(alpha).unwrap();
         let mut xs = Vec::new();
         for k in 0..=512 {
@@ -194,7 +208,7 @@ fn bad_arguments_are_errors() {
     assert!(Logit::new(0.5).is_err());
     assert!(Logit::new(-0.01).is_err());
     assert!(Logit::new(f64::NAN).is_err());
-    assert!(Logit::new(0.0).is_ok());
+    assert!(Logit::new(1e-300).is_ok());
     assert!(Dequantize::new(0.7).is_err());
     let l = Logit::default();
     assert!(l.forward(&[-0.5]).is_err());
@@ -220,4 +234,72 @@ fn batch_bits_per_dim_is_per_image() {
     assert!((b[1] - 80.0 / (10.0 * LN_2)).abs() < 1e-12);
     let m = mean_bits_per_dim(&lp, &ld, dims).unwrap();
     assert!((m - b[0]).abs() < 1e-12);
+}
+
+/// α = 0 would map the dequantised value 0 (pixel 0 with noise exactly 0, which
+/// `Dequantize::apply` can draw) to `y = −∞` with `ld = +∞`, and 256 to `+∞`: it is a
+/// typed error, from the constructors and from every slice entry point of a `Logit`
+/// built by hand.
+#[test]
+fn alpha_zero_is_an_invalid_argument() {
+    use nvp::data::Error;
+    for err in [
+        Logit::new(0.0).unwrap_err(),
+        Dequantize::new(0.0).unwrap_err(),
+        Logit::new(-0.0).unwrap_err(),
+    ] {
+        assert!(
+            matches!(&err, Error::InvalidArgument(m) if m.contains("logit alpha") && m.contains("(0, 0.5)")),
+            "{err}"
+        );
+    }
+    let l = Logit { alpha: 0.0 };
+    assert!(l.forward(&[0.0, 128.0]).is_err());
+    assert!(l.forward_f64(&[0.0, 128.0]).is_err());
+    assert!(l.log_det(&[256.0]).is_err());
+    let dq = Dequantize { logit: l };
+    let mut y = vec![0f32; 2];
+    assert!(dq.apply_with_noise(&[0, 255], &[0.0, 0.5], &mut y).is_err());
+    assert!(dq.apply_with_noise_f64(&[0, 255], &[0.0, 0.5]).is_err());
+    assert!(dq
+        .apply(&[0, 255], &mut StdRng::seed_from_u64(1), &mut y)
+        .is_err());
+}
+
+/// For any α > 0 the log-det is finite on all of `[0, 256]`, also where α is so small
+/// that a product of 8 factors `p(1 − p) ≈ α` would underflow to 0. With α = 1e-300 and
+/// x ∈ {0, 256}, p or 1 − p is α and the other rounds to 1, so each value contributes
+/// `−ln 256 − ln α`; 16 values: `16·(ln(1 − 2α) − ln 256 − ln α − ln(1 − α))`
+/// = 10963.685607259746 (Python, `math.log`).
+#[test]
+fn log_det_is_finite_for_a_tiny_alpha() {
+    let l = Logit::new(1e-300).unwrap();
+    let xs: Vec<f64> = [0.0; 8].into_iter().chain([256.0; 8]).collect();
+    let expected = 10963.685607259746;
+    let ld = l.log_det(&xs).unwrap();
+    assert!((ld - expected).abs() < 1e-9, "{ld} vs {expected}");
+    let (y, ld_fwd) = l.forward_f64(&xs).unwrap();
+    assert_eq!(ld_fwd, ld);
+    assert!(y.iter().all(|v| v.is_finite()), "{y:?}");
+    // dequantised: pixel 0 with noise 0 gives x = 0
+    let dq = Dequantize { logit: l };
+    let (_, ld_dq) = dq.apply_with_noise_f64(&[0; 8], &[0.0; 8]).unwrap();
+    assert!((ld_dq - expected / 2.0).abs() < 1e-9, "{ld_dq}");
+}
+
+/// `mean_and_stderr` against a hand case: [1, 2, 3] has mean 2, unbiased sample
+/// variance ((1−2)² + 0 + (3−2)²)/(3 − 1) = 1 and standard error √(1/3) =
+/// 0.5773502691896257 (a biased variance would give √(2/9) = 0.4714); one value has no
+/// standard error, none has no mean.
+#[test]
+fn mean_and_stderr_of_a_hand_case() {
+    use nvp::flow::bits::mean_and_stderr;
+    let (m, se) = mean_and_stderr(&[1.0, 2.0, 3.0]);
+    assert_eq!(m, 2.0);
+    assert!((se - 0.5773502691896257).abs() < 1e-15, "{se}");
+    let (m, se) = mean_and_stderr(&[4.5]);
+    assert_eq!(m, 4.5);
+    assert!(se.is_nan());
+    let (m, se) = mean_and_stderr(&[]);
+    assert!(m.is_nan() && se.is_nan());
 }

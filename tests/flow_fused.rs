@@ -167,51 +167,146 @@ fn fused_resnet_in_the_whole_model() {
 /// against candle's own ops (`set_fast_cpu(false)`): output, log-det, the input
 /// gradient of a random linear loss on both, and the running averages after the step.
 /// Different arithmetic (f64 statistics in the kernels): measured ≤ 1.7e-7 relative,
-/// checked at 2e-6.
+/// checked at 2e-6. Twice: with ε = 1e-5 and batch variances ≈ 2.25 (the defaults), and
+/// with ε = 0.1, batch variances ≈ 0.01 and running variances in [0.01, 0.1], where ε
+/// dominates σ² + ε, so that a dropped or misplaced ε in one path (e.g. `1/(√σ² + ε)`)
+/// is far above the tolerance (at the defaults it would move `y` by only ≈ 2e-6).
 #[test]
 fn flow_batch_norm_kernels_match_candle_in_both_variants() {
     use nvp::flow::batch_norm::{FlowBatchNorm, FlowBatchNormConfig};
     use nvp::flow::{BatchNormVariant, Flow};
     let _guard = lock();
-    for variant in [BatchNormVariant::Batch, BatchNormVariant::RunningAverage] {
-        let run = |fast: bool| -> Vec<(String, Vec<f64>)> {
-            nvp_kernels::set_fast_cpu(fast);
-            let store = ParamStore::new(40);
-            let cfg = FlowBatchNormConfig {
-                variant,
-                momentum: 0.3,
-                ..FlowBatchNormConfig::default()
+    for (eps, x_scale, small_running_var) in [(1e-5, 1.5, false), (0.1, 0.1, true)] {
+        for variant in [BatchNormVariant::Batch, BatchNormVariant::RunningAverage] {
+            let run = |fast: bool| -> Vec<(String, Vec<f64>)> {
+                nvp_kernels::set_fast_cpu(fast);
+                let store = ParamStore::new(40);
+                let cfg = FlowBatchNormConfig {
+                    variant,
+                    momentum: 0.3,
+                    eps,
+                    ..FlowBatchNormConfig::default()
+                };
+                let vb = store.var_builder(DType::F32, &Device::Cpu);
+                let bn = FlowBatchNorm::new(6, cfg, vb.pp("bn")).unwrap();
+                randomise(&store, 41);
+                if small_running_var {
+                    let v: Vec<f32> = (0..6).map(|k| 0.01 + 0.018 * k as f32).collect();
+                    let t = Tensor::from_vec(v, 6, &Device::Cpu).unwrap();
+                    let vars: HashMap<String, Var> = store.named_vars().into_iter().collect();
+                    vars["bn.running_var"].set(&t).unwrap();
+                    assert_eq!(to_vec_f64(bn.running_var())[0], 0.01f32 as f64);
+                }
+                let x = Var::from_tensor(&randn(&[4, 6, 5, 5], x_scale, DType::F32, &mut rng(42)))
+                    .unwrap();
+                let r = randn(&[4, 6, 5, 5], 1.0, DType::F32, &mut rng(43));
+                let (y, ld) = bn.forward(x.as_tensor(), Mode::Train).unwrap();
+                let loss = ((&y * &r).unwrap().sum_all().unwrap()
+                    + (ld.sum_all().unwrap() * 0.1).unwrap())
+                .unwrap();
+                let g = loss.backward().unwrap();
+                let gx = g.get(x.as_tensor()).expect("no gradient for x");
+                let (ye, lde) = bn.forward(x.as_tensor(), Mode::Eval).unwrap();
+                vec![
+                    ("y".into(), to_vec_f64(&y)),
+                    ("log-det".into(), to_vec_f64(&ld)),
+                    ("dx".into(), to_vec_f64(gx)),
+                    ("running_mean".into(), to_vec_f64(bn.running_mean())),
+                    ("running_var".into(), to_vec_f64(bn.running_var())),
+                    ("eval y".into(), to_vec_f64(&ye)),
+                    ("eval log-det".into(), to_vec_f64(&lde)),
+                    ("inverse".into(), to_vec_f64(&bn.inverse(&ye).unwrap())),
+                ]
             };
-            let vb = store.var_builder(DType::F32, &Device::Cpu);
-            let bn = FlowBatchNorm::new(6, cfg, vb.pp("bn")).unwrap();
-            randomise(&store, 41);
-            let x = Var::from_tensor(&randn(&[4, 6, 5, 5], 1.5, DType::F32, &mut rng(42))).unwrap();
-            let r = randn(&[4, 6, 5, 5], 1.0, DType::F32, &mut rng(43));
-            let (y, ld) = bn.forward(x.as_tensor(), Mode::Train).unwrap();
-            let loss = ((&y * &r).unwrap().sum_all().unwrap()
-                + (ld.sum_all().unwrap() * 0.1).unwrap())
-            .unwrap();
-            let g = loss.backward().unwrap();
-            let gx = g.get(x.as_tensor()).expect("no gradient for x");
-            vec![
-                ("y".into(), to_vec_f64(&y)),
-                ("log-det".into(), to_vec_f64(&ld)),
-                ("dx".into(), to_vec_f64(gx)),
-                ("running_mean".into(), to_vec_f64(bn.running_mean())),
-                ("running_var".into(), to_vec_f64(bn.running_var())),
-            ]
-        };
-        let fast = run(true);
-        let reference = run(false);
-        nvp_kernels::set_fast_cpu(true);
-        for ((what, a), (_, b)) in fast.iter().zip(&reference) {
-            let scale = b.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
-            let err = a
-                .iter()
-                .zip(b)
-                .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()))
-                / scale;
-            assert!(err <= 2e-6, "{variant:?} {what}: relative error {err:e}");
+            let fast = run(true);
+            let reference = run(false);
+            nvp_kernels::set_fast_cpu(true);
+            for ((what, a), (_, b)) in fast.iter().zip(&reference) {
+                let scale = b.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
+                let err = a
+                    .iter()
+                    .zip(b)
+                    .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()))
+                    / scale;
+                assert!(
+                    err <= 2e-6,
+                    "ε {eps} {variant:?} {what}: relative error {err:e}"
+                );
+                eprintln!("ε {eps} {variant:?} {what}: relative error {err:.1e}");
+            }
         }
     }
+}
+
+/// The fused f32 path as a Jacobian: log-dets of a ResNet coupling (eval mode for one
+/// sample; train mode over the whole batch, through the fused `resnet_train` op) and
+/// of the coupling-output batch norm (eval mode) against the brute-force Jacobian built
+/// by autograd through the custom ops' hand-written backward passes (`Coupling`,
+/// `MaskMul`, `BatchNormPlain`, the convolutions), in f32. Tolerance 1e-5·max(1, |ld|)
+/// (measured errors ≤ 6e-7).
+#[test]
+fn fused_f32_log_dets_match_brute_force_jacobians() {
+    use nvp::flow::batch_norm::{FlowBatchNorm, FlowBatchNormConfig};
+    use nvp::flow::nn::BatchNormConfig;
+    use nvp::flow::{AffineCoupling, Flow, Mask};
+    let _guard = lock();
+    nvp_kernels::set_fast_cpu(true);
+    tuning::set_fused_resnet(true);
+    let check = |what: &str, ld: f64, brute: f64| {
+        let err = (ld - brute).abs();
+        assert!(
+            err <= 1e-5 * ld.abs().max(1.0),
+            "{what}: log-det {ld} vs brute force {brute} ({err:e})"
+        );
+        assert!(ld.abs() > 0.1, "{what}: trivial log-det {ld}");
+        eprintln!("{what}: log-det {ld:.6}, |error| vs brute force {err:.2e}");
+    };
+    for (i, (mask, channels)) in [(Mask::checkerboard(1), 3), (Mask::channel(0), 4)]
+        .into_iter()
+        .enumerate()
+    {
+        let store = ParamStore::new(60 + i as u64);
+        let vb = store.var_builder(DType::F32, &Device::Cpu);
+        let cfg = ResNetConfig {
+            channels,
+            features: 8,
+            blocks: 2,
+            bn: BatchNormConfig::default(),
+            ..ResNetConfig::default()
+        };
+        let layer = AffineCoupling::resnet(mask, cfg, vb.pp("c")).unwrap();
+        randomise(&store, 70 + i as u64);
+        let x = randn(
+            &[2, channels, 4, 4],
+            1.0,
+            DType::F32,
+            &mut rng(80 + i as u64),
+        );
+        assert!(nvp_kernels::coupling_uses_fast_path(&[&x]));
+        assert!(nvp_kernels::resnet_train_applies(&x, &x));
+        let kind = layer.mask().kind();
+        // eval, one sample
+        let x0 = x.narrow(0, 0, 1).unwrap();
+        let (_, ld) = layer.forward(&x0, Mode::Eval).unwrap();
+        let brute = brute_logdet(|t| Ok(layer.forward(t, Mode::Eval)?.0), &x0);
+        check(&format!("{kind:?} eval"), to_vec_f64(&ld)[0], brute);
+        // train, the whole batch (block triangular: Σ of the per-sample log-dets)
+        let (_, ld) = layer.forward(&x, Mode::Train).unwrap();
+        let total: f64 = to_vec_f64(&ld).iter().sum();
+        let brute = brute_logdet(|t| Ok(layer.forward(t, Mode::Train)?.0), &x);
+        check(&format!("{kind:?} train"), total, brute);
+    }
+    let store = ParamStore::new(90);
+    let cfg = FlowBatchNormConfig {
+        eps: 0.1,
+        ..FlowBatchNormConfig::default()
+    };
+    let bn =
+        FlowBatchNorm::new(3, cfg, store.var_builder(DType::F32, &Device::Cpu).pp("bn")).unwrap();
+    randomise(&store, 91);
+    let x = randn(&[1, 3, 4, 4], 1.0, DType::F32, &mut rng(92));
+    assert!(nvp_kernels::batch_norm_uses_fast_path(&x, &[]));
+    let (_, ld) = bn.forward(&x, Mode::Eval).unwrap();
+    let brute = brute_logdet(|t| Ok(bn.forward(t, Mode::Eval)?.0), &x);
+    check("batch norm eval", to_vec_f64(&ld)[0], brute);
 }

@@ -119,44 +119,97 @@ fn channel_coupling_logdet_matches_jacobian() {
     check_coupling_eval(Mask::channel(1), 6, 4);
 }
 
-#[test]
-fn coupling_train_mode_logdet_matches_whole_batch_jacobian() {
-    // With batch statistics inside s/t, sample i's output depends on the
-    // whole batch's conditioning half only, so the Jacobian over the whole
-    // batch stays triangular: log|det| = Σ_i log-det_i exactly.
-    let store = ParamStore::new(5);
-    let layer = resnet_coupling(&store, Mask::checkerboard(0), 3);
-    randomise(&store, 55);
-    let x = randn(&[2, 3, 4, 4], 1.0, DType::F64, &mut rng(9));
-    let (_, ld) = layer.forward(&x, Mode::Train).unwrap();
+/// A train-mode coupling against the brute-force Jacobian of the *whole batch*: with
+/// batch statistics inside s/t, sample i's output depends on the whole batch's
+/// conditioning half, but only on its own transformed half, so (ordering the
+/// conditioning halves first) the batch Jacobian is block triangular and
+/// log|det| = Σ_i log-det_i exactly. `cond`: a class-conditional coupling on `K`
+/// classes, given one-hot labels.
+fn check_coupling_train(mask: Mask, channels: usize, cond: usize, seed: u64) {
+    let store = ParamStore::new(seed);
+    let vb = store.var_builder(DType::F64, &Device::Cpu);
+    let cfg = ResNetConfig {
+        channels,
+        cond_channels: cond,
+        features: 6,
+        blocks: 2,
+        bn: BatchNormConfig::default(),
+    };
+    let layer = AffineCoupling::resnet(mask, cfg, vb.pp("c")).unwrap();
+    randomise(&store, seed + 50);
+    let n = 2;
+    let x = randn(&[n, channels, 4, 4], 1.0, DType::F64, &mut rng(seed + 4));
+    let y = (cond > 0).then(|| {
+        let mut v = vec![0f64; n * cond];
+        for i in 0..n {
+            v[i * cond + (i + 1) % cond] = 1.0;
+        }
+        Tensor::from_vec(v, (n, cond), &Device::Cpu).unwrap()
+    });
+    let f = |t: &Tensor, mode| layer.forward_cond(t, y.as_ref(), mode);
+    let (_, ld) = f(&x, Mode::Train).unwrap();
     let total: f64 = to_vec_f64(&ld).iter().sum();
-    let brute = brute_logdet(|t| Ok(layer.forward(t, Mode::Train)?.0), &x);
+    let brute = brute_logdet(|t| Ok(f(t, Mode::Train)?.0), &x);
     assert!(
         (total - brute).abs() <= TOL,
-        "train log-det {total} vs brute {brute}"
+        "{:?} (cond {cond}): train log-det {total} vs brute {brute}",
+        layer.mask().kind()
     );
+    let size: f64 = to_vec_f64(&ld).iter().map(|l| l.abs()).sum();
+    assert!(size > 0.1, "not volume preserving: {:?}", to_vec_f64(&ld));
     // train mode and eval mode differ (batch vs running statistics)
-    let (_, ld_eval) = layer.forward(&x, Mode::Eval).unwrap();
+    let (_, ld_eval) = f(&x, Mode::Eval).unwrap();
     assert!(max_abs_diff(&ld, &ld_eval) > 1e-3);
 }
 
 #[test]
+fn coupling_train_mode_logdet_matches_whole_batch_jacobian() {
+    check_coupling_train(Mask::checkerboard(0), 3, 0, 5);
+    check_coupling_train(Mask::checkerboard(1), 3, 0, 6);
+}
+
+#[test]
+fn channel_coupling_train_mode_logdet_matches_whole_batch_jacobian() {
+    check_coupling_train(Mask::channel(0), 4, 0, 7);
+    check_coupling_train(Mask::channel(1), 4, 0, 8);
+}
+
+#[test]
+fn class_conditional_coupling_logdet_matches_jacobian_in_both_modes() {
+    check_coupling_train(Mask::checkerboard(1), 3, 3, 9);
+    check_coupling_train(Mask::channel(0), 4, 2, 10);
+}
+
+#[test]
 fn vector_coupling_with_mlp() {
-    let store = ParamStore::new(6);
-    let vb = store.var_builder(DType::F64, &Device::Cpu);
-    let cfg = MlpConfig {
-        features: 4,
-        hidden: 16,
-        hidden_layers: 2,
-    };
-    let net = Mlp::new(cfg, vb.pp("c").pp("net")).unwrap();
-    let layer = AffineCoupling::new(Mask::channel(1), net, 4, 2, vb.pp("c")).unwrap();
-    randomise(&store, 66);
-    let x = randn(&[1, 4], 1.0, DType::F64, &mut rng(3));
-    let (y, ld) = layer.forward(&x, Mode::Eval).unwrap();
-    let brute = brute_logdet(|t| Ok(layer.forward(t, Mode::Eval)?.0), &x);
-    assert!((to_vec_f64(&ld)[0] - brute).abs() <= TOL);
-    assert!(max_abs_diff(&layer.inverse(&y).unwrap(), &x) < 1e-12);
+    for parity in [0, 1] {
+        let store = ParamStore::new(6 + parity as u64);
+        let vb = store.var_builder(DType::F64, &Device::Cpu);
+        let cfg = MlpConfig {
+            features: 4,
+            hidden: 16,
+            hidden_layers: 2,
+        };
+        let net = Mlp::new(cfg, vb.pp("c").pp("net")).unwrap();
+        let layer = AffineCoupling::new(Mask::channel(parity), net, 4, 2, vb.pp("c")).unwrap();
+        randomise(&store, 66);
+        let x = randn(&[1, 4], 1.0, DType::F64, &mut rng(3));
+        let (y, ld) = layer.forward(&x, Mode::Eval).unwrap();
+        let ld = to_vec_f64(&ld)[0];
+        let brute = brute_logdet(|t| Ok(layer.forward(t, Mode::Eval)?.0), &x);
+        assert!(
+            (ld - brute).abs() <= TOL,
+            "parity {parity}: {ld} vs {brute}"
+        );
+        assert!(ld.abs() > 0.01, "parity {parity}: {ld}");
+        assert!(max_abs_diff(&layer.inverse(&y).unwrap(), &x) < 1e-12);
+        // the half that conditions passes through unchanged
+        let b = Mask::channel(parity).values(&[4]).unwrap();
+        let (xv, yv) = (to_vec_f64(&x), to_vec_f64(&y));
+        for k in 0..4 {
+            assert_eq!(xv[k] == yv[k], b[k] == 1, "parity {parity}, feature {k}");
+        }
+    }
 }
 
 #[test]
@@ -299,23 +352,8 @@ fn batch_norm_train_mode_uses_batch_statistics() {
         assert!((rm[c] - 0.1 * mean[c]).abs() < 1e-12);
         assert!((rv[c] - (0.9 + 0.1 * var[c])).abs() < 1e-12);
     }
-    // the train-mode log-det is the Jacobian's with the statistics held fixed
-    let (m_t, v_t) = (
-        Tensor::new(&mean[..], &Device::Cpu)
-            .unwrap()
-            .reshape((1, 2, 1, 1))
-            .unwrap(),
-        Tensor::new(&var[..], &Device::Cpu)
-            .unwrap()
-            .reshape((1, 2, 1, 1))
-            .unwrap(),
-    );
-    let frozen = |t: &Tensor| {
-        t.broadcast_sub(&m_t)?
-            .broadcast_div(&(&v_t + 1e-5)?.sqrt()?)
-    };
-    let brute = brute_logdet(frozen, &x);
-    assert!((brute - 3.0 * hand_ld).abs() < 1e-10);
+    // (the train-mode log-det against the layer's own Jacobian:
+    // batch_norm_train_mode_equals_eval_mode_with_the_batch_statistics)
     // eval mode now uses the running averages, not the batch's
     let (_, ld_eval) = bn.forward(&x, Mode::Eval).unwrap();
     let hand_eval = -0.5 * 4.0 * rv.iter().map(|v| (v + 1e-5).ln()).sum::<f64>();
@@ -345,4 +383,231 @@ fn batch_norm_running_average_variant() {
     assert!((to_vec_f64(&ld)[0] + 0.5 * (1.4f64 + 1e-5).ln()).abs() < 1e-12);
     assert!((to_vec_f64(bn.running_mean())[0] - 0.4).abs() < 1e-12);
     assert!((to_vec_f64(bn.running_var())[0] - 1.4).abs() < 1e-12);
+}
+
+fn flow_bn_with(
+    store: &ParamStore,
+    dtype: DType,
+    c: usize,
+    cfg: FlowBatchNormConfig,
+) -> FlowBatchNorm {
+    let vb = store.var_builder(dtype, &Device::Cpu);
+    FlowBatchNorm::new(c, cfg, vb.pp("bn")).unwrap()
+}
+
+/// Tolerances (relative to max(1, |reference|)) for values and for brute-force
+/// log-dets: f64 runs candle's ops, f32 the fused kernels (f32 rounding).
+fn tols(dtype: DType) -> (f64, f64) {
+    if dtype == DType::F64 {
+        (1e-12, TOL)
+    } else {
+        assert!(
+            nvp_kernels::fast_cpu_enabled(),
+            "f32 should take the fused kernels"
+        );
+        (2e-5, 1e-4)
+    }
+}
+
+/// With momentum 1 a train-mode pass stores exactly its batch statistics as the running
+/// averages, so eval mode afterwards is the same map. Checked: the train-mode `y` and
+/// log-det against hand formulas (biased variance, ε inside the square root and the
+/// log, the H·W factor, the learned affine's `H·W·Σ log_scale`), the stored statistics,
+/// train = eval on the same batch, and — the layer's own code as a Jacobian — each
+/// sample's train-mode log-det against the brute-force Jacobian of the eval-mode
+/// forward at that sample; then the inverse. ε = 0.1 (batch variances ≈ 1.7), so that a
+/// missing or misplaced ε is far above the f32 tolerance.
+fn check_bn_train_equals_eval(dtype: DType, variant: BatchNormVariant, affine: bool, seed: u64) {
+    let (tol, tol_brute) = tols(dtype);
+    let eps = 0.1;
+    let store = ParamStore::new(seed);
+    let cfg = FlowBatchNormConfig {
+        momentum: 1.0,
+        eps,
+        variant,
+        affine,
+    };
+    let bn = flow_bn_with(&store, dtype, 3, cfg);
+    randomise(&store, seed + 1);
+    let (n, c, hw) = (3, 3, 16);
+    let x = randn(&[n, c, 4, 4], 1.3, dtype, &mut rng(seed + 2));
+    let xv = to_vec_f64(&x);
+    let (mean, var) = channel_stats(&xv, n, c, hw);
+    let (ls, sh) = match bn.affine() {
+        Some((ls, sh)) => (to_vec_f64(ls), to_vec_f64(sh)),
+        None => (vec![0.0; c], vec![0.0; c]),
+    };
+    assert_eq!(affine, ls.iter().all(|v| *v != 0.0));
+    let tag = format!("{dtype:?} {variant:?} affine {affine}");
+
+    let (yt, ldt) = bn.forward(&x, Mode::Train).unwrap();
+    // ld = −½·H·W·Σ_c ln(σ²_c + ε) + H·W·Σ_c log_scale_c, the same for every sample
+    let ld_hand = -0.5 * hw as f64 * var.iter().map(|v| (v + eps).ln()).sum::<f64>()
+        + hw as f64 * ls.iter().sum::<f64>();
+    assert_close(
+        &format!("{tag}: train ld"),
+        &to_vec_f64(&ldt),
+        &[ld_hand; 3],
+        tol,
+    );
+    let y_hand: Vec<f64> = (0..xv.len())
+        .map(|i| {
+            let ch = (i / hw) % c;
+            (xv[i] - mean[ch]) / (var[ch] + eps).sqrt() * ls[ch].exp() + sh[ch]
+        })
+        .collect();
+    assert_close(&format!("{tag}: train y"), &to_vec_f64(&yt), &y_hand, tol);
+    assert_close(
+        &format!("{tag}: mean"),
+        &to_vec_f64(bn.running_mean()),
+        &mean,
+        tol,
+    );
+    assert_close(
+        &format!("{tag}: var"),
+        &to_vec_f64(bn.running_var()),
+        &var,
+        tol,
+    );
+
+    let (ye, lde) = bn.forward(&x, Mode::Eval).unwrap();
+    assert_close(
+        &format!("{tag}: eval y"),
+        &to_vec_f64(&ye),
+        &to_vec_f64(&yt),
+        tol,
+    );
+    assert_close(
+        &format!("{tag}: eval ld"),
+        &to_vec_f64(&lde),
+        &to_vec_f64(&ldt),
+        tol,
+    );
+    let ldt = to_vec_f64(&ldt);
+    for (i, &l) in ldt.iter().enumerate() {
+        let xi = x.narrow(0, i, 1).unwrap();
+        let brute = brute_logdet(|t| Ok(bn.forward(t, Mode::Eval)?.0), &xi);
+        assert!(
+            (l - brute).abs() <= tol_brute * l.abs().max(1.0),
+            "{tag}: sample {i}: train log-det {l} vs Jacobian of the eval map {brute}"
+        );
+    }
+    let back = bn.inverse(&ye).unwrap();
+    assert_close(
+        &format!("{tag}: inverse"),
+        &to_vec_f64(&back),
+        &xv,
+        10.0 * tol,
+    );
+}
+
+#[test]
+fn batch_norm_train_mode_equals_eval_mode_with_the_batch_statistics() {
+    let mut seed = 200;
+    for dtype in [DType::F64, DType::F32] {
+        for variant in [BatchNormVariant::Batch, BatchNormVariant::RunningAverage] {
+            for affine in [false, true] {
+                seed += 10;
+                check_bn_train_equals_eval(dtype, variant, affine, seed);
+            }
+        }
+    }
+}
+
+/// Appendix E's variant on images (H·W = 6 > 1), two train steps from randomised
+/// running statistics, then eval and the inverse with what they stored. By hand, per
+/// channel, with `m` the momentum and `μ_b`, `σ²_b` the batch mean and biased variance:
+/// `μ̃ = (1 − m)·μ_run + m·μ_b`, `σ̃² = (1 − m)·σ²_run + m·σ²_b`,
+/// `y = (x − μ̃)/sqrt(σ̃² + ε)`, `ld = −½·H·W·Σ_c ln(σ̃²_c + ε)`, and `(μ̃, σ̃²)` become the
+/// running averages. In f64 (candle ops) and f32 (the blended fused kernel).
+fn check_running_average_on_images(dtype: DType, seed: u64) {
+    let (tol, tol_brute) = tols(dtype);
+    let (m, eps) = (0.3, 0.1);
+    let store = ParamStore::new(seed);
+    let cfg = FlowBatchNormConfig {
+        momentum: m,
+        eps,
+        variant: BatchNormVariant::RunningAverage,
+        affine: false,
+    };
+    let bn = flow_bn_with(&store, dtype, 2, cfg);
+    randomise(&store, seed + 1);
+    let (n, c, hw) = (3, 2, 6);
+    let mut rm = to_vec_f64(bn.running_mean());
+    let mut rv = to_vec_f64(bn.running_var());
+    assert!(rm.iter().all(|v| *v != 0.0) && rv.iter().all(|v| *v != 1.0));
+    let tag = format!("{dtype:?} running-average");
+    let mut r = rng(seed + 2);
+    for step in 0..2 {
+        let x = randn(&[n, c, 3, 2], 1.5, DType::F64, &mut r)
+            .affine(1.0, 0.7)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let xv = to_vec_f64(&x);
+        let (bm, bv) = channel_stats(&xv, n, c, hw);
+        let mt: Vec<f64> = (0..c).map(|k| (1.0 - m) * rm[k] + m * bm[k]).collect();
+        let vt: Vec<f64> = (0..c).map(|k| (1.0 - m) * rv[k] + m * bv[k]).collect();
+        let (y, ld) = bn.forward(&x, Mode::Train).unwrap();
+        let y_hand: Vec<f64> = (0..xv.len())
+            .map(|i| {
+                let ch = (i / hw) % c;
+                (xv[i] - mt[ch]) / (vt[ch] + eps).sqrt()
+            })
+            .collect();
+        let ld_hand = -0.5 * hw as f64 * vt.iter().map(|v| (v + eps).ln()).sum::<f64>();
+        assert_close(
+            &format!("{tag} step {step}: y"),
+            &to_vec_f64(&y),
+            &y_hand,
+            tol,
+        );
+        assert_close(
+            &format!("{tag} step {step}: ld"),
+            &to_vec_f64(&ld),
+            &[ld_hand; 3],
+            tol,
+        );
+        rm = to_vec_f64(bn.running_mean());
+        rv = to_vec_f64(bn.running_var());
+        assert_close(&format!("{tag} step {step}: stored mean"), &rm, &mt, tol);
+        assert_close(&format!("{tag} step {step}: stored var"), &rv, &vt, tol);
+    }
+    // eval and the inverse use the stored averages
+    let x = randn(&[2, c, 3, 2], 1.0, dtype, &mut r);
+    let xv = to_vec_f64(&x);
+    let (y, ld) = bn.forward(&x, Mode::Eval).unwrap();
+    let y_hand: Vec<f64> = (0..xv.len())
+        .map(|i| {
+            let ch = (i / hw) % c;
+            (xv[i] - rm[ch]) / (rv[ch] + eps).sqrt()
+        })
+        .collect();
+    let ld_hand = -0.5 * hw as f64 * rv.iter().map(|v| (v + eps).ln()).sum::<f64>();
+    assert_close(&format!("{tag} eval: y"), &to_vec_f64(&y), &y_hand, tol);
+    assert_close(
+        &format!("{tag} eval: ld"),
+        &to_vec_f64(&ld),
+        &[ld_hand; 2],
+        tol,
+    );
+    let x0 = x.narrow(0, 0, 1).unwrap();
+    let brute = brute_logdet(|t| Ok(bn.forward(t, Mode::Eval)?.0), &x0);
+    assert!(
+        (ld_hand - brute).abs() <= tol_brute * ld_hand.abs().max(1.0),
+        "{tag} eval: {ld_hand} vs brute {brute}"
+    );
+    let back = bn.inverse(&y).unwrap();
+    assert_close(
+        &format!("{tag}: inverse"),
+        &to_vec_f64(&back),
+        &xv,
+        10.0 * tol,
+    );
+}
+
+#[test]
+fn batch_norm_running_average_variant_on_images() {
+    check_running_average_on_images(DType::F64, 300);
+    check_running_average_on_images(DType::F32, 310);
 }

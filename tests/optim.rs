@@ -470,7 +470,8 @@ fn ema_matches_the_formula_and_copies_buffers() {
     let live = ema_store(2, DType::F64);
     let avg = ema_store(2, DType::F64);
     let (w, rm) = (named(&live, "w"), named(&live, "bn.running_mean"));
-    w.set(&Tensor::new(&[1.0f64, -2.0], &Device::Cpu).unwrap()).unwrap();
+    w.set(&Tensor::new(&[1.0f64, -2.0], &Device::Cpu).unwrap())
+        .unwrap();
     let mut ema = nvp::flow::Ema::new(&live, &avg, 0.5).unwrap();
     assert_eq!(values(&named(&avg, "w")), [1.0, -2.0], "starts as a copy");
     // d₁ = min(0.5, 2/11) = 2/11; d₂ = min(0.5, 3/12) = 1/4; d₃ = min(0.5, 4/13) = 4/13;
@@ -489,15 +490,25 @@ fn ema_matches_the_formula_and_copies_buffers() {
         }
         let got = values(&named(&avg, "w"));
         for (g, e) in got.iter().zip(&want) {
-            assert!((g - e).abs() < 1e-15, "update {}: {got:?} vs {want:?}", t + 1);
+            assert!(
+                (g - e).abs() < 1e-15,
+                "update {}: {got:?} vs {want:?}",
+                t + 1
+            );
         }
         assert_eq!(values(&named(&avg, "bn.running_mean")), [t as f64, 10.0]);
     }
     assert_eq!(ema.updates(), 3);
     // A store of another model is refused by name.
     let other = nvp::flow::ParamStore::new(7);
-    other.var_builder(DType::F64, &Device::Cpu).get(2, "v").unwrap();
-    let err = nvp::flow::Ema::new(&live, &other, 0.9).err().unwrap().to_string();
+    other
+        .var_builder(DType::F64, &Device::Cpu)
+        .get(2, "v")
+        .unwrap();
+    let err = nvp::flow::Ema::new(&live, &other, 0.9)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("`w`") || err.contains("`v`"), "{err}");
 }
 

@@ -173,3 +173,56 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Per-channel batch mean and *biased* variance of an `(N, C, ...)` array given as
+/// flat values (`hw` values per channel and sample), in plain f64 loops: the hand
+/// reference for the batch-norm tests.
+pub fn channel_stats(xv: &[f64], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
+    let m = (n * hw) as f64;
+    let at = |i: usize, ch: usize, k: usize| xv[(i * c + ch) * hw + k];
+    let mut mean = vec![0.0; c];
+    let mut var = vec![0.0; c];
+    for ch in 0..c {
+        let mut s = 0.0;
+        for i in 0..n {
+            for k in 0..hw {
+                s += at(i, ch, k);
+            }
+        }
+        mean[ch] = s / m;
+        let mut q = 0.0;
+        for i in 0..n {
+            for k in 0..hw {
+                q += (at(i, ch, k) - mean[ch]).powi(2);
+            }
+        }
+        var[ch] = q / m;
+    }
+    (mean, var)
+}
+
+/// `max_i |a_i − b_i| ≤ tol · max(1, max_i |b_i|)`, naming `what` when it fails.
+pub fn assert_close(what: &str, a: &[f64], b: &[f64], tol: f64) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    assert!(
+        a.iter().chain(b).all(|v| v.is_finite()),
+        "{what}: not finite: {a:?} vs {b:?}"
+    );
+    let scale = b.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    let (i, d) = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .enumerate()
+        .fold(
+            (0, 0.0f64),
+            |(bi, bd), (i, d)| if d > bd { (i, d) } else { (bi, bd) },
+        );
+    assert!(
+        d <= tol * scale,
+        "{what}: max |diff| {d:e} at {i} ({} vs {}), allowed {:e}",
+        a[i],
+        b[i],
+        tol * scale
+    );
+}

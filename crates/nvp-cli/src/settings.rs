@@ -275,8 +275,11 @@ impl Settings {
         }
         parse_device_name(&t.device)?;
         let d = &self.data;
-        if !(0.0..0.5).contains(&d.alpha) {
-            bail!("data.alpha must be in [0, 0.5), got {}", d.alpha);
+        if !(d.alpha > 0.0 && d.alpha < 0.5) {
+            bail!(
+                "data.alpha must be in (0, 0.5) (0 would send pixel 0 to an infinite logit), got {}",
+                d.alpha
+            );
         }
         if !(0.0..1.0).contains(&d.holdout) {
             bail!("data.holdout must be in [0, 1), got {}", d.holdout);

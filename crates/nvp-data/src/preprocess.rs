@@ -2,7 +2,10 @@
 //!
 //! Conventions (the flow and the CLI rely on them):
 //! - dequantisation: `x = pixel + u`, `u ~ U[0, 1)` from a seeded RNG, so `x ∈ [0, 256)`;
-//! - `p = α + (1 − 2α) · x / 256`, `y = logit(p) = ln p − ln(1 − p)`, default `α = 0.05`;
+//! - `p = α + (1 − 2α) · x / 256`, `y = logit(p) = ln p − ln(1 − p)`, default `α = 0.05`,
+//!   `0 < α < 0.5` (α = 0 is an [`Error::InvalidArgument`]: it would send `x = 0` — pixel 0
+//!   with noise 0 — and `x = 256` to `y = ∓∞`, `ld = +∞`), so `y` and `ld_pre` are finite
+//!   for every `x ∈ [0, 256]`;
 //! - per image `ld_pre = Σ_D [ln(1 − 2α) − ln 256 − ln p − ln(1 − p)]`, the log-determinant
 //!   of `x ↦ y` *including* the `−D · ln 256` term, accumulated in f64;
 //! - `bits/dim = −(log p(y) + ld_pre) / (D · ln 2)`: the model's log-density in logit space
@@ -68,7 +71,7 @@ pub fn standard_normal_log_prob(y: &[f64]) -> f64 {
 /// The map `x ∈ [0, 256) ↦ y = logit(α + (1 − 2α) x / 256)` and its inverse.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Logit {
-    /// α, in `[0, 0.5)`.
+    /// α, in `(0, 0.5)` (checked by [`Logit::new`] and by every slice entry point).
     pub alpha: f64,
 }
 
@@ -89,6 +92,10 @@ struct Consts {
 }
 
 impl Consts {
+    /// The smallest factor `p(1 − p)` that [`Consts::run`] multiplies into its product
+    /// of 8 (`TINY⁸ = 1e-304` is a normal f64).
+    const TINY: f64 = 1e-38;
+
     #[inline]
     fn new(alpha: f64) -> Self {
         Consts {
@@ -109,8 +116,12 @@ impl Consts {
 
     /// The vector kernel shared by every slice entry point: calls `put(y_k)` for each
     /// `x_k` and returns `Σ_k ld_k`. `−Σ ln p − Σ ln(1 − p)` is accumulated as `−ln` of
-    /// products of 8 factors `p(1 − p) ≥ 4·10⁻¹⁹` (no underflow), one logarithm per 8
-    /// values instead of two per value; rounding stays at the 1e-16 relative level.
+    /// products of 8 factors `p(1 − p)`, one logarithm per 8 values instead of two per
+    /// value; rounding stays at the 1e-16 relative level. For `x ∈ [0, 256]` each factor
+    /// is at least `α(1 − α) > 0`; factors of at least [`Consts::TINY`] (every factor
+    /// when `α ≥ 1e-38`) keep a product of 8 above 1e-304, clear of underflow, and a
+    /// smaller one (only for a smaller α) is taken as `ln p + ln(1 − p)` on its own, so
+    /// the sum is finite for every `α > 0`.
     #[inline(always)]
     fn run(&self, xs: impl Iterator<Item = f64>, mut put: impl FnMut(f64)) -> f64 {
         let mut neg_ln_sum = 0.0f64;
@@ -121,9 +132,14 @@ impl Consts {
             let p = self.alpha + self.scale * x;
             let q = self.alpha + self.scale * (256.0 - x);
             put((p / q).ln());
-            prod *= p * q;
-            k += 1;
             n += 1;
+            let f = p * q;
+            if f < Self::TINY {
+                neg_ln_sum -= p.ln() + q.ln();
+                continue;
+            }
+            prod *= f;
+            k += 1;
             if k == 8 {
                 neg_ln_sum -= prod.ln();
                 prod = 1.0;
@@ -183,20 +199,23 @@ fn check_noise(noise: &[f64]) -> Result<()> {
 }
 
 impl Logit {
-    /// A checked `Logit` (`0 ≤ α < 0.5`).
+    /// A checked `Logit` (`0 < α < 0.5`).
     pub fn new(alpha: f64) -> Result<Self> {
         let l = Logit { alpha };
         l.validate()?;
         Ok(l)
     }
 
-    /// Checks `0 ≤ α < 0.5`.
+    /// Checks `0 < α < 0.5` ([`Error::InvalidArgument`] otherwise). α = 0 is refused:
+    /// the map would send `x = 0` (pixel 0 with noise 0, which [`Dequantize::apply`] can
+    /// draw) and `x = 256` to `y = ∓∞` with an infinite log-det.
     pub fn validate(&self) -> Result<()> {
-        if self.alpha.is_finite() && (0.0..0.5).contains(&self.alpha) {
+        if self.alpha.is_finite() && self.alpha > 0.0 && self.alpha < 0.5 {
             Ok(())
         } else {
             Err(Error::arg(format!(
-                "logit alpha {} is not in [0, 0.5)",
+                "logit alpha {} is not in (0, 0.5) (α = 0 would map the dequantised values \
+                 0 and 256 to an infinite logit)",
                 self.alpha
             )))
         }
@@ -299,7 +318,7 @@ pub struct Dequantize {
 }
 
 impl Dequantize {
-    /// With the given α (checked).
+    /// With the given α (checked: `0 < α < 0.5`).
     pub fn new(alpha: f64) -> Result<Self> {
         Ok(Dequantize {
             logit: Logit::new(alpha)?,

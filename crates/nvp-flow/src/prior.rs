@@ -19,7 +19,9 @@ impl StandardNormal {
             .affine(-0.5, -half_log_2pi * d as f64)
     }
 
-    /// `z ~ N(0, T² I)` of the given shape, drawn from `rng`.
+    /// `z ~ N(0, T² I)` of the given shape, drawn from `rng`: one standard normal `f64`
+    /// per element in order, times `T`, rounded once to `dtype` (an f64 model gets the
+    /// f64 draws unrounded; an f32 one the same values as `(z·T) as f32`).
     pub fn sample<R: Rng + ?Sized>(
         &self,
         shape: &[usize],
@@ -29,14 +31,17 @@ impl StandardNormal {
         device: &Device,
     ) -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                let z: f64 = Normal01.sample(rng);
-                (z * temperature) as f32
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(device)
+        let draw = |rng: &mut R| -> f64 {
+            let z: f64 = Normal01.sample(rng);
+            z * temperature
+        };
+        let t = if dtype == DType::F64 {
+            let v: Vec<f64> = (0..n).map(|_| draw(rng)).collect();
+            Tensor::from_vec(v, shape, &Device::Cpu)?
+        } else {
+            let v: Vec<f32> = (0..n).map(|_| draw(rng) as f32).collect();
+            Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?
+        };
+        t.to_device(device)
     }
 }

@@ -72,19 +72,49 @@ const BN_SHAPES: &[&[usize]] = &[
     &[3, 6, 4],
 ];
 
+/// The ε, input range and running-variance range of a [`check_bn`] run.
+#[derive(Clone, Copy)]
+struct BnCase {
+    eps: f64,
+    x: (f32, f32),
+    running_var: (f32, f32),
+}
+
+/// The defaults: ε = 1e-5 with batch variances ≈ 2.1 and running variances in [0.5, 2]
+/// (ε below the tolerance: a dropped ε moves y by ≈ 2.5e-6 relative).
+const BN_DEFAULT: BnCase = BnCase {
+    eps: EPS,
+    x: (-2.0, 3.0),
+    running_var: (0.5, 2.0),
+};
+
+/// ε visible: ε = 0.1 with batch variances ≈ 0.02 and running variances in
+/// [0.01, 0.1], so that σ² + ε is mostly ε and a missing or misplaced ε (say
+/// `1/(√σ² + ε)`) changes y by far more than `TOL`.
+const BN_VISIBLE_EPS: BnCase = BnCase {
+    eps: 0.1,
+    x: (-0.2, 0.3),
+    running_var: (0.01, 0.1),
+};
+
 /// One BN configuration: fast f32 vs candle f32 vs candle f64, values and the
 /// gradients of `Σ y·R + Σ log(var + ε)·q` with respect to x, weight and bias.
 fn check_bn(shape: &[usize], affine: bool, train: bool, relu: bool, seed: u64) {
+    check_bn_case(shape, affine, train, relu, seed, BN_DEFAULT);
+}
+
+fn check_bn_case(shape: &[usize], affine: bool, train: bool, relu: bool, seed: u64, case: BnCase) {
+    let eps = case.eps;
     let mut rng = StdRng::seed_from_u64(seed);
     let c = shape[1];
-    let x0 = rand_t(shape, -2.0, 3.0, &mut rng);
+    let x0 = rand_t(shape, case.x.0, case.x.1, &mut rng);
     let w0 = rand_t(&[c], 0.5, 1.5, &mut rng);
     let b0 = rand_t(&[c], -0.5, 0.5, &mut rng);
     let rm = rand_t(&[c], -0.5, 0.5, &mut rng);
-    let rv = rand_t(&[c], 0.5, 2.0, &mut rng);
+    let rv = rand_t(&[c], case.running_var.0, case.running_var.1, &mut rng);
     let r = rand_t(shape, -1.0, 1.0, &mut rng);
     let q = rand_t(&[c], -1.0, 1.0, &mut rng);
-    let tag = format!("{shape:?} affine={affine} train={train} relu={relu}");
+    let tag = format!("{shape:?} affine={affine} train={train} relu={relu} eps={eps}");
 
     // Runs one path; returns (y, mean, var, dx, dw, db).
     let run = |fast: bool, dt: DType| -> Vec<Option<Tensor>> {
@@ -96,16 +126,16 @@ fn check_bn(shape: &[usize], affine: bool, train: bool, relu: bool, seed: u64) {
         let run = (!train).then_some((&rm, &rv));
         let out = if fast {
             assert!(batch_norm_uses_fast_path(&x, &[&w, &b]));
-            batch_norm(&x, aff, run, EPS, relu, true).unwrap()
+            batch_norm(&x, aff, run, eps, relu, true).unwrap()
         } else {
-            batch_norm_reference(&x, aff, run, EPS, relu).unwrap()
+            batch_norm_reference(&x, aff, run, eps, relu).unwrap()
         };
         let mut loss = (&out.y * r.to_dtype(dt).unwrap())
             .unwrap()
             .sum_all()
             .unwrap();
         if train {
-            let lv = (&out.var + EPS).unwrap().log().unwrap();
+            let lv = (&out.var + eps).unwrap().log().unwrap();
             loss = (loss + (lv * q.to_dtype(dt).unwrap()).unwrap().sum_all().unwrap()).unwrap();
         }
         let g = loss.backward().unwrap();
@@ -165,6 +195,115 @@ fn batch_norm_eval_matches_candle() {
     }
 }
 
+#[test]
+fn batch_norm_train_matches_candle_with_a_visible_eps() {
+    let mut seed = 200;
+    for shape in BN_SHAPES {
+        for affine in [false, true] {
+            for relu in [false, true] {
+                seed += 1;
+                check_bn_case(shape, affine, true, relu, seed, BN_VISIBLE_EPS);
+            }
+        }
+    }
+}
+
+#[test]
+fn batch_norm_eval_matches_candle_with_a_visible_eps() {
+    let mut seed = 300;
+    for shape in BN_SHAPES {
+        for affine in [false, true] {
+            for relu in [false, true] {
+                seed += 1;
+                check_bn_case(shape, affine, false, relu, seed, BN_VISIBLE_EPS);
+            }
+        }
+    }
+}
+
+/// Appendix E's blended normalisation at op level, against the same formula in candle
+/// f64 ops: `μ̃ = (1 − m)·μ_run + m·μ`, `σ̃² = (1 − m)·σ²_run + m·σ²` (batch mean and
+/// biased variance), `y = (x − μ̃)/sqrt(σ̃² + ε)`; the returned `mean`/`var` are the
+/// batch's; the gradient of `Σ y·R + Σ_c ln(σ̃²_c + ε)·q_c` (σ̃² formed from the
+/// returned, differentiable `var`, as the flow's log-det does) with respect to `x`
+/// flows through the batch part only (the hand-written backward's `k1 = m·(db/M +
+/// δ·k2′)`, `k2 = m·k2′`). ε = 0.1, batch variances ≈ 0.02, running ones in
+/// [0.01, 0.1]: ε visible. Several shapes, momenta 0.1 and 0.7.
+#[test]
+fn batch_norm_blended_matches_candle() {
+    let mut seed = 400;
+    for shape in BN_SHAPES {
+        for m in [0.1, 0.7] {
+            seed += 1;
+            let mut rng = StdRng::seed_from_u64(seed);
+            let c = shape[1];
+            let eps = 0.1;
+            let x0 = rand_t(shape, -0.2, 0.3, &mut rng);
+            let rm = rand_t(&[c], -0.5, 0.5, &mut rng);
+            let rv = rand_t(&[c], 0.01, 0.1, &mut rng);
+            let r = rand_t(shape, -1.0, 1.0, &mut rng);
+            let q = rand_t(&[c], -1.0, 1.0, &mut rng);
+            let mut fs = vec![1; shape.len()];
+            fs[1] = c;
+            let tag = format!("{shape:?} m={m}");
+            // the fused op
+            let x = Var::from_tensor(&x0).unwrap();
+            let out = nvp_kernels::batch_norm_blended(&x, (&rm, &rv), m, eps).unwrap();
+            let vt = ((&rv * (1.0 - m)).unwrap() + (&out.var * m).unwrap()).unwrap();
+            let loss = ((&out.y * &r).unwrap().sum_all().unwrap()
+                + ((vt + eps).unwrap().log().unwrap() * &q)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap())
+            .unwrap();
+            let g = loss.backward().unwrap();
+            let dx = g.get(&x).unwrap().clone();
+            // the formula in candle f64 ops, by autograd
+            let x64 = Var::from_tensor(&to64(&x0)).unwrap();
+            let dims: Vec<usize> = (0..shape.len()).filter(|&d| d != 1).collect();
+            let count = dims.iter().map(|&d| shape[d]).product::<usize>() as f64;
+            let mean = (x64.sum_keepdim(dims.clone()).unwrap() / count).unwrap();
+            let var = (x64
+                .broadcast_sub(&mean)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_keepdim(dims)
+                .unwrap()
+                / count)
+                .unwrap();
+            let rm64 = to64(&rm).reshape(fs.clone()).unwrap();
+            let rv64 = to64(&rv).reshape(fs.clone()).unwrap();
+            let mt = ((rm64 * (1.0 - m)).unwrap() + (&mean * m).unwrap()).unwrap();
+            let vt64 = ((rv64 * (1.0 - m)).unwrap() + (&var * m).unwrap()).unwrap();
+            let y64 = x64
+                .broadcast_sub(&mt)
+                .unwrap()
+                .broadcast_div(&(&vt64 + eps).unwrap().sqrt().unwrap())
+                .unwrap();
+            let loss64 = ((&y64 * to64(&r)).unwrap().sum_all().unwrap()
+                + ((&vt64 + eps).unwrap().log().unwrap().flatten_all().unwrap() * to64(&q))
+                    .unwrap()
+                    .sum_all()
+                    .unwrap())
+            .unwrap();
+            let g64 = loss64.backward().unwrap();
+            close(&format!("{tag} y"), &to64(&out.y), &y64);
+            close(
+                &format!("{tag} mean"),
+                &to64(&out.mean),
+                &mean.flatten_all().unwrap(),
+            );
+            close(
+                &format!("{tag} var"),
+                &to64(&out.var),
+                &var.flatten_all().unwrap(),
+            );
+            close(&format!("{tag} dx"), &to64(&dx), g64.get(&x64).unwrap());
+        }
+    }
+}
+
 /// Large offsets: the two-pass f64 statistics stay accurate where a one-pass
 /// `E[x²] − E[x]²` in f32 would not. The variance must meet `TOL`; `y` carries the
 /// rounding of the f32 mean (half an ulp of 1000, 3.05e-5, times 1/σ ≈ 1.8), so it
@@ -184,31 +323,38 @@ fn batch_norm_large_mean() {
     assert!(diff <= 1e-4, "large-mean y: max diff {diff}");
 }
 
+/// The inverse against `y·sqrt(v + ε) + m` in candle ops, and the round trip; with the
+/// defaults and with ε = 0.1 over variances in [0.01, 0.1] (ε visible).
 #[test]
 fn batch_norm_inverse_matches_candle() {
     let mut rng = StdRng::seed_from_u64(9);
-    for shape in BN_SHAPES {
-        let c = shape[1];
-        let y = rand_t(shape, -3.0, 3.0, &mut rng);
-        let m = rand_t(&[c], -1.0, 1.0, &mut rng);
-        let v = rand_t(&[c], 0.1, 3.0, &mut rng);
-        let fast = batch_norm_inverse(&y, &m, &v, EPS).unwrap();
-        let mut fs = vec![1; shape.len()];
-        fs[1] = c;
-        let want = y
-            .broadcast_mul(
-                &(v.reshape(fs.clone()).unwrap() + EPS)
-                    .unwrap()
-                    .sqrt()
-                    .unwrap(),
-            )
-            .unwrap()
-            .broadcast_add(&m.reshape(fs).unwrap())
-            .unwrap();
-        close(&format!("{shape:?} inverse"), &fast, &want);
-        // Round trip through the eval-mode forward.
-        let fwd = batch_norm(&fast, None, Some((&m, &v)), EPS, false, false).unwrap();
-        close(&format!("{shape:?} round trip"), &fwd.y, &y);
+    for (eps, (vlo, vhi)) in [
+        (EPS, (0.1, 3.0)),
+        (BN_VISIBLE_EPS.eps, BN_VISIBLE_EPS.running_var),
+    ] {
+        for shape in BN_SHAPES {
+            let c = shape[1];
+            let y = rand_t(shape, -3.0, 3.0, &mut rng);
+            let m = rand_t(&[c], -1.0, 1.0, &mut rng);
+            let v = rand_t(&[c], vlo, vhi, &mut rng);
+            let fast = batch_norm_inverse(&y, &m, &v, eps).unwrap();
+            let mut fs = vec![1; shape.len()];
+            fs[1] = c;
+            let want = y
+                .broadcast_mul(
+                    &(v.reshape(fs.clone()).unwrap() + eps)
+                        .unwrap()
+                        .sqrt()
+                        .unwrap(),
+                )
+                .unwrap()
+                .broadcast_add(&m.reshape(fs).unwrap())
+                .unwrap();
+            close(&format!("{shape:?} eps={eps} inverse"), &fast, &want);
+            // Round trip through the eval-mode forward.
+            let fwd = batch_norm(&fast, None, Some((&m, &v)), eps, false, false).unwrap();
+            close(&format!("{shape:?} eps={eps} round trip"), &fwd.y, &y);
+        }
     }
 }
 
