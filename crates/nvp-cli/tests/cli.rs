@@ -842,20 +842,7 @@ fn killed_run_resumes_to_the_same_parameters() {
             .replace("features = 4", "features = 4\nbn-affine = true"),
     );
     let killed = d.join("killed");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nvp"))
-        .args([
-            "train",
-            "--config",
-            s(&cfg),
-            "--out",
-            s(&killed),
-            "--max-steps",
-            "100000",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_train(&cfg, &killed, std::process::Stdio::null());
     // wait for a checkpoint beyond step 2, then kill -9 (possibly mid-save)
     let t0 = std::time::Instant::now();
     loop {
@@ -873,42 +860,23 @@ fn killed_run_resumes_to_the_same_parameters() {
     child.wait().unwrap();
     // the checkpoint on disk is complete: resume it a few steps further
     let step = saved_step(&killed.join("last"));
-    let target = (step + 3).to_string();
-    ok(&[
-        "train",
-        "--out",
-        s(&killed),
-        "--resume",
-        "--max-steps",
-        &target,
-    ]);
     let straight = d.join("straight");
-    ok(&[
-        "train",
-        "--config",
-        s(&cfg),
-        "--out",
-        s(&straight),
-        "--max-steps",
-        &target,
-    ]);
+    assert_resume_matches_straight_run(
+        &cfg,
+        &killed,
+        &straight,
+        step + 3,
+        &[
+            "model.safetensors",
+            "optimizer.safetensors",
+            "ema.safetensors",
+        ],
+    );
     let model = std::fs::read(straight.join("last/model.safetensors")).unwrap();
     assert!(
         model.windows(9).any(|w| w == b"log_scale"),
         "the checkpoint has no batch-norm affine"
     );
-    for f in [
-        "model.safetensors",
-        "optimizer.safetensors",
-        "ema.safetensors",
-    ] {
-        let a = std::fs::read(killed.join("last").join(f)).unwrap();
-        let b = std::fs::read(straight.join("last").join(f)).unwrap();
-        assert!(
-            a == b,
-            "{f} differs between the killed+resumed run and the straight run"
-        );
-    }
     std::fs::remove_dir_all(&d).ok();
 }
 
@@ -950,6 +918,55 @@ fn averaged_parameters_are_saved_evaluated_and_chosen() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// `nvp train --config cfg --out out --max-steps <many>` in the background.
+fn spawn_train(cfg: &Path, out: &Path, stderr: std::process::Stdio) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_nvp"))
+        .args([
+            "train",
+            "--config",
+            s(cfg),
+            "--out",
+            s(out),
+            "--max-steps",
+            "1000000",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
+}
+
+/// Resumes the run in `run` to step `target`, trains `cfg` straight to `target` in
+/// `straight`, and asserts that `files` of their `last/` checkpoints are the same bytes.
+fn assert_resume_matches_straight_run(
+    cfg: &Path,
+    run: &Path,
+    straight: &Path,
+    target: u64,
+    files: &[&str],
+) {
+    let target = target.to_string();
+    ok(&["train", "--out", s(run), "--resume", "--max-steps", &target]);
+    ok(&[
+        "train",
+        "--config",
+        s(cfg),
+        "--out",
+        s(straight),
+        "--max-steps",
+        &target,
+    ]);
+    for f in files {
+        let a = std::fs::read(run.join("last").join(f)).unwrap();
+        let b = std::fs::read(straight.join("last").join(f)).unwrap();
+        assert!(
+            a == b,
+            "{f} differs between the resumed run {} and the straight run",
+            run.display()
+        );
+    }
+}
+
 /// The step number in a checkpoint's `state.toml`.
 fn saved_step(ckpt: &Path) -> u64 {
     let st = std::fs::read_to_string(ckpt.join("state.toml")).unwrap();
@@ -981,20 +998,7 @@ fn interrupted_run_saves_its_step_and_resumes_exactly() {
     );
     for signal in ["-INT", "-TERM"] {
         let run = d.join(&signal[1..]);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nvp"))
-            .args([
-                "train",
-                "--config",
-                s(&cfg),
-                "--out",
-                s(&run),
-                "--max-steps",
-                "1000000",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_train(&cfg, &run, std::process::Stdio::piped());
         let mut stderr = BufReader::new(child.stderr.take().unwrap());
         let mut header = String::new();
         stderr.read_line(&mut header).unwrap();
@@ -1023,30 +1027,13 @@ fn interrupted_run_saves_its_step_and_resumes_exactly() {
             )) && rest.contains("--resume"),
             "{rest}"
         );
-        let target = (step + 2).to_string();
-        ok(&[
-            "train",
-            "--out",
-            s(&run),
-            "--resume",
-            "--max-steps",
-            &target,
-        ]);
-        let straight = d.join(format!("straight{signal}"));
-        ok(&[
-            "train",
-            "--config",
-            s(&cfg),
-            "--out",
-            s(&straight),
-            "--max-steps",
-            &target,
-        ]);
-        for f in ["model.safetensors", "optimizer.safetensors"] {
-            let a = std::fs::read(run.join("last").join(f)).unwrap();
-            let b = std::fs::read(straight.join("last").join(f)).unwrap();
-            assert!(a == b, "{signal}: {f} differs from the straight run");
-        }
+        assert_resume_matches_straight_run(
+            &cfg,
+            &run,
+            &d.join(format!("straight{signal}")),
+            step + 2,
+            &["model.safetensors", "optimizer.safetensors"],
+        );
     }
     // The warm-up is applied: without it, the same steps give other parameters.
     let no_warmup = d.join("no-warmup");
