@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-/// Real NVP normalizing flows: train, evaluate, sample and walk latent manifolds.
+/// Real NVP normalizing flows: train, evaluate, sample, walk latent manifolds, compress
+/// and relabel images, benchmark.
 #[derive(Debug, Parser)]
 #[command(name = "nvp", version, about, long_about = None)]
 pub struct Cli {
@@ -47,7 +48,7 @@ pub struct TrainArgs {
     /// Stop after this many optimizer steps.
     #[arg(long)]
     pub max_steps: Option<u64>,
-    /// Stop after this many minutes of training.
+    /// Stop after this many minutes of training (0: no time limit).
     #[arg(long)]
     pub minutes: Option<f64>,
     /// Seed of initialisation, shuffling, flips and dequantisation.
@@ -66,7 +67,8 @@ pub struct TrainArgs {
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Checkpoint: a run folder, a checkpoint folder or a file inside one.
+    /// Checkpoint: a run folder, a checkpoint folder, or a weights file inside one
+    /// (`model.safetensors`, or the averaged `ema.safetensors`, the default when present).
     #[arg(long)]
     pub ckpt: PathBuf,
     /// Dataset folder (default: the one in the checkpoint's config).
@@ -104,6 +106,8 @@ pub struct EvalArgs {
 
 #[derive(Debug, Args)]
 pub struct SampleArgs {
+    /// Checkpoint: a run folder, a checkpoint folder, or a weights file inside one
+    /// (`model.safetensors`, or the averaged `ema.safetensors`, the default when present).
     #[arg(long)]
     pub ckpt: PathBuf,
     /// Number of samples.
@@ -112,6 +116,7 @@ pub struct SampleArgs {
     /// Prior temperature T: z ~ N(0, T² I).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
+    /// Seed of the latents drawn from the prior.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Output PNG grid.
@@ -129,6 +134,7 @@ pub struct SampleArgs {
     /// multiples of 2^(scales − 1).
     #[arg(long)]
     pub size: Option<String>,
+    /// `cpu` or `cuda` (`cuda:N`).
     #[arg(long)]
     pub device: Option<String>,
 }
@@ -152,6 +158,8 @@ pub struct ImageArgs {
 
 #[derive(Debug, Args)]
 pub struct CompressArgs {
+    /// Checkpoint: a run folder, a checkpoint folder, or a weights file inside one
+    /// (`model.safetensors`, or the averaged `ema.safetensors`, the default when present).
     #[arg(long)]
     pub ckpt: PathBuf,
     #[command(flatten)]
@@ -159,27 +167,32 @@ pub struct CompressArgs {
     /// Temperature of the prior the discarded latents are drawn from.
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
+    /// Seed of the latents drawn from the prior.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// The images' class, for a class-conditional model given --images (with
-    /// --indices, the dataset's labels are used).
+    /// The images' class, for a class-conditional model: needed with --images; with
+    /// --indices the dataset's labels are used unless --class is given.
     #[arg(long)]
     pub class: Option<u32>,
     /// Output PNG: per image, the original, then the decodings that keep 100 %, 50 %,
     /// 25 %, … of the latents (one scale fewer each time).
     #[arg(long)]
     pub out: PathBuf,
+    /// `cpu` or `cuda` (`cuda:N`).
     #[arg(long)]
     pub device: Option<String>,
 }
 
 #[derive(Debug, Args)]
 pub struct RelabelArgs {
+    /// Checkpoint: a run folder, a checkpoint folder, or a weights file inside one
+    /// (`model.safetensors`, or the averaged `ema.safetensors`, the default when present).
     #[arg(long)]
     pub ckpt: PathBuf,
     #[command(flatten)]
     pub src: ImageArgs,
-    /// The images' class, for --images (with --indices, the dataset's labels are used).
+    /// The images' class: needed with --images; with --indices the dataset's labels are
+    /// used unless --class is given.
     #[arg(long)]
     pub class: Option<u32>,
     /// Comma-separated classes to decode with, one column each (default: every class).
@@ -189,12 +202,15 @@ pub struct RelabelArgs {
     /// of --to.
     #[arg(long)]
     pub out: PathBuf,
+    /// `cpu` or `cuda` (`cuda:N`).
     #[arg(long)]
     pub device: Option<String>,
 }
 
 #[derive(Debug, Args)]
 pub struct InterpolateArgs {
+    /// Checkpoint: a run folder, a checkpoint folder, or a weights file inside one
+    /// (`model.safetensors`, or the averaged `ema.safetensors`, the default when present).
     #[arg(long)]
     pub ckpt: PathBuf,
     #[command(flatten)]
@@ -205,6 +221,7 @@ pub struct InterpolateArgs {
     /// Output PNG.
     #[arg(long)]
     pub out: PathBuf,
+    /// `cpu` or `cuda` (`cuda:N`).
     #[arg(long)]
     pub device: Option<String>,
 }
@@ -239,6 +256,7 @@ pub struct BenchArgs {
     /// synchronised after each); 0 skips the split.
     #[arg(long, default_value_t = 3)]
     pub phase_steps: usize,
+    /// `cpu` or `cuda` (`cuda:N`).
     #[arg(long)]
     pub device: Option<String>,
     /// Print one JSON object.

@@ -89,11 +89,13 @@ pub fn open(s: &Settings, split: Split) -> Result<Arc<dyn ImageSource>> {
             if d.stream {
                 let f = StreamedFolder::open(p, split, &opts)
                     .with_context(|| format!("opening the image folder {}", p.display()))?;
+                check_class_count(s, p, f.class_names())?;
                 check_fits(s, &f, split)?;
                 return Ok(Arc::new(f));
             }
             let fs = read_folder(p, split, &opts)
                 .with_context(|| format!("reading images from {}", p.display()))?;
+            check_class_count(s, p, &fs.class_names)?;
             if fs.skipped > 0 {
                 eprintln!(
                     "warning: skipped {} unreadable image(s) in {}",
@@ -113,6 +115,23 @@ fn path(s: &Settings) -> Result<&std::path::Path> {
         Some(p) => Ok(p.as_path()),
         None => bail!("data.path is not set: give the dataset with --data DIR"),
     }
+}
+
+/// A class-conditional model must have a class for each of the folder's class
+/// sub-folders (refused here, before training, rather than at the first batch).
+fn check_class_count(s: &Settings, dir: &std::path::Path, names: &[String]) -> Result<()> {
+    let k = s.model.classes;
+    if k > 0 && names.len() > k {
+        bail!(
+            "{} has {} class sub-folders ({}{}), but model.classes = {k}: set model.classes = {}",
+            dir.display(),
+            names.len(),
+            names[..names.len().min(4)].join(", "),
+            if names.len() > 4 { ", …" } else { "" },
+            names.len()
+        );
+    }
+    Ok(())
 }
 
 /// The images must have the model's shape.

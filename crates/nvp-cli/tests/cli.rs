@@ -803,15 +803,15 @@ fn trains_on_cifar_format_files() {
     let run = d.join("run");
     let err = fails(&["train", "--config", s(&cfg), "--out", s(&run)]);
     assert!(err.contains("data.path"), "{err}");
-    ok(&[
-        "train",
-        "--config",
-        s(&cfg),
-        "--out",
-        s(&run),
-        "--data",
-        s(&data),
-    ]);
+    // --data relative to the working directory of `train`; `eval` runs elsewhere and
+    // finds the data through the run's saved config
+    let o = Command::new(env!("CARGO_BIN_EXE_nvp"))
+        .current_dir(&d)
+        .args(["train", "--config", s(&cfg), "--out", s(&run)])
+        .args(["--data", "cifar-10-batches-bin"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = ok(&["eval", "--ckpt", s(&run), "--json"]);
     assert!(out.contains("\"images\":6"), "{out}");
     // noise images cost about 8 bits/dim, and never fewer than 0
@@ -1209,6 +1209,31 @@ fn streamed_image_folder_trains_like_the_in_memory_one() {
         s(&out),
     ]);
     assert!(err.contains("99") && err.contains("out of range"), "{err}");
+    // more class sub-folders (a, b) than model.classes: refused before training
+    for stream in [false, true] {
+        let cfg = write(
+            &d,
+            "cls.toml",
+            &folder(stream)
+                .replace("holdout = 0.25", "holdout = 0.25\nclass-subfolders = true")
+                .replace("features = 4", "features = 4\nclasses = 1"),
+        );
+        let run = d.join(format!("cls-{stream}"));
+        let err = fails(&[
+            "train",
+            "--config",
+            s(&cfg),
+            "--data",
+            s(&data),
+            "--out",
+            s(&run),
+        ]);
+        assert!(
+            err.contains("2 class sub-folders") && err.contains("model.classes = 2"),
+            "{err}"
+        );
+        assert!(!run.join("last").exists());
+    }
     // a broken file stops a streamed run with its name, or is skipped with a warning
     std::fs::write(data.join("a/000.png"), b"broken").unwrap();
     let err = fails(&[

@@ -60,6 +60,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     settings.apply(&overrides);
     settings.validate()?;
+    // The run's saved config names the data folder absolutely, so that `eval` and
+    // `--resume` find it from any working directory.
+    if let Some(p) = &settings.data.path {
+        if let Ok(abs) = std::fs::canonicalize(p) {
+            settings.data.path = Some(abs);
+        }
+    }
     let device = open_device(&settings.train.device)?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     std::fs::write(out.join("config.toml"), settings.to_toml()?)
