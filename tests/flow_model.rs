@@ -772,3 +772,40 @@ fn class_conditional_model_inverts_in_f32() {
     let wrong = model.decode_cond(&zs, Some(&other)).unwrap();
     assert!(max_abs_diff(&wrong, &x) > 1e-2);
 }
+
+/// `approx_parameters` is within 2 % of the real parameter counts (13,198,105 for the
+/// paper's CIFAR-10 model and 1,718,841 for the peer's `small`, as `nvp bench` and the
+/// PyTorch peer count them), and `validate` refuses models too large to build, or with
+/// too many scales, naming the key, before anything is allocated.
+#[test]
+fn oversized_models_are_refused_by_key() {
+    use nvp::flow::RealNvpConfig;
+    for (cfg, real) in [
+        (RealNvpConfig::cifar10(), 13_198_105.0),
+        (RealNvpConfig::cifar10_small(), 1_718_841.0),
+    ] {
+        let est = cfg.approx_parameters();
+        assert!((est / real - 1.0).abs() < 0.02, "{est} vs {real}");
+        cfg.validate().unwrap();
+    }
+    let huge = RealNvpConfig {
+        features: 1_000_000,
+        ..RealNvpConfig::cifar10()
+    };
+    let err = huge.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("model.features") && err.contains("parameters"),
+        "{err}"
+    );
+    let deep = RealNvpConfig {
+        res_blocks: 100_000,
+        ..RealNvpConfig::cifar10()
+    };
+    assert!(deep.validate().is_err());
+    let scales = RealNvpConfig {
+        scales: 100,
+        ..RealNvpConfig::cifar10()
+    };
+    let err = scales.validate().unwrap_err().to_string();
+    assert!(err.contains("model.scales"), "{err}");
+}

@@ -16,6 +16,13 @@ pub enum ConfigError {
     Invalid { key: &'static str, msg: String },
 }
 
+/// The most scales a model may have (2^16-pixel sides).
+const MAX_SCALES: usize = 16;
+
+/// The most parameters a model may have (about 8 GB of f32 weights; training holds
+/// four times that with the gradients and Adam's moments).
+const MAX_PARAMETERS: f64 = 2e9;
+
 fn invalid(key: &'static str, msg: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -129,6 +136,29 @@ impl RealNvpConfig {
         })
     }
 
+    /// About how many parameters the model has: the 3×3 convolutions' weights of every
+    /// s/t network (input, two per residual block, output), which are all but about 1 %
+    /// of them (biases, batch-norm and weight-norm gains are left out). In f64, so
+    /// that any configuration gives a number.
+    pub fn approx_parameters(&self) -> f64 {
+        let net = |cin: f64, f: f64, cout: f64| {
+            9.0 * (cin * f + self.res_blocks as f64 * 2.0 * f * f + f * cout)
+        };
+        let k = self.classes as f64;
+        let mut total = 0.0;
+        for scale in 0..self.scales.min(64) {
+            let c = self.channels as f64 * 2f64.powi(scale as i32);
+            let f = self.features as f64 * 2f64.powi(scale as i32);
+            if scale + 1 == self.scales {
+                total += self.final_couplings as f64 * net(c + k, f, 2.0 * c);
+            } else {
+                total += self.checkerboard_couplings as f64 * net(c + k, f, 2.0 * c);
+                total += self.channel_couplings as f64 * net(2.0 * c + k, f, 4.0 * c);
+            }
+        }
+        total
+    }
+
     /// Dimensions of one sample, `C·H·W`.
     pub fn dims(&self) -> usize {
         self.channels * self.height * self.width
@@ -143,6 +173,23 @@ impl RealNvpConfig {
         }
         if self.features == 0 {
             return Err(invalid("features", "must be at least 1"));
+        }
+        if self.scales > MAX_SCALES {
+            return Err(invalid(
+                "scales",
+                format!("must be at most {MAX_SCALES}, got {}", self.scales),
+            ));
+        }
+        let params = self.approx_parameters();
+        if params > MAX_PARAMETERS {
+            return Err(invalid(
+                "features",
+                format!(
+                    "with res-blocks = {} and features = {} the model would have about {params:.3e} \
+                     parameters, more than {MAX_PARAMETERS:.0e} (the paper's CIFAR-10 model has 1.3e7)",
+                    self.res_blocks, self.features
+                ),
+            ));
         }
         let f = 1usize << (self.scales - 1);
         if !self.height.is_multiple_of(f) || !self.width.is_multiple_of(f) {
