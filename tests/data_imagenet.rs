@@ -280,6 +280,27 @@ fn wrong_shapes_and_types_are_errors() {
         "{err}"
     );
 
+    // labels saved as a column (N, 1): the shape is named, not a dtype
+    let column = dir.path().join("column.npz");
+    let (data, shape) = data_array(2, 32, 0);
+    std::fs::write(
+        &column,
+        zip_stored(&[
+            ("data.npy", npy("|u1", &shape, &data)),
+            ("labels.npy", npy("<i8", "(2, 1)", &[1u8; 16])),
+        ]),
+    )
+    .unwrap();
+    for e in [
+        read_imagenet_file(&column, &opts).unwrap_err().to_string(),
+        nvp::data::imagenet::StreamedImagenet::open(&column, Split::Train, &opts)
+            .err()
+            .unwrap()
+            .to_string(),
+    ] {
+        assert!(e.contains("column.npz") && e.contains("[2, 1]"), "{e}");
+    }
+
     // 8×8 data where 32×32 is expected
     let small = dir.path().join("small.npz");
     std::fs::write(&small, archive(2, 8, 0, &[1, 2])).unwrap();

@@ -277,6 +277,10 @@ pub fn read_imagenet_npz<R: Read + Seek>(
                 ));
             }
         };
+        if let Ok(entry) = zip.by_name("labels.npy") {
+            let size = entry.size();
+            check_labels_entry(entry, size, path)?;
+        };
     }
     reader
         .seek(std::io::SeekFrom::Start(0))
@@ -371,8 +375,39 @@ fn npy_u8_matrix(file: &File, path: &Path, offset: u64) -> Result<(usize, usize,
 
 /// The shape `(N, row)` of the 2-D uint8 `.npy` array that `r` starts with, and the
 /// length of its header in bytes.
-fn npy_u8_header(mut r: impl Read, path: &Path) -> Result<(usize, usize, u64)> {
+fn npy_u8_header(r: impl Read, path: &Path) -> Result<(usize, usize, u64)> {
     let bad = |m: String| array_err(path, "data", m);
+    let h = npy_header(r, path, "data")?;
+    if !matches!(h.descr.as_str(), "|u1" | "<u1" | ">u1" | "u1" | "=u1") {
+        return Err(bad(format!(
+            "expected a 2-D uint8 array (N, 3*H*W), got dtype {}",
+            h.descr
+        )));
+    }
+    if h.fortran {
+        return Err(bad("Fortran-order data is not supported".into()));
+    }
+    let [rows, row] = h.shape[..] else {
+        return Err(bad(format!(
+            "expected a 2-D uint8 array (N, 3*H*W), got shape {:?}",
+            h.shape
+        )));
+    };
+    Ok((rows, row, h.len))
+}
+
+/// What an `.npy` header says.
+struct NpyHeader {
+    descr: String,
+    fortran: bool,
+    shape: Vec<usize>,
+    /// Bytes before the array's values.
+    len: u64,
+}
+
+/// The header of the `.npy` array `array` that `r` starts with.
+fn npy_header(mut r: impl Read, path: &Path, array: &str) -> Result<NpyHeader> {
+    let bad = |m: String| array_err(path, array, m);
     let mut pre = [0u8; 12];
     r.read_exact(&mut pre).map_err(|e| Error::io(path, e))?;
     if &pre[..6] != b"\x93NUMPY" {
@@ -403,15 +438,9 @@ fn npy_u8_header(mut r: impl Read, path: &Path) -> Result<(usize, usize, u64)> {
     let descr = value("descr")
         .and_then(|r| r.strip_prefix('\''))
         .and_then(|r| r.split('\'').next())
-        .ok_or_else(|| bad(format!("no dtype in the header {h}")))?;
-    if !matches!(descr, "|u1" | "<u1" | ">u1" | "u1" | "=u1") {
-        return Err(bad(format!(
-            "expected a 2-D uint8 array (N, 3*H*W), got dtype {descr}"
-        )));
-    }
-    if value("fortran_order").is_some_and(|r| r.starts_with("True")) {
-        return Err(bad("Fortran-order data is not supported".into()));
-    }
+        .ok_or_else(|| bad(format!("no dtype in the header {h}")))?
+        .to_string();
+    let fortran = value("fortran_order").is_some_and(|r| r.starts_with("True"));
     let shape: Vec<usize> = value("shape")
         .and_then(|r| r.strip_prefix('('))
         .and_then(|r| r.split(')').next())
@@ -424,12 +453,42 @@ fn npy_u8_header(mut r: impl Read, path: &Path) -> Result<(usize, usize, u64)> {
         })
         .and_then(|r| r.ok())
         .ok_or_else(|| bad(format!("no shape in the header {h}")))?;
-    let [rows, row] = shape[..] else {
-        return Err(bad(format!(
-            "expected a 2-D uint8 array (N, 3*H*W), got shape {shape:?}"
-        )));
+    Ok(NpyHeader {
+        descr,
+        fortran,
+        shape,
+        len: hstart + hlen as u64,
+    })
+}
+
+/// The labels array of an archive entry of `size` bytes: 1-D, and no larger than the
+/// bytes the entry holds (checked before the array is read and allocated).
+fn check_labels_entry(r: impl Read, size: u64, path: &Path) -> Result<()> {
+    let h = npy_header(r, path, "labels")?;
+    let [n] = h.shape[..] else {
+        return Err(array_err(
+            path,
+            "labels",
+            format!("expected a 1-D integer array (N,), got shape {:?}", h.shape),
+        ));
     };
-    Ok((rows, row, hstart + hlen as u64))
+    let item: u64 = h
+        .descr
+        .trim_start_matches(['<', '>', '|', '='])
+        .get(1..)
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(1);
+    if (n as u128) * u128::from(item) > u128::from(size.saturating_sub(h.len)) {
+        return Err(array_err(
+            path,
+            "labels",
+            format!(
+                "its header declares {n} values of {item} bytes, but the archive holds {} bytes of it",
+                size.saturating_sub(h.len)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl StreamedImagenet {
@@ -477,6 +536,10 @@ impl StreamedImagenet {
                 });
             }
             side = Some(s);
+            if let Ok(entry) = zip.by_name("labels.npy") {
+                let size = entry.size();
+                check_labels_entry(entry, size, &f)?;
+            };
             let mut npz =
                 NpzReader::new(std::io::BufReader::new(&file)).map_err(|e| npz_err(&f, e))?;
             let raw = read_labels(&mut npz, &f, "labels")?;
