@@ -120,6 +120,16 @@ pub fn save(run_dir: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf> {
         toml::to_string_pretty(ckpt.state)?.as_bytes(),
     )?;
     write_synced(&tmp.join(CONFIG_FILE), ckpt.settings.to_toml()?.as_bytes())?;
+    // The safetensors writer creates its files private (0600); give them the mode a
+    // plain file gets here (the umask's), as the .toml files have.
+    let mode = fs::metadata(tmp.join(CONFIG_FILE))?.permissions();
+    for f in [MODEL_FILE, OPTIM_FILE, EMA_FILE] {
+        let p = tmp.join(f);
+        if p.is_file() {
+            fs::set_permissions(&p, mode.clone())
+                .with_context(|| format!("cannot set the permissions of {}", p.display()))?;
+        }
+    }
     // `name.old` is removed only when `name` is there to replace it: after a save cut
     // off between the two renames, `name.old` is the only whole checkpoint.
     let old = run_dir.join(format!("{name}.old"));

@@ -101,6 +101,20 @@ fn train_resume_eval_sample_interpolate() {
         assert!(full.join("last").join(f).is_file(), "missing last/{f}");
         assert!(full.join("best").join(f).is_file(), "missing best/{f}");
     }
+    // the weights get the mode of the checkpoint's other files (the umask's), not the
+    // safetensors writer's private 0600
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |f: &str| {
+            std::fs::metadata(full.join("last").join(f))
+                .unwrap()
+                .permissions()
+                .mode()
+        };
+        assert_eq!(mode("model.safetensors"), mode("state.toml"));
+        assert_eq!(mode("optimizer.safetensors"), mode("state.toml"));
+    }
     let csv = std::fs::read_to_string(full.join("metrics.csv")).unwrap();
     assert_eq!(
         csv.lines().count(),
