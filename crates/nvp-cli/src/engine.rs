@@ -371,7 +371,55 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::{classify_one, warmup_lr};
+    use super::{classify_one, evaluate, warmup_lr};
+
+    /// `evaluate` through a fresh model that is exactly the identity (couplings start
+    /// at s = t = 0; batch norm with running mean 0, variance 1 and ε = 1e-300), on
+    /// constant images dequantised by hand: bits/dim = −(log N(y; 0, I) + ld_pre) /
+    /// (D ln 2) with y = logit(α + (1 − 2α)(p + u)/256) per value, worked in Python
+    /// (`tests/flow_model.rs` has the derivation): pixel 128, u = ½ → 7.477768989526107;
+    /// pixel 0, u = ½ → 11.229193406626116.
+    #[test]
+    fn evaluate_gives_hand_computed_bits_per_dim() {
+        use crate::settings::Settings;
+        use candle_core::{Device, Tensor};
+        use nvp_data::{Batch, Dequantize};
+        let s = Settings::from_toml(
+            "[data]\ndataset = \"procedural\"\n[model]\nheight = 8\nwidth = 8\nscales = 2\n\
+             res-blocks = 1\nfeatures = 4\nbn-eps = 1e-300\n",
+            "test",
+        )
+        .unwrap();
+        let dev = Device::Cpu;
+        let (store, _) = crate::model::build(&s, &dev).unwrap();
+        let model = crate::model::frozen(&s, &store, &dev).unwrap();
+        let d = s.model.dims();
+        let dq = Dequantize::new(0.05).unwrap();
+        let cases = [(128u8, 7.477768989526107), (0u8, 11.229193406626116)];
+        let (mut pixels, mut y, mut ld_pre) = (Vec::new(), vec![0f32; 2 * d], Vec::new());
+        for (i, &(p, _)) in cases.iter().enumerate() {
+            let px = vec![p; d];
+            ld_pre.push(
+                dq.apply_with_noise(&px, &vec![0.5; d], &mut y[i * d..(i + 1) * d])
+                    .unwrap(),
+            );
+            pixels.extend(px);
+        }
+        let batch = Batch {
+            epoch: 0,
+            index: 0,
+            pixels,
+            labels: None,
+            y: Tensor::from_vec(y, (2, 3, 8, 8), &dev).unwrap(),
+            ld_pre,
+            indices: vec![0, 1],
+            flipped: vec![false, false],
+        };
+        let bpd = evaluate(&model, [Ok(batch)]).unwrap();
+        for (b, (p, want)) in bpd.iter().zip(cases) {
+            assert!((b - want).abs() < 1e-5, "pixel {p}: {b} vs {want}");
+        }
+    }
 
     #[test]
     fn warmup_ramps_linearly_then_holds() {
