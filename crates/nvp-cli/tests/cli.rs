@@ -134,9 +134,13 @@ fn train_resume_eval_sample_interpolate() {
         "--max-steps",
         "2",
     ]);
+    // as if the save had been cut off between its two renames: only `last.old` is
+    // whole; the run resumes from it, and it stays until the new `last` replaces it
+    std::fs::rename(split.join("last"), split.join("last.old")).unwrap();
     let err = fails(&["train", "--config", s(&cfg), "--out", s(&split)]);
     assert!(err.contains("--resume"), "{err}");
     ok(&["train", "--out", s(&split), "--resume", "--max-steps", "4"]);
+    assert!(split.join("last").is_dir() && !split.join("last.old").exists());
     for f in ["model.safetensors", "optimizer.safetensors"] {
         let a = std::fs::read(full.join("last").join(f)).unwrap();
         let b = std::fs::read(split.join("last").join(f)).unwrap();
