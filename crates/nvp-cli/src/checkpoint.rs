@@ -232,12 +232,21 @@ pub fn load_state(ckpt_dir: &Path) -> Result<RunState> {
     toml::from_str(&text).with_context(|| format!("{} is not a valid run state", p.display()))
 }
 
+/// The tensors of a checkpoint file; one with a non-finite value is refused (the file
+/// is corrupt: saves refuse them).
 fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     if !path.is_file() {
         bail!("{} is missing", path.display());
     }
-    candle_core::safetensors::load(path, device)
-        .with_context(|| format!("cannot read {} as safetensors", path.display()))
+    let tensors = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("cannot read {} as safetensors", path.display()))?;
+    if let Some((name, i, v)) = first_non_finite(&tensors)? {
+        bail!(
+            "{}: tensor `{name}` has a non-finite value ({v}) at index {i}: the file is corrupt",
+            path.display()
+        );
+    }
+    Ok(tensors)
 }
 
 /// Build the model of `settings` on `device` and load the weights file `path` (a
@@ -256,27 +265,12 @@ pub fn load_model(
 
 /// Overwrites every tensor of `store` from the weights file `path`.
 pub fn load_into(store: &ParamStore, path: &Path, device: &Device) -> Result<()> {
-    let tensors = load_tensors(path, device)?;
-    if let Some((name, i, v)) = first_non_finite(&tensors)? {
-        bail!(
-            "{}: tensor `{name}` has a non-finite value ({v}) at index {i}: the file is corrupt",
-            path.display()
-        );
-    }
     store
-        .load_tensors(&tensors)
+        .load_tensors(&load_tensors(path, device)?)
         .with_context(|| format!("{} does not fit the model of its config", path.display()))
 }
 
 /// The Adam moments of a checkpoint.
 pub fn load_optimizer(ckpt_dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let path = ckpt_dir.join(OPTIM_FILE);
-    let tensors = load_tensors(&path, device)?;
-    if let Some((name, i, v)) = first_non_finite(&tensors)? {
-        bail!(
-            "{}: tensor `{name}` has a non-finite value ({v}) at index {i}: the file is corrupt",
-            path.display()
-        );
-    }
-    Ok(tensors)
+    load_tensors(&ckpt_dir.join(OPTIM_FILE), device)
 }

@@ -145,6 +145,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
     let started = Instant::now();
     let elapsed_before = state.elapsed_secs;
+    // Training seconds so far, across resumes.
+    let elapsed = || elapsed_before + started.elapsed().as_secs_f64();
     let limit_secs = t.minutes * 60.0;
     let pb = report::progress(t.max_steps, state.step);
     let mut stream = loader.stream(state.epoch as usize, state.batch as usize)?;
@@ -234,7 +236,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 &eval_loader,
                 &out,
                 &mut state,
-                elapsed_before + started.elapsed().as_secs_f64(),
+                elapsed(),
                 bpd_sum / bpd_n.max(1) as f64,
                 rate,
             )?;
@@ -245,7 +247,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             (bpd_sum, bpd_n, imgs) = (0.0, 0, 0);
             window = Instant::now();
         } else if ckpt_every_secs > 0.0 && last_saved.elapsed().as_secs_f64() >= ckpt_every_secs {
-            state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
+            state.elapsed_secs = elapsed();
             save_checkpoints(&trainer, &settings, &out, &state, false)?;
             (saved_step, last_saved) = (Some(state.step), Instant::now());
         }
@@ -260,7 +262,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 out.display()
             )
         } else if state.step > 0 {
-            state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
+            state.elapsed_secs = elapsed();
             save_checkpoints(&trainer, &settings, &out, &state, false)?;
             format!(
                 "interrupted at step {}; checkpoint saved in {}/last",
@@ -290,7 +292,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             &eval_loader,
             &out,
             &mut state,
-            elapsed_before + started.elapsed().as_secs_f64(),
+            elapsed(),
             train_bpd,
             rate,
         )?;
@@ -301,7 +303,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     eprintln!(
         "done: {} steps in {:.0} s ({} skipped); best test bpd {:.4}; checkpoints in {}/last and {}/best, samples in {}/samples",
         state.step,
-        elapsed_before + started.elapsed().as_secs_f64(),
+        elapsed(),
         state.skipped_steps,
         state.best_test_bpd.unwrap_or(f64::NAN),
         out.display(),
