@@ -27,7 +27,9 @@
 #      fail with the defaults, it is retried with NVP_CUDNN_BN=0, then NVP_CUDNN=0,
 #      and the first that works is kept for the rest of the check (said loudly)
 #   d  nvp bench, configs/cifar10.toml and configs/cifar10-small.toml, on cuda (cuDNN,
-#      TF32, cuDNN batch norm); then cifar10-small training again with strict FP32
+#      TF32, cuDNN batch norm); cifar10 training with the opt-in GPU switches
+#      (NVP_CUDA_KEEP_FREED, NVP_CUDNN_BIAS, NVP_WEIGHT_NORM_OP, NVP_CUDNN_BLEND) all on
+#      and one at a time, then the defaults again; then cifar10-small training again with strict FP32
 #      cuDNN (NVP_TF32=0), with algorithms chosen by timing (NVP_CUDNN_BENCHMARK=1),
 #      with candle's batch norm (NVP_CUDNN_BN=0),
 #      with candle's convolution ops (NVP_CUDNN=0; in this build candle's own conv2d
@@ -40,7 +42,10 @@
 # (f runs before e so that the two benches are back to back and the ratios exist even
 # if the training run is cut short.)
 #
-# Knobs: GPU_CHECK_ONLY_EXACTNESS=1 (stop after part c), GPU_CHECK_BUDGET_S (total seconds, default 560), TRAIN_MINUTES (2), PY
+# Knobs: GPU_CHECK_ONLY_EXACTNESS=1 (stop after part c), GPU_CHECK_AB=0 (skip the
+# cifar10-small A/B runs of part d, not those of the opt-in switches), GPU_CHECK_B256=1
+# (also cifar10 training at batch 256: nvp with the defaults and with the opt-in
+# switches on, and the peer), GPU_CHECK_BUDGET_S (total seconds, default 560), TRAIN_MINUTES (2), PY
 # (python3), NVP (dist/cuda/nvp), DATA (dist/data/cifar10), PEER
 # (dist/peer/realnvp_torch.py), WORK (a fresh /tmp folder), BENCH_WARMUP (3),
 # BENCH_STEPS (20), BENCH_REPS (3), TORCH_TF32 (default|on|off: PyTorch's default lets
@@ -254,16 +259,37 @@ hdr "d. nvp bench on cuda"
 BENCH_ARGS=(--device cuda --json --batch 64 --warmup "$WARM" --steps "$STEPS" --eval-batch 256 --eval-reps "$REPS" --sample-n 64 --sample-reps "$REPS")
 run_part d_bench_paper 150 "$NVP" bench --config configs/cifar10.toml "${BENCH_ARGS[@]}"
 run_part d_bench_small 90 "$NVP" bench --config configs/cifar10-small.toml "${BENCH_ARGS[@]}"
+AB_ARGS=(--device cuda --json --batch 64 --warmup "$WARM" --steps "$STEPS" --eval-reps 0 --sample-reps 0)
+# The opt-in GPU switches (off by default until measured; session 10 wrote them after
+# its last GPU run), all on and one at a time: the memory pool keeping freed memory
+# (NVP_CUDA_KEEP_FREED), the convolution's bias by cuDNN (NVP_CUDNN_BIAS), weight
+# normalisation's closed-form backward (NVP_WEIGHT_NORM_OP), the running averages by
+# cuDNN (NVP_CUDNN_BLEND). The CUDA tests (part t) check their values first.
+SWITCHES=(NVP_CUDA_KEEP_FREED NVP_CUDNN_BIAS NVP_WEIGHT_NORM_OP NVP_CUDNN_BLEND)
+ALL_ON=(); for v in "${SWITCHES[@]}"; do ALL_ON+=("$v=1"); done
+run_part d_bench_paper_new 60 env "${ALL_ON[@]}" "$NVP" bench --config configs/cifar10.toml "${AB_ARGS[@]}"
+run_part d_bench_small_new 60 env "${ALL_ON[@]}" "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
+for v in "${SWITCHES[@]}"; do
+  run_part "d_bench_paper_only_$v" 60 env "$v=1" "$NVP" bench --config configs/cifar10.toml "${AB_ARGS[@]}"
+done
+# The defaults again, after the others (the machine's drift shows against the first).
+run_part d_bench_paper_again 60 "$NVP" bench --config configs/cifar10.toml "${AB_ARGS[@]}"
+if [ "${GPU_CHECK_B256:-0}" = 1 ]; then
+  B256=(--device cuda --json --batch 256 --warmup "$WARM" --steps "$STEPS" --eval-reps 0 --sample-reps 0 --phase-steps 0)
+  run_part d_bench_paper_b256 60 "$NVP" bench --config configs/cifar10.toml "${B256[@]}"
+  run_part d_bench_paper_b256_new 60 env "${ALL_ON[@]}" "$NVP" bench --config configs/cifar10.toml "${B256[@]}"
+fi
 # A/B, cifar10-small training only: strict FP32 cuDNN; candle's convolution ops (its
 # conv2d is cuDNN's forward in this build; its backward is candle's own); the same with
 # the input gradient by conv2d.
-AB_ARGS=(--device cuda --json --batch 64 --warmup "$WARM" --steps "$STEPS" --eval-reps 0 --sample-reps 0)
+if [ "${GPU_CHECK_AB:-1}" = 1 ]; then
 run_part d_bench_small_fp32 60 env NVP_TF32=0 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
 run_part d_bench_small_timed 60 env NVP_CUDNN_BENCHMARK=1 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
 run_part d_bench_small_nobn 60 env NVP_CUDNN_BN=0 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
 run_part d_bench_small_candle 40 env NVP_CUDNN=0 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
 run_part d_bench_small_dx 40 env NVP_CUDNN=0 NVP_DX_AS_CONV=1 "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
 echo "cifar10-small training img/s: cuDNN+TF32 (default) $(json "$WORK/d_bench_small.out" train_img_per_s), cuDNN FP32 $(json "$WORK/d_bench_small_fp32.out" train_img_per_s), cuDNN timed algorithms $(json "$WORK/d_bench_small_timed.out" train_img_per_s), candle batch norm $(json "$WORK/d_bench_small_nobn.out" train_img_per_s), candle $(json "$WORK/d_bench_small_candle.out" train_img_per_s), candle+dx-as-conv $(json "$WORK/d_bench_small_dx.out" train_img_per_s)"
+fi
 
 # ---------------------------------------------------------------------------------- f
 hdr "f. PyTorch peer on the same GPU (scripts/torch_peer_cuda.py)"
@@ -272,6 +298,9 @@ if [ -f "$PEER" ]; then
   TORCH_ARGS=(--peer "$PEER" --data "$DATA" --device cuda --warmup "$WARM" --train-steps "$STEPS" --eval-reps "$REPS" --sample-reps "$REPS" --tf32 "${TORCH_TF32:-default}")
   run_part f_torch_paper 120 "$PY" scripts/torch_peer_cuda.py "${TORCH_ARGS[@]}" --configs paper
   run_part f_torch_small 90 "$PY" scripts/torch_peer_cuda.py "${TORCH_ARGS[@]}" --configs small
+  if [ "${GPU_CHECK_B256:-0}" = 1 ]; then
+    run_part f_torch_paper_b256 90 "$PY" scripts/torch_peer_cuda.py "${TORCH_ARGS[@]}" --configs paper --train-batch 256 --eval-reps 1 --sample-reps 1
+  fi
 else
   echo "SKIPPED: no PyTorch peer at $PEER"
 fi
@@ -290,7 +319,8 @@ if awk -v m="$MIN" 'BEGIN { exit !(m >= 0.25) }'; then
   run_part e_sample_small 30 "$NVP" sample --ckpt "$WORK/small" --device cuda --n 64 --temperature 0.7 --out "$WORK/samples-small-T0.7.png"
   [ -f "$WORK/small/metrics.csv" ] && { echo "metrics.csv (head/tail):"; head -3 "$WORK/small/metrics.csv"; tail -3 "$WORK/small/metrics.csv"; }
 else
-  echo "SKIPPED: only $(left)s left"
+  if awk -v t="$TRAIN_MINUTES" 'BEGIN { exit !(t == 0) }'; then echo "SKIPPED: TRAIN_MINUTES=0"
+  else echo "SKIPPED: only $(left)s left"; fi
   ORDER+=(e_train_small); STATUS[e_train_small]=skipped
 fi
 
@@ -346,6 +376,24 @@ for name, label in (("d_bench_small", "cuDNN + TF32 (default)"), ("d_bench_small
         ab[name] = {"conv": o.get("conv"), "batch_norm": o.get("batch_norm"), "train_img_per_s": o.get("train_img_per_s")}
         print(f"cifar10-small training, {label:<32} [{o.get('conv')}, bn {o.get('batch_norm')}]: {o.get('train_img_per_s'):9.1f} img/s")
 summary["cifar10_small_training_ab"] = ab
+changes = {}
+for name, label in (("d_bench_paper", "cifar10, batch 64, defaults"),
+                    ("d_bench_paper_new", "cifar10, batch 64, the four opt-in switches on"),
+                    ("d_bench_paper_only_NVP_CUDA_KEEP_FREED", "cifar10, batch 64, NVP_CUDA_KEEP_FREED=1"),
+                    ("d_bench_paper_only_NVP_CUDNN_BIAS", "cifar10, batch 64, NVP_CUDNN_BIAS=1"),
+                    ("d_bench_paper_only_NVP_WEIGHT_NORM_OP", "cifar10, batch 64, NVP_WEIGHT_NORM_OP=1"),
+                    ("d_bench_paper_only_NVP_CUDNN_BLEND", "cifar10, batch 64, NVP_CUDNN_BLEND=1"),
+                    ("d_bench_paper_again", "cifar10, batch 64, defaults, again"),
+                    ("d_bench_small", "cifar10-small, batch 64, defaults"),
+                    ("d_bench_small_new", "cifar10-small, batch 64, the four on"),
+                    ("d_bench_paper_b256", "cifar10, batch 256, defaults"),
+                    ("d_bench_paper_b256_new", "cifar10, batch 256, the four on"),
+                    ("f_torch_paper_b256", "PyTorch cifar10, batch 256")):
+    o = last_json(name)
+    if o:
+        changes[name] = o.get("train_img_per_s")
+        print(f"training {label:<45}: {o.get('train_img_per_s'):9.1f} img/s")
+summary["opt_in_switches"] = changes
 tests = {}
 for f in sorted(os.listdir(work)):
     if f.startswith("t_") and f.endswith(".out"):

@@ -612,3 +612,88 @@ fn batch_norm_running_average_variant_on_images() {
     check_running_average_on_images(DType::F64, 300);
     check_running_average_on_images(DType::F32, 310);
 }
+
+/// The closed-form backward of weight normalisation (`nvp_kernels::weight_norm`, what
+/// the s/t networks' convolutions use on the GPU) against candle's autograd through
+/// `weight_norm_reference`, in f64 and f32, plus a finite difference in f64; the forward
+/// values are the same bits.
+#[test]
+fn weight_norm_closed_form_backward_matches_autograd() {
+    use candle_core::Var;
+    let mut r = rng(21);
+    for dtype in [DType::F64, DType::F32] {
+        let v0 = randn(&[5, 3, 3, 3], 0.7, dtype, &mut r);
+        let g0 = randn(&[5], 1.0, dtype, &mut r);
+        let probe = randn(&[5, 3, 3, 3], 1.0, dtype, &mut r);
+        let grads = |f: fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>| {
+            let (v, g) = (
+                Var::from_tensor(&v0).unwrap(),
+                Var::from_tensor(&g0).unwrap(),
+            );
+            let w = f(v.as_tensor(), g.as_tensor()).unwrap();
+            // The weights are used twice, as a convolution's kernel may be in a graph.
+            let loss = ((&w * &probe).unwrap().sum_all().unwrap()
+                + w.sqr().unwrap().sum_all().unwrap())
+            .unwrap();
+            let gs = loss.backward().unwrap();
+            let gv = gs.get(v.as_tensor()).unwrap().clone();
+            let gg = gs.get(g.as_tensor()).unwrap().clone();
+            (w, gv, gg)
+        };
+        let (w1, gv1, gg1) = grads(nvp_kernels::weight_norm);
+        let (w0, gv0, gg0) = grads(nvp_kernels::weight_norm_reference);
+        assert_eq!(
+            max_abs_diff(&w1, &w0),
+            0.0,
+            "{dtype:?}: forward not the same bits"
+        );
+        let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+        for (what, a, b) in [("v", &gv1, &gv0), ("g", &gg1, &gg0)] {
+            let scale = to_vec_f64(b).iter().fold(0.0f64, |m, x| m.max(x.abs()));
+            let e = max_abs_diff(a, b) / scale;
+            assert!(
+                e < tol,
+                "{dtype:?}: gradient of {what}: relative error {e:e}"
+            );
+        }
+        if dtype == DType::F64 {
+            // Central differences of the same loss for a few entries of v and g.
+            let loss = |v: &Tensor, g: &Tensor| -> f64 {
+                let w = nvp_kernels::weight_norm_reference(v, g).unwrap();
+                ((&w * &probe).unwrap().sum_all().unwrap() + w.sqr().unwrap().sum_all().unwrap())
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            let h = 1e-6;
+            let (vv, gv) = (to_vec_f64(&v0), to_vec_f64(&gv1));
+            for i in [0usize, 17, 44, 134] {
+                let bump = |d: f64| {
+                    let mut x = vv.clone();
+                    x[i] += d;
+                    Tensor::from_vec(x, v0.shape(), &Device::Cpu).unwrap()
+                };
+                let fd = (loss(&bump(h), &g0) - loss(&bump(-h), &g0)) / (2.0 * h);
+                assert!(
+                    (fd - gv[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+                    "dv[{i}]: {} vs {fd}",
+                    gv[i]
+                );
+            }
+            let (gg, ggv) = (to_vec_f64(&g0), to_vec_f64(&gg1));
+            for i in 0..5 {
+                let bump = |d: f64| {
+                    let mut x = gg.clone();
+                    x[i] += d;
+                    Tensor::from_vec(x, 5, &Device::Cpu).unwrap()
+                };
+                let fd = (loss(&v0, &bump(h)) - loss(&v0, &bump(-h))) / (2.0 * h);
+                assert!(
+                    (fd - ggv[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+                    "dg[{i}]: {} vs {fd}",
+                    ggv[i]
+                );
+            }
+        }
+    }
+}

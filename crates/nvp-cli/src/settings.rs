@@ -356,8 +356,12 @@ pub fn open_device(name: &str) -> Result<candle_core::Device> {
             if !candle_core::utils::cuda_is_available() {
                 bail!("--device {name}: this nvp was built without CUDA support (rebuild with `--features cuda`, see scripts/build-cuda.sh)");
             }
-            candle_core::Device::new_cuda(i)
-                .with_context(|| format!("--device {name}: no usable CUDA GPU {i}"))
+            let device = candle_core::Device::new_cuda(i)
+                .with_context(|| format!("--device {name}: no usable CUDA GPU {i}"))?;
+            // With NVP_CUDA_KEEP_FREED=1, freed memory stays in the pool for the next step.
+            nvp_kernels::keep_freed_cuda_memory(&device)
+                .with_context(|| format!("--device {name}: setting up the memory pool"))?;
+            Ok(device)
         }
     }
 }

@@ -77,11 +77,15 @@ impl WnConv2d {
         Ok(Self { v, g, bias })
     }
 
-    /// The effective kernel `g · v / ‖v‖`.
+    /// The effective kernel `g · v / ‖v‖`. On the GPU its backward pass is one
+    /// closed-form op ([`nvp_kernels::weight_norm`]: a few kernels where candle's
+    /// autograd launches about thirty); the value is the same bits either way.
     pub fn weight(&self) -> Result<Tensor> {
-        let cout = self.v.dim(0)?;
-        let scale = (&self.g / v_norm(&self.v)?)?;
-        self.v.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)
+        if self.v.device().is_cuda() && nvp_kernels::weight_norm_op_enabled() {
+            nvp_kernels::weight_norm(&self.v, &self.g)
+        } else {
+            nvp_kernels::weight_norm_reference(&self.v, &self.g)
+        }
     }
 
     /// The weight-norm gain (gets the L2 penalty in training).
@@ -199,8 +203,14 @@ impl BatchNorm {
     /// values per channel, with the unbiased variance as PyTorch does.
     pub fn record_batch_stats(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
         let unbiased = count as f64 / (count.max(2) - 1) as f64;
-        update_running(&self.running_mean, mean, self.cfg.momentum)?;
-        update_running(&self.running_var, &(var * unbiased)?, self.cfg.momentum)
+        let m = self.cfg.momentum;
+        // On the GPU: one cuDNN kernel per statistic, the unbiasing folded in.
+        let var_flat = var.detach().flatten_all()?;
+        if nvp_kernels::try_blend_in_place(&self.running_var, &var_flat, 1.0 - m, m * unbiased)? {
+            return update_running(&self.running_mean, mean, m);
+        }
+        update_running(&self.running_mean, mean, m)?;
+        update_running(&self.running_var, &(var * unbiased)?, m)
     }
 
     /// Whether the fused kernels of `nvp-kernels` take `x` and these parameters.
@@ -313,6 +323,9 @@ impl BatchNorm {
 /// `running ← (1 − m)·running + m·batch`, in place, outside the graph.
 pub(crate) fn update_running(running: &Tensor, batch: &Tensor, momentum: f64) -> Result<()> {
     let batch = batch.detach().flatten_all()?.to_dtype(running.dtype())?;
+    if nvp_kernels::try_blend_in_place(running, &batch, 1.0 - momentum, momentum)? {
+        return Ok(());
+    }
     let new = ((running.detach() * (1.0 - momentum))? + (batch * momentum)?)?;
     as_var(running)?.set(&new)
 }

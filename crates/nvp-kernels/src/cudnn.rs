@@ -469,30 +469,215 @@ impl CustomOp2 for CudnnConv {
         if self.pass != Pass::Forward {
             bail!("{}: not differentiable", self.name());
         }
+        conv_grads(self.d, x, w, &dy.contiguous()?)
+    }
+}
+
+/// The input and weight gradients of the forward convolution (`dy` contiguous), each
+/// where its tensor is in a graph.
+fn conv_grads(
+    d: ConvDims,
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let dx = if x.track_op() {
+        Some(dy.apply_op2_no_bwd(
+            w,
+            &CudnnConv {
+                pass: Pass::Data,
+                d,
+            },
+        )?)
+    } else {
+        None
+    };
+    let dw = if w.track_op() {
+        Some(x.apply_op2_no_bwd(
+            dy,
+            &CudnnConv {
+                pass: Pass::Filter,
+                d,
+            },
+        )?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
+}
+
+/// The convolution with its bias, (x, w, b) → `conv(x, w) + b`: cuDNN's forward, the
+/// bias added in place by `cudnnAddTensor`; backward: cuDNN's data and filter passes,
+/// and `cudnnConvolutionBackwardBias` for the bias. One graph node where a broadcast
+/// add took another, whose backward summed over three dimensions with candle's ops and
+/// accumulated a zero-filled copy of the output's gradient.
+#[derive(Debug, Clone, Copy)]
+struct CudnnConvBias {
+    d: ConvDims,
+}
+
+impl CudnnConvBias {
+    fn add_bias<T>(&self, y: &mut CudaStorage, b: &CudaStorage, bl: &Layout) -> Result<()>
+    where
+        T: CudnnDataType + CudaDType + DeviceRepr + WithDType,
+    {
+        let d = self.d;
+        let dev = y.device.clone();
+        let stream = dev.cuda_stream();
+        let h = raw_handle(&dev)?;
+        let dt = <T as CudnnDataType>::DATA_TYPE;
+        let bd = TensorDesc::new(dt, [1, d.k, 1, 1])?;
+        let yd = TensorDesc::new(dt, [d.n, d.k, d.h, d.w])?;
+        let bv = view::<T>(b, bl, "bias")?;
+        let (bp, _b) = bv.device_ptr(&stream);
+        let ys = y.as_cuda_slice_mut::<T>()?;
+        let (yp, _y) = ys.device_ptr_mut(&stream);
+        let one = T::from_f64(1.0);
+        let one = &one as *const T as *const std::ffi::c_void;
+        // SAFETY: `bd` describes the K contiguous bias values at `bp`, `yd` the freshly
+        // written (N, K, H, W) output at `yp`; alpha = beta = 1 of type `T`; the guards
+        // order the accesses on candle's stream, the handle's.
+        let status = unsafe {
+            sys::cudnnAddTensor(
+                h.0,
+                one,
+                bd.0,
+                bp as *const std::ffi::c_void,
+                one,
+                yd.0,
+                yp as *mut std::ffi::c_void,
+            )
+        };
+        status.result().map_err(cudnn_err(Pass::Forward, d))
+    }
+}
+
+impl candle_core::CustomOp3 for CudnnConvBias {
+    fn name(&self) -> &'static str {
+        "nvp-cudnn-conv3x3-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("{}: takes CUDA tensors, got CPU ones", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (a, b) = ((s1, l1), (s2, l2));
+        let d = self.d;
+        let y = by_dtype(
+            self.name(),
+            &[s1, s2, s3],
+            || {
+                let mut y = run::<f32>(Pass::Forward, d, a, b)?;
+                self.add_bias::<f32>(&mut y, s3, l3)?;
+                Ok(y)
+            },
+            || {
+                let mut y = run::<f64>(Pass::Forward, d, a, b)?;
+                self.add_bias::<f64>(&mut y, s3, l3)?;
+                Ok(y)
+            },
+        )?;
+        Ok((y, Shape::from((d.n, d.k, d.h, d.w))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let dx = if x.track_op() {
-            Some(dy.apply_op2_no_bwd(
-                w,
-                &CudnnConv {
-                    pass: Pass::Data,
-                    d: self.d,
-                },
-            )?)
+        let (dx, dw) = conv_grads(self.d, x, w, &dy)?;
+        let db = if b.track_op() {
+            Some(dy.apply_op1_no_bwd(&CudnnBiasGrad { d: self.d })?)
         } else {
             None
         };
-        let dw = if w.track_op() {
-            Some(x.apply_op2_no_bwd(
-                &dy,
-                &CudnnConv {
-                    pass: Pass::Filter,
-                    d: self.d,
-                },
-            )?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
+        Ok((dx, dw, db))
+    }
+}
+
+/// dy (N, K, H, W) → db (K): `cudnnConvolutionBackwardBias`.
+#[derive(Debug, Clone, Copy)]
+struct CudnnBiasGrad {
+    d: ConvDims,
+}
+
+impl CudnnBiasGrad {
+    fn run<T>(&self, s: &CudaStorage, l: &Layout) -> Result<CudaStorage>
+    where
+        T: CudnnDataType + CudaDType + DeviceRepr + WithDType,
+    {
+        let d = self.d;
+        let dev = s.device.clone();
+        let stream = dev.cuda_stream();
+        let h = raw_handle(&dev)?;
+        let dt = <T as CudnnDataType>::DATA_TYPE;
+        let bd = TensorDesc::new(dt, [1, d.k, 1, 1])?;
+        let yd = TensorDesc::new(dt, [d.n, d.k, d.h, d.w])?;
+        let dyv = view::<T>(s, l, "output gradient")?;
+        // SAFETY: every element is written by cuDNN (beta = 0).
+        let mut db: CudaSlice<T> = unsafe { dev.alloc::<T>(d.k)? };
+        {
+            let (yp, _y) = dyv.device_ptr(&stream);
+            let (bp, _b) = db.device_ptr_mut(&stream);
+            let (one, zero) = (T::from_f64(1.0), T::from_f64(0.0));
+            // SAFETY: `yd` describes the (N, K, H, W) contiguous gradient at `yp`, `bd`
+            // the K values at `bp`; alpha = 1, beta = 0 of type `T`; the guards order
+            // the accesses on candle's stream, the handle's.
+            let status = unsafe {
+                sys::cudnnConvolutionBackwardBias(
+                    h.0,
+                    &one as *const T as *const std::ffi::c_void,
+                    yd.0,
+                    yp as *const std::ffi::c_void,
+                    &zero as *const T as *const std::ffi::c_void,
+                    bd.0,
+                    bp as *mut std::ffi::c_void,
+                )
+            };
+            status.result().map_err(cudnn_err(Pass::Filter, d))?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(db, dev))
+    }
+}
+
+impl candle_core::CustomOp1 for CudnnBiasGrad {
+    fn name(&self) -> &'static str {
+        "nvp-cudnn-conv3x3-grad-bias"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("{}: takes CUDA tensors, got CPU ones", self.name())
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let out = by_dtype(
+            self.name(),
+            &[s],
+            || self.run::<f32>(s, l),
+            || self.run::<f64>(s, l),
+        )?;
+        Ok((out, Shape::from(self.d.k)))
     }
 }
 
@@ -504,9 +689,12 @@ pub(crate) fn applies(x: &Tensor, w: &Tensor) -> bool {
         && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
-/// 3×3 convolution (stride 1, zero padding 1) of CUDA tensors by cuDNN, bias added by
-/// a broadcast add: `x (N, Cin, H, W)`, `w (Cout, Cin, 3, 3)`, `b (Cout)`. Forward,
-/// input gradient and weight gradient are cuDNN's; see the module documentation.
+/// 3×3 convolution (stride 1, zero padding 1) of CUDA tensors by cuDNN: `x (N, Cin, H,
+/// W)`, `w (Cout, Cin, 3, 3)`, `b (Cout)`. Forward, input gradient and weight gradient
+/// are cuDNN's; see the module documentation. The bias is added, and its gradient
+/// taken, by cuDNN too (`cudnnAddTensor`, `cudnnConvolutionBackwardBias`) where
+/// [`crate::cudnn_bias_enabled`] (`NVP_CUDNN_BIAS=1`; off by default), otherwise by
+/// candle's broadcast add.
 pub fn conv2d_3x3_cudnn(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let d = crate::conv::dims_of(x.shape(), w.shape())?;
     crate::conv::check_bias(b, d)?;
@@ -519,16 +707,24 @@ pub fn conv2d_3x3_cudnn(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Te
             w.device().location()
         );
     }
-    let y = x.contiguous()?.apply_op2(
-        &w.contiguous()?,
-        CudnnConv {
-            pass: Pass::Forward,
-            d,
-        },
-    )?;
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
     match b {
-        Some(b) => y.broadcast_add(&b.reshape((1, d.k, 1, 1))?),
-        None => Ok(y),
+        Some(b) if crate::cudnn_bias_enabled() && b.dtype() == x.dtype() => {
+            x.apply_op3(&w, &b.contiguous()?, CudnnConvBias { d })
+        }
+        _ => {
+            let y = x.apply_op2(
+                &w,
+                CudnnConv {
+                    pass: Pass::Forward,
+                    d,
+                },
+            )?;
+            match b {
+                Some(b) => y.broadcast_add(&b.reshape((1, d.k, 1, 1))?),
+                None => Ok(y),
+            }
+        }
     }
 }
 
@@ -967,4 +1163,116 @@ pub fn batch_norm_cudnn(
             })
         }
     }
+}
+
+// ------------------------------------------------------------------ running averages
+
+/// `dst ← keep · dst + take · src` in place, by one `cudnnAddTensor` (what PyTorch's
+/// cuDNN batch norm does inside its training kernel): the running statistics' update,
+/// one kernel where candle's ops take four and a copy.
+#[derive(Debug, Clone, Copy)]
+struct CudnnBlend {
+    keep: f64,
+    take: f64,
+}
+
+impl CudnnBlend {
+    fn run<T>(
+        &self,
+        dst: &mut CudaStorage,
+        dl: &Layout,
+        src: &CudaStorage,
+        sl: &Layout,
+    ) -> Result<()>
+    where
+        T: CudnnDataType + CudaDType + DeviceRepr + WithDType,
+    {
+        let n = dl.shape().elem_count();
+        if sl.shape().elem_count() != n || !dl.is_contiguous() {
+            bail!("cuDNN running average: internal: dst {dl:?}, src {sl:?}");
+        }
+        let dev = dst.device.clone();
+        let stream = dev.cuda_stream();
+        let h = raw_handle(&dev)?;
+        let dt = <T as CudnnDataType>::DATA_TYPE;
+        let desc = TensorDesc::new(dt, [1, n, 1, 1])?;
+        let sv = view::<T>(src, sl, "running-average input")?;
+        let (sp, _s) = sv.device_ptr(&stream);
+        let size = std::mem::size_of::<T>() as u64;
+        let start = dl.start_offset() as u64 * size;
+        let dslice = dst.as_cuda_slice_mut::<T>()?;
+        let (dp, _d) = dslice.device_ptr_mut(&stream);
+        let (take, keep) = (T::from_f64(self.take), T::from_f64(self.keep));
+        // SAFETY: both descriptors describe n contiguous values of `T`, at `sp` (the
+        // source view) and `dp + start` (the destination's layout start, in bounds);
+        // alpha/beta are `T` as cuDNN wants for f32 and f64 data; the guards order the
+        // accesses on candle's stream, the handle's stream.
+        let status = unsafe {
+            sys::cudnnAddTensor(
+                h.0,
+                &take as *const T as *const std::ffi::c_void,
+                desc.0,
+                sp as *const std::ffi::c_void,
+                &keep as *const T as *const std::ffi::c_void,
+                desc.0,
+                (dp + start) as *mut std::ffi::c_void,
+            )
+        };
+        status.result().map_err(bn_err("running average"))
+    }
+}
+
+impl candle_core::InplaceOp2 for CudnnBlend {
+    fn name(&self) -> &'static str {
+        "nvp-cudnn-running-average"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+        bail!("{}: takes CUDA tensors, got CPU ones", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        dst: &mut CudaStorage,
+        dl: &Layout,
+        src: &CudaStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        match (dst.dtype(), src.dtype()) {
+            (DType::F32, DType::F32) => self.run::<f32>(dst, dl, src, sl),
+            (DType::F64, DType::F64) => self.run::<f64>(dst, dl, src, sl),
+            (a, b) => bail!(
+                "{}: dtypes {a:?} and {b:?}; want both f32 or both f64",
+                self.name()
+            ),
+        }
+    }
+}
+
+/// Whether [`blend_cudnn`] takes these tensors: CUDA, the same device and dtype (f32 or
+/// f64), the same number of elements, contiguous.
+pub(crate) fn blend_applies(dst: &Tensor, src: &Tensor) -> bool {
+    dst.device().is_cuda()
+        && src.device().same_device(dst.device())
+        && dst.dtype() == src.dtype()
+        && matches!(dst.dtype(), DType::F32 | DType::F64)
+        && dst.elem_count() == src.elem_count()
+        && dst.is_contiguous()
+        && src.is_contiguous()
+}
+
+/// `dst ← keep · dst + take · src` in place on the GPU by cuDNN (`dst` is typically a
+/// batch norm's running statistic, a [`candle_core::Var`]'s tensor; every tensor that
+/// shares its storage sees the new values, as with `Var::set`).
+pub fn blend_cudnn(dst: &Tensor, src: &Tensor, keep: f64, take: f64) -> Result<()> {
+    if !blend_applies(dst, src) {
+        bail!(
+            "cuDNN running average: wants contiguous CUDA tensors of one dtype (f32 or f64) and size; got {:?} {:?} and {:?} {:?}",
+            dst.shape(),
+            dst.dtype(),
+            src.shape(),
+            src.dtype()
+        );
+    }
+    dst.inplace_op2(src, &CudnnBlend { keep, take })
 }

@@ -37,11 +37,13 @@ mod adam;
 mod bn;
 mod conv;
 mod coupling;
+mod cuda_pool;
 #[cfg(feature = "cudnn")]
 mod cudnn;
 mod kernels;
 mod resnet;
 mod util;
+mod weight_norm;
 mod winograd;
 
 pub use adam::{
@@ -57,7 +59,10 @@ pub use coupling::{
 };
 
 #[cfg(feature = "cudnn")]
-pub use cudnn::{batch_norm_cudnn, conv2d_3x3_cudnn};
+pub use cudnn::{batch_norm_cudnn, blend_cudnn, conv2d_3x3_cudnn};
+
+pub use cuda_pool::keep_freed_cuda_memory;
+pub use weight_norm::{weight_norm, weight_norm_reference};
 
 pub use resnet::{resnet_train, resnet_train_applies, ResNetShape, ResNetTrainOutput};
 
@@ -88,6 +93,19 @@ static CUDNN_BENCHMARK: AtomicU8 = AtomicU8::new(0);
 /// Same states, for TF32 tensor cores in cuDNN's f32 convolutions (environment
 /// variable `NVP_TF32`).
 static TF32: AtomicU8 = AtomicU8::new(0);
+/// Same states, for the convolution's bias by cuDNN (environment variable
+/// `NVP_CUDNN_BIAS`; only with the `cudnn` feature and [`cudnn_enabled`]).
+static CUDNN_BIAS: AtomicU8 = AtomicU8::new(0);
+/// Same states, for the running averages by cuDNN (environment variable
+/// `NVP_CUDNN_BLEND`; only with [`cudnn_batch_norm_enabled`]).
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+static CUDNN_BLEND: AtomicU8 = AtomicU8::new(0);
+/// Same states, for weight normalisation's closed-form backward on the GPU
+/// (environment variable `NVP_WEIGHT_NORM_OP`).
+static WEIGHT_NORM_OP: AtomicU8 = AtomicU8::new(0);
+/// Same states, for keeping freed memory in the CUDA memory pool (environment
+/// variable `NVP_CUDA_KEEP_FREED`; see [`keep_freed_cuda_memory`]).
+static CUDA_KEEP_FREED: AtomicU8 = AtomicU8::new(0);
 
 /// A process-wide switch: on unless `var` is `0`, `false`, `off` or `no` (read once,
 /// on first use, unless set before).
@@ -183,6 +201,30 @@ pub fn cudnn_batch_norm_enabled() -> bool {
     cudnn_enabled() && switch_enabled(&CUDNN_BN, "NVP_CUDNN_BN")
 }
 
+// The four GPU switches below (`NVP_CUDNN_BIAS`, `NVP_WEIGHT_NORM_OP`,
+// `NVP_CUDNN_BLEND`, `NVP_CUDA_KEEP_FREED`) are off by default: they were written
+// after the last GPU run of their session and have not run on a GPU yet.
+// `scripts/gpu-check.sh` runs their tests and measures each; a session that sees them
+// pass turns them on by default.
+
+/// Whether [`conv2d_3x3`]'s bias is added (and its gradient taken) by cuDNN where the
+/// convolution runs on cuDNN: one op in place of candle's broadcast add and its
+/// three-axis sum. Off by default (not yet run on a GPU); on where the environment
+/// variable `NVP_CUDNN_BIAS` is `1`, `true`, `on` or `yes`, or after
+/// [`tuning::set_cudnn_bias`].
+pub fn cudnn_bias_enabled() -> bool {
+    cudnn_enabled() && switch_with_default(&CUDNN_BIAS, "NVP_CUDNN_BIAS", false)
+}
+
+/// Whether the s/t networks' weight normalisation on CUDA tensors takes the
+/// closed-form backward of [`weight_norm`] (true) or candle's autograd through
+/// [`weight_norm_reference`]. Off by default (not yet run on a GPU); on where the
+/// environment variable `NVP_WEIGHT_NORM_OP` is `1`, `true`, `on` or `yes`, or after
+/// [`tuning::set_weight_norm_op`].
+pub fn weight_norm_op_enabled() -> bool {
+    switch_with_default(&WEIGHT_NORM_OP, "NVP_WEIGHT_NORM_OP", false)
+}
+
 /// Batch normalisation with affine by cuDNN (`batch_norm_cudnn`, feature `cudnn`)
 /// where it applies: [`cudnn_batch_norm_enabled`], CUDA tensors, all f32 or all f64,
 /// rank 2 to 4, at least two values per channel, `eps ≥ 1e-5`. `running = None`:
@@ -204,6 +246,33 @@ pub fn try_batch_norm_cudnn(
     }
     let _ = (x, weight, bias, running, eps);
     Ok(None)
+}
+
+/// `dst ← keep · dst + take · src` in place by one cuDNN call (`cudnnAddTensor`, feature
+/// `cudnn`), where it applies: [`cudnn_batch_norm_enabled`], switched on (off by
+/// default, not yet run on a GPU: the environment variable `NVP_CUDNN_BLEND` set to
+/// `1`, `true`, `on` or `yes`, or [`tuning::set_cudnn_blend`]), contiguous CUDA
+/// tensors of one dtype (f32 or f64) and size. Returns whether it did; `Ok(false)` leaves `dst`
+/// as it was. For a batch norm's running statistics: one kernel in place of candle's
+/// four ops and a copy.
+pub fn try_blend_in_place(
+    dst: &candle_core::Tensor,
+    src: &candle_core::Tensor,
+    keep: f64,
+    take: f64,
+) -> candle_core::Result<bool> {
+    #[cfg(feature = "cudnn")]
+    {
+        if cudnn_batch_norm_enabled()
+            && switch_with_default(&CUDNN_BLEND, "NVP_CUDNN_BLEND", false)
+            && cudnn::blend_applies(dst, src)
+        {
+            cudnn::blend_cudnn(dst, src, keep, take)?;
+            return Ok(true);
+        }
+    }
+    let _ = (dst, src, keep, take);
+    Ok(false)
 }
 
 /// Chooses cuDNN's convolution algorithms by timing each on the first call at a
@@ -274,6 +343,31 @@ pub mod tuning {
     /// `cudnn` feature is built in) or by candle's ops (false).
     pub fn set_cudnn_batch_norm(on: bool) {
         crate::CUDNN_BN.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    /// The convolution's bias by cuDNN (true; only where the `cudnn` feature is built
+    /// in) or by candle's broadcast add (false, the default).
+    pub fn set_cudnn_bias(on: bool) {
+        crate::CUDNN_BIAS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    /// Weight normalisation of CUDA tensors with its closed-form backward (true) or
+    /// through candle's autograd (false, the default).
+    pub fn set_weight_norm_op(on: bool) {
+        crate::WEIGHT_NORM_OP.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    /// Batch norms' running averages on CUDA by one cuDNN call each (true) or by
+    /// candle's ops (false, the default).
+    pub fn set_cudnn_blend(on: bool) {
+        crate::CUDNN_BLEND.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    /// Keep freed memory in the CUDA memory pool (true) or let the pool hand it back
+    /// at synchronisations (false, the default); read by
+    /// [`crate::keep_freed_cuda_memory`].
+    pub fn set_keep_freed_cuda_memory(on: bool) {
+        crate::CUDA_KEEP_FREED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
     }
 
     /// Train the s/t networks as one op (true, the default) or op by op (false).

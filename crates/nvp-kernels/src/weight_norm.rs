@@ -1,0 +1,119 @@
+//! Weight normalisation `w = g · v / ‖v‖` (one norm per output channel, over all the
+//! other dimensions of `v`) with a hand-written backward pass.
+//!
+//! Through candle's autograd the five ops of the forward make about thirty kernels in
+//! the backward: each op's local gradient, and for every gradient a zero-filled buffer
+//! and an add (candle's gradient store). On a GPU, where every kernel costs a launch,
+//! that is most of the weight norm's cost, and the s/t networks have one per
+//! convolution. [`weight_norm`] computes the same forward (the same candle ops, so the
+//! same bits) and attaches one backward that uses the closed form, with `u = v / ‖v‖`:
+//!
+//! - `∂L/∂g = ⟨∂L/∂w, u⟩` per output channel,
+//! - `∂L/∂v = (g / ‖v‖) · (∂L/∂w − u · ∂L/∂g)`.
+
+#[cfg(feature = "cuda")]
+use candle_core::backend::BackendDevice;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+
+/// `w = g · v / ‖v‖` with candle's ops (differentiable through autograd): `v` of shape
+/// `(K, …)`, `g` of shape `(K)`.
+pub fn weight_norm_reference(v: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let k = v.dim(0)?;
+    let norm = v.flatten_from(1)?.sqr()?.sum(D::Minus1)?.sqrt()?;
+    let scale = (g / norm)?;
+    let mut dims = vec![1usize; v.rank()];
+    dims[0] = k;
+    v.broadcast_mul(&scale.reshape(dims)?)
+}
+
+/// [`weight_norm_reference`]'s value (bit for bit) with the closed-form backward of the
+/// module documentation: fewer kernels, the same gradient up to rounding.
+pub fn weight_norm(v: &Tensor, g: &Tensor) -> Result<Tensor> {
+    if v.rank() < 2 || g.dims() != [v.dim(0)?] {
+        bail!(
+            "weight_norm: v {:?} and g {:?}; want v (K, …) and g (K)",
+            v.shape(),
+            g.shape()
+        );
+    }
+    let w = weight_norm_reference(&v.detach(), &g.detach())?;
+    if !v.track_op() && !g.track_op() {
+        return Ok(w);
+    }
+    w.apply_op3(v, g, WeightNormGrad)
+}
+
+/// (w, v, g) → a copy of w; the gradient flows to v and g by the closed form.
+struct WeightNormGrad;
+
+impl CustomOp3 for WeightNormGrad {
+    fn name(&self) -> &'static str {
+        "nvp-weight-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = match l1.contiguous_offsets() {
+            Some(o) => o,
+            None => bail!("{}: internal: w must be contiguous", self.name()),
+        };
+        let out = match s1 {
+            CpuStorage::F32(v) => CpuStorage::F32(v[a..b].to_vec()),
+            CpuStorage::F64(v) => CpuStorage::F64(v[a..b].to_vec()),
+            s => bail!("{}: dtype {:?}; want f32 or f64", self.name(), s.dtype()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if !l1.is_contiguous() {
+            bail!("{}: internal: w must be contiguous", self.name());
+        }
+        // A strided copy of exactly the layout's elements.
+        let n = l1.shape().elem_count();
+        let dev = s1.device().clone();
+        // SAFETY: every element is written by the copy below.
+        let mut out = unsafe { dev.alloc_uninit(&Shape::from(n), s1.dtype())? };
+        s1.copy_strided_src(&mut out, 0, l1)?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _w: &Tensor,
+        v: &Tensor,
+        g: &Tensor,
+        _res: &Tensor,
+        dw: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let k = v.dim(0)?;
+        let v = v.detach();
+        let vf = v.flatten_from(1)?;
+        let norm = vf.sqr()?.sum_keepdim(1)?.sqrt()?; // (K, 1)
+        let u = vf.broadcast_div(&norm)?;
+        let dwf = dw.reshape(vf.shape())?;
+        let dg = (&dwf * &u)?.sum_keepdim(1)?; // (K, 1)
+        let gain = (g.detach().reshape((k, 1))? / &norm)?;
+        let dv = (dwf - u.broadcast_mul(&dg)?)?
+            .broadcast_mul(&gain)?
+            .reshape(v.shape())?;
+        Ok((None, Some(dv), Some(dg.reshape(k)?)))
+    }
+}
