@@ -60,7 +60,9 @@ pub struct TrainArgs {
     /// Images per training batch.
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Continue the run in --out from its last checkpoint.
+    /// Continue the run in --out from its last checkpoint, with its saved config
+    /// (--max-steps, --minutes, --data and --device may change; a --config given
+    /// again must match it).
     #[arg(long)]
     pub resume: bool,
 }

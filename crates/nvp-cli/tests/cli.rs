@@ -1195,6 +1195,33 @@ fn streamed_image_folder_trains_like_the_in_memory_one() {
     let a = std::fs::read(mem.join("last/model.safetensors")).unwrap();
     let b = std::fs::read(st.join("last/model.safetensors")).unwrap();
     assert!(a == b, "streamed and in-memory training differ");
+    // A resume on a moved copy of the data says so.
+    let moved = d.join("moved");
+    for sub in ["a", "b"] {
+        std::fs::create_dir_all(moved.join(sub)).unwrap();
+        for e in std::fs::read_dir(data.join(sub)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), moved.join(sub).join(e.file_name())).unwrap();
+        }
+    }
+    let mem2 = d.join("mem2");
+    copy_dir(&mem, &mem2);
+    let o = nvp(&[
+        "train",
+        "--out",
+        s(&mem2),
+        "--resume",
+        "--data",
+        s(&moved),
+        "--max-steps",
+        "5",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("note: the run was started on the data in") && err.contains("moved"),
+        "{err}"
+    );
     let saved = std::fs::read_to_string(st.join("config.toml")).unwrap();
     assert!(saved.contains("stream = true"), "{saved}");
     let e_mem = ok(&["eval", "--ckpt", s(&mem), "--json"]);
@@ -1316,4 +1343,72 @@ fn streamed_image_folder_trains_like_the_in_memory_one() {
     ]);
     assert_eq!(err.matches("No such file").count(), 1, "{err}");
     std::fs::remove_dir_all(&d).ok();
+}
+
+/// `--resume --config FILE`: accepted when FILE is the run's config (also with
+/// `--max-steps`, which a resume may change), refused with every differing key named
+/// when it is not.
+#[test]
+fn resume_takes_its_own_config_and_names_what_differs() {
+    let dir = tmp("resume-config");
+    let cfg = write(&dir, "tiny.toml", TINY);
+    let run = dir.join("run");
+    ok(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&run),
+        "--max-steps",
+        "2",
+    ]);
+    ok(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&run),
+        "--resume",
+        "--max-steps",
+        "4",
+    ]);
+    let state = std::fs::read_to_string(run.join("last").join("state.toml")).unwrap();
+    assert!(state.contains("step = 4"), "{state}");
+    let changed = write(
+        &dir,
+        "changed.toml",
+        &TINY
+            .replace("seed = 3", "seed = 4")
+            .replace("features = 4", "features = 6"),
+    );
+    let err = fails(&[
+        "train",
+        "--config",
+        s(&changed),
+        "--out",
+        s(&run),
+        "--resume",
+    ]);
+    assert!(
+        err.contains("train.seed (the run's 3, the file's 4)")
+            && err.contains("model.features (the run's 4, the file's 6)")
+            && err.contains("drop --config"),
+        "{err}"
+    );
+    // The run is untouched by the refused resume.
+    let after = std::fs::read_to_string(run.join("last").join("state.toml")).unwrap();
+    assert_eq!(state, after);
+}
+
+/// Copies a folder tree (files and folders only).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
 }

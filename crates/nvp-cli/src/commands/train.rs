@@ -39,11 +39,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&settings.name));
     let mut state = RunState::default();
+    let mut started_with_data = None;
     let resume_dir = if a.resume {
         let dir = checkpoint::resolve(&out)
             .with_context(|| format!("--resume: no checkpoint to resume in {}", out.display()))?;
-        // The run continues with the settings it was started with.
-        settings = checkpoint::load_settings(&dir)?;
+        // The run continues with the settings it was started with; a --config given
+        // again must say the same.
+        let saved = checkpoint::load_settings(&dir)?;
+        if let Some(p) = &a.config {
+            check_same_config(&settings, &saved, &overrides, p, &dir)?;
+        }
+        started_with_data = saved.data.path.clone();
+        settings = saved;
         state = checkpoint::load_state(&dir)?;
         Some(dir)
     } else {
@@ -55,8 +62,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         None
     };
-    if a.resume && (a.seed.is_some() || a.batch_size.is_some() || a.config.is_some()) {
-        bail!("--resume continues the run with its saved config: --config, --seed and --batch-size cannot change it");
+    if a.resume && (a.seed.is_some() || a.batch_size.is_some()) {
+        bail!("--resume continues the run with its saved config: --seed and --batch-size cannot change it");
     }
     settings.apply(&overrides);
     settings.validate()?;
@@ -141,6 +148,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
             "resuming at step {} (epoch {}, batch {})",
             state.step, state.epoch, state.batch
         );
+        if let (Some(was), Some(now)) = (&started_with_data, &settings.data.path) {
+            if was != now {
+                eprintln!(
+                    "note: the run was started on the data in {}; it continues on {} (--data)",
+                    was.display(),
+                    now.display()
+                );
+            }
+        }
     }
 
     let started = Instant::now();
@@ -448,5 +464,67 @@ fn say(pb: &indicatif::ProgressBar, msg: String) {
         eprintln!("{msg}");
     } else {
         pb.println(msg);
+    }
+}
+
+/// `--resume --config FILE`: FILE must describe the run that is resumed. Compared with
+/// the run's saved config after the same normalisation (the command line's overrides,
+/// the data folder made absolute); what `--resume` may change anyway (the data folder,
+/// `max-steps`, `minutes`, the device) is not compared. The error lists every key that
+/// differs, with both values.
+fn check_same_config(
+    given: &Settings,
+    saved: &Settings,
+    overrides: &Overrides,
+    path: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<()> {
+    let mut given = given.clone();
+    given.apply(overrides);
+    given.data.path = saved.data.path.clone();
+    given.train.max_steps = saved.train.max_steps;
+    given.train.minutes = saved.train.minutes;
+    given.train.device = saved.train.device.clone();
+    let as_value =
+        |s: &Settings| -> Result<toml::Value> { Ok(toml::from_str::<toml::Value>(&s.to_toml()?)?) };
+    let mut diffs = Vec::new();
+    toml_diff(&as_value(saved)?, &as_value(&given)?, "", &mut diffs);
+    if !diffs.is_empty() {
+        bail!(
+            "--resume continues the run with its saved config ({}), and {} differs from it: {}; drop --config to continue the run as it was started, or train a new run in another --out",
+            dir.join(checkpoint::CONFIG_FILE).display(),
+            path.display(),
+            diffs.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The dotted keys whose values differ between `run` (the saved config) and `file`,
+/// each as `key (the run's X, the file's Y)`.
+fn toml_diff(run: &toml::Value, file: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+    match (run, file) {
+        (toml::Value::Table(a), toml::Value::Table(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match (a.get(k), b.get(k)) {
+                    (Some(x), Some(y)) => toml_diff(x, y, &key, out),
+                    (Some(x), None) => out.push(format!("{key} (the run's {x}, not in the file)")),
+                    (None, Some(y)) => {
+                        out.push(format!("{key} (not in the run's, the file's {y})"))
+                    }
+                    (None, None) => {}
+                }
+            }
+        }
+        _ if run != file => out.push(format!("{prefix} (the run's {run}, the file's {file})")),
+        _ => {}
     }
 }
