@@ -238,8 +238,8 @@ fn batch_bits_per_dim_is_per_image() {
 
 /// α = 0 would map the dequantised value 0 (pixel 0 with noise exactly 0, which
 /// `Dequantize::apply` can draw) to `y = −∞` with `ld = +∞`, and 256 to `+∞`: it is a
-/// typed error, from the constructors and from every slice entry point of a `Logit`
-/// built by hand.
+/// typed error from the constructors, and since α is private no `Logit` (nor a
+/// `Dequantize` holding one) exists with it.
 #[test]
 fn alpha_zero_is_an_invalid_argument() {
     use nvp::data::Error;
@@ -253,17 +253,11 @@ fn alpha_zero_is_an_invalid_argument() {
             "{err}"
         );
     }
-    let l = Logit { alpha: 0.0 };
-    assert!(l.forward(&[0.0, 128.0]).is_err());
-    assert!(l.forward_f64(&[0.0, 128.0]).is_err());
-    assert!(l.log_det(&[256.0]).is_err());
-    let dq = Dequantize { logit: l };
-    let mut y = vec![0f32; 2];
-    assert!(dq.apply_with_noise(&[0, 255], &[0.0, 0.5], &mut y).is_err());
-    assert!(dq.apply_with_noise_f64(&[0, 255], &[0.0, 0.5]).is_err());
-    assert!(dq
-        .apply(&[0, 255], &mut StdRng::seed_from_u64(1), &mut y)
-        .is_err());
+    for bad in [0.5, 0.7, -1e-9, f64::NAN, f64::INFINITY] {
+        assert!(Logit::new(bad).is_err(), "alpha {bad} accepted");
+        assert!(Dequantize::new(bad).is_err(), "alpha {bad} accepted");
+    }
+    assert_eq!(Logit::new(0.05).unwrap().alpha(), 0.05);
 }
 
 /// For any α > 0 the log-det is finite on all of `[0, 256]`, also where α is so small

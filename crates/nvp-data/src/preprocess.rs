@@ -71,8 +71,9 @@ pub fn standard_normal_log_prob(y: &[f64]) -> f64 {
 /// The map `x ∈ [0, 256) ↦ y = logit(α + (1 − 2α) x / 256)` and its inverse.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Logit {
-    /// α, in `(0, 0.5)` (checked by [`Logit::new`] and by every slice entry point).
-    pub alpha: f64,
+    /// α, in `(0, 0.5)`: private, so that every `Logit` comes from [`Logit::new`] (or
+    /// `Default`) and every method, per value or per slice, may rely on it.
+    alpha: f64,
 }
 
 impl Default for Logit {
@@ -204,6 +205,11 @@ impl Logit {
         let l = Logit { alpha };
         l.validate()?;
         Ok(l)
+    }
+
+    /// α.
+    pub fn alpha(&self) -> f64 {
+        self.alpha
     }
 
     /// Checks `0 < α < 0.5` ([`Error::InvalidArgument`] otherwise). α = 0 is refused:
