@@ -5,7 +5,6 @@
 //! custom ops ([`Conv3x3GradInput`], [`Conv3x3GradWeight`], [`BiasGrad`]); everything
 //! else uses candle's own `conv2d` plus a broadcast bias add.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
@@ -271,15 +270,6 @@ fn cudnn_conv(_: &Tensor, _: &Tensor, _: Option<&Tensor>) -> Result<Option<Tenso
 #[derive(Debug, Clone, Copy, Default)]
 struct DxAsConv;
 
-impl DxAsConv {
-    fn copy<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
-        if !l.is_contiguous() || l.start_offset() != 0 {
-            bail!("conv2d_3x3: internal: the convolution output must be contiguous");
-        }
-        Ok((s.try_clone(l)?, l.shape().clone()))
-    }
-}
-
 impl CustomOp3 for DxAsConv {
     fn name(&self) -> &'static str {
         "nvp-conv3x3-dx-as-conv"
@@ -294,7 +284,7 @@ impl CustomOp3 for DxAsConv {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Self::copy(s1, l1)
+        crate::util::copy_output(s1, l1, "conv2d_3x3")
     }
 
     #[cfg(feature = "cuda")]
@@ -307,7 +297,7 @@ impl CustomOp3 for DxAsConv {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Self::copy(s1, l1)
+        crate::util::copy_output(s1, l1, "conv2d_3x3")
     }
 
     fn bwd(

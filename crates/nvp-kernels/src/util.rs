@@ -186,3 +186,18 @@ fn with_local<R>(
     });
     r
 }
+
+/// The output of an op that passes its first input through unchanged and exists for its
+/// backward pass (an identity with a written-out gradient): a copy of that input, which
+/// must be a whole contiguous storage (a fresh op output). `what` names the op in the
+/// error.
+pub(crate) fn copy_output<S: candle_core::backend::BackendStorage>(
+    s: &S,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<(S, candle_core::Shape)> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("{what}: internal: the passed-through output must be contiguous");
+    }
+    Ok((s.try_clone(l)?, l.shape().clone()))
+}

@@ -11,9 +11,6 @@
 //! - `∂L/∂g = ⟨∂L/∂w, u⟩` per output channel,
 //! - `∂L/∂v = (g / ‖v‖) · (∂L/∂w − u · ∂L/∂g)`.
 
-#[cfg(feature = "cuda")]
-use candle_core::backend::BackendDevice;
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 
 /// `w = g · v / ‖v‖` with candle's ops (differentiable through autograd): `v` of shape
@@ -61,16 +58,7 @@ impl CustomOp3 for WeightNormGrad {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = match l1.contiguous_offsets() {
-            Some(o) => o,
-            None => bail!("{}: internal: w must be contiguous", self.name()),
-        };
-        let out = match s1 {
-            CpuStorage::F32(v) => CpuStorage::F32(v[a..b].to_vec()),
-            CpuStorage::F64(v) => CpuStorage::F64(v[a..b].to_vec()),
-            s => bail!("{}: dtype {:?}; want f32 or f64", self.name(), s.dtype()),
-        };
-        Ok((out, l1.shape().clone()))
+        crate::util::copy_output(s1, l1, self.name())
     }
 
     #[cfg(feature = "cuda")]
@@ -83,16 +71,7 @@ impl CustomOp3 for WeightNormGrad {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        if !l1.is_contiguous() {
-            bail!("{}: internal: w must be contiguous", self.name());
-        }
-        // A strided copy of exactly the layout's elements.
-        let n = l1.shape().elem_count();
-        let dev = s1.device().clone();
-        // SAFETY: every element is written by the copy below.
-        let mut out = unsafe { dev.alloc_uninit(&Shape::from(n), s1.dtype())? };
-        s1.copy_strided_src(&mut out, 0, l1)?;
-        Ok((out, l1.shape().clone()))
+        crate::util::copy_output(s1, l1, self.name())
     }
 
     fn bwd(
