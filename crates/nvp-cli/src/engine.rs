@@ -120,32 +120,30 @@ impl Trainer {
             }
             loss = (loss + (reg * self.l2)?)?;
         }
+        mark(Phase::Forward)?;
+        // The backward pass is queued before anything is read back: on a GPU, reading
+        // the loss first would wait for the whole forward pass with the backward not
+        // yet queued. A non-finite loss makes non-finite gradients; the guard below
+        // skips such a step either way.
+        let grads = loss.backward()?;
+        mark(Phase::Backward)?;
+        // The one wait of the step: the gradient norm; the loss and bits/dim are
+        // computed by then.
+        let grad_norm = self.adam.grad_norm(&grads)?;
         let lp: Vec<f64> = log_p.to_dtype(DType::F64)?.to_vec1()?;
         let bpd = mean_bits_per_dim(&lp, &batch.ld_pre, dims)?;
         let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let restore = |buffers: &[(candle_core::Var, Tensor)]| -> Result<()> {
-            for (v, t) in buffers {
+        if !loss_v.is_finite() || !bpd.is_finite() || !grad_norm.is_finite() {
+            for (v, t) in &buffers {
                 v.set(t)?;
             }
-            Ok(())
-        };
-        if !loss_v.is_finite() || !bpd.is_finite() {
-            restore(&buffers)?;
             return Ok(StepOutcome {
                 bpd,
-                grad_norm: f64::NAN,
-                skipped: true,
-            });
-        }
-        mark(Phase::Forward)?;
-        let grads = loss.backward()?;
-        mark(Phase::Backward)?;
-        let grad_norm = self.adam.grad_norm(&grads)?;
-        if !grad_norm.is_finite() {
-            restore(&buffers)?;
-            return Ok(StepOutcome {
-                bpd,
-                grad_norm,
+                grad_norm: if loss_v.is_finite() && bpd.is_finite() {
+                    grad_norm
+                } else {
+                    f64::NAN
+                },
                 skipped: true,
             });
         }
@@ -193,11 +191,12 @@ pub fn warmup_lr(lr: f64, warmup: u64, step: u64) -> f64 {
 /// The phases of a training step, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Forward pass, loss, and the loss read back for the non-finite guard.
+    /// Forward pass and loss.
     Forward,
     /// Backward pass through the whole graph.
     Backward,
-    /// Gradient norm, clipping and the Adam update.
+    /// Gradient norm, the loss read back for the non-finite guard, clipping and the
+    /// Adam update.
     Update,
 }
 
