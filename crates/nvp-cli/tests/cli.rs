@@ -404,6 +404,8 @@ fn class_conditional_model_trains_evaluates_samples_and_compresses() {
         marg.is_finite() && marg <= cond + 2.0 / 192.0 + 1e-9,
         "{out}"
     );
+    // each image under its own label: the plain evaluation's value (same noise)
+    assert!((cond - bpd).abs() < 1e-9, "{cond} vs {bpd}");
     let acc = json_number(&out, "accuracy");
     assert!((0.0..=1.0).contains(&acc), "{out}");
     let each = d.join("each");
