@@ -640,6 +640,12 @@ fn weight_norm_closed_form_backward_matches_autograd() {
             let gg = gs.get(g.as_tensor()).unwrap().clone();
             (w, gv, gg)
         };
+        // A gain of the wrong length is refused, naming both shapes.
+        let bad = nvp_kernels::weight_norm(&v0, &g0.narrow(0, 0, 4).unwrap()).unwrap_err();
+        assert!(
+            bad.to_string().contains("[5, 3, 3, 3]") && bad.to_string().contains("[4]"),
+            "{bad}"
+        );
         let (w1, gv1, gg1) = grads(nvp_kernels::weight_norm);
         let (w0, gv0, gg0) = grads(nvp_kernels::weight_norm_reference);
         assert_eq!(
