@@ -204,13 +204,8 @@ impl BatchNorm {
     pub fn record_batch_stats(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
         let unbiased = count as f64 / (count.max(2) - 1) as f64;
         let m = self.cfg.momentum;
-        // On the GPU: one cuDNN kernel per statistic, the unbiasing folded in.
-        let var_flat = var.detach().flatten_all()?;
-        if nvp_kernels::try_blend_in_place(&self.running_var, &var_flat, 1.0 - m, m * unbiased)? {
-            return update_running(&self.running_mean, mean, m);
-        }
         update_running(&self.running_mean, mean, m)?;
-        update_running(&self.running_var, &(var * unbiased)?, m)
+        update_running_scaled(&self.running_var, var, m, unbiased)
     }
 
     /// Whether the fused kernels of `nvp-kernels` take `x` and these parameters.
@@ -322,10 +317,26 @@ impl BatchNorm {
 
 /// `running ← (1 − m)·running + m·batch`, in place, outside the graph.
 pub(crate) fn update_running(running: &Tensor, batch: &Tensor, momentum: f64) -> Result<()> {
+    update_running_scaled(running, batch, momentum, 1.0)
+}
+
+/// `running ← (1 − momentum)·running + momentum·(scale·batch)`: on the GPU by one cuDNN
+/// call in place (`scale` folded into its factor), otherwise by candle's ops.
+fn update_running_scaled(
+    running: &Tensor,
+    batch: &Tensor,
+    momentum: f64,
+    scale: f64,
+) -> Result<()> {
     let batch = batch.detach().flatten_all()?.to_dtype(running.dtype())?;
-    if nvp_kernels::try_blend_in_place(running, &batch, 1.0 - momentum, momentum)? {
+    if nvp_kernels::try_blend_in_place(running, &batch, 1.0 - momentum, momentum * scale)? {
         return Ok(());
     }
+    let batch = if scale == 1.0 {
+        batch
+    } else {
+        (batch * scale)?
+    };
     let new = ((running.detach() * (1.0 - momentum))? + (batch * momentum)?)?;
     as_var(running)?.set(&new)
 }

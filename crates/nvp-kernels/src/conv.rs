@@ -270,44 +270,15 @@ fn cudnn_conv(_: &Tensor, _: &Tensor, _: Option<&Tensor>) -> Result<Option<Tenso
 #[derive(Debug, Clone, Copy, Default)]
 struct DxAsConv;
 
-impl CustomOp3 for DxAsConv {
-    fn name(&self) -> &'static str {
-        "nvp-conv3x3-dx-as-conv"
-    }
+impl crate::util::WrittenOutGrad for DxAsConv {
+    const NAME: &'static str = "nvp-conv3x3-dx-as-conv";
 
-    fn cpu_fwd(
+    fn grads(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        crate::util::copy_output(s1, l1, "conv2d_3x3")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::util::copy_output(s1, l1, "conv2d_3x3")
-    }
-
-    fn bwd(
-        &self,
-        _y: &Tensor,
         x: &Tensor,
         w: &Tensor,
-        _res: &Tensor,
         dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let dx = if x.track_op() {
             // (K, C, 3, 3) → flipped in space, (C, K, 3, 3).
@@ -326,7 +297,7 @@ impl CustomOp3 for DxAsConv {
         } else {
             None
         };
-        Ok((None, dx, dw))
+        Ok((dx, dw))
     }
 }
 
@@ -336,7 +307,7 @@ impl CustomOp3 for DxAsConv {
 pub fn conv2d_3x3_dx_as_conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let y = x.detach().conv2d(&w.detach(), 1, 1, 1, 1)?.contiguous()?;
     let y = if x.track_op() || w.track_op() {
-        y.apply_op3(x, w, DxAsConv)?
+        crate::util::pass_through(&y, x, w, DxAsConv)?
     } else {
         y
     };

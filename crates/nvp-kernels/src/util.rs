@@ -187,17 +187,82 @@ fn with_local<R>(
     r
 }
 
-/// The output of an op that passes its first input through unchanged and exists for its
-/// backward pass (an identity with a written-out gradient): a copy of that input, which
-/// must be a whole contiguous storage (a fresh op output). `what` names the op in the
-/// error.
-pub(crate) fn copy_output<S: candle_core::backend::BackendStorage>(
-    s: &S,
-    l: &candle_core::Layout,
-    what: &str,
-) -> candle_core::Result<(S, candle_core::Shape)> {
-    if !l.is_contiguous() || l.start_offset() != 0 {
-        candle_core::bail!("{what}: internal: the passed-through output must be contiguous");
+/// The backward pass of a value computed elsewhere (by candle's ops on detached
+/// inputs) and attached to two inputs by [`pass_through`]: gradients for `a` and `b`
+/// from the value's gradient `d`.
+pub(crate) trait WrittenOutGrad: Send + Sync + 'static {
+    /// The op's name (in candle's graph and in errors).
+    const NAME: &'static str;
+
+    fn grads(&self, a: &Tensor, b: &Tensor, d: &Tensor)
+        -> Result<(Option<Tensor>, Option<Tensor>)>;
+}
+
+/// `value` (a fresh, contiguous op output) with `G`'s gradient flowing to `a` and `b`:
+/// the forward is a copy of `value`, the backward `G::grads`.
+pub(crate) fn pass_through<G: WrittenOutGrad>(
+    value: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    grad: G,
+) -> Result<Tensor> {
+    value.apply_op3(a, b, PassThrough(grad))
+}
+
+struct PassThrough<G>(G);
+
+impl<G> PassThrough<G> {
+    fn copy<S: candle_core::backend::BackendStorage>(
+        s: &S,
+        l: &Layout,
+        what: &str,
+    ) -> Result<(S, candle_core::Shape)> {
+        if !l.is_contiguous() || l.start_offset() != 0 {
+            candle_core::bail!("{what}: internal: the passed-through value must be contiguous");
+        }
+        Ok((s.try_clone(l)?, l.shape().clone()))
     }
-    Ok((s.try_clone(l)?, l.shape().clone()))
+}
+
+impl<G: WrittenOutGrad> candle_core::CustomOp3 for PassThrough<G> {
+    fn name(&self) -> &'static str {
+        G::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, candle_core::Shape)> {
+        Self::copy(s1, l1, G::NAME)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        Self::copy(s1, l1, G::NAME)
+    }
+
+    fn bwd(
+        &self,
+        _value: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        d: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (ga, gb) = self.0.grads(a, b, d)?;
+        Ok((None, ga, gb))
+    }
 }

@@ -11,7 +11,7 @@
 //! - `∂L/∂g = ⟨∂L/∂w, u⟩` per output channel,
 //! - `∂L/∂v = (g / ‖v‖) · (∂L/∂w − u · ∂L/∂g)`.
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{bail, Result, Tensor, D};
 
 /// `w = g · v / ‖v‖` with candle's ops (differentiable through autograd): `v` of shape
 /// `(K, …)`, `g` of shape `(K)`.
@@ -38,50 +38,21 @@ pub fn weight_norm(v: &Tensor, g: &Tensor) -> Result<Tensor> {
     if !v.track_op() && !g.track_op() {
         return Ok(w);
     }
-    w.apply_op3(v, g, WeightNormGrad)
+    crate::util::pass_through(&w, v, g, WeightNormGrad)
 }
 
 /// (w, v, g) → a copy of w; the gradient flows to v and g by the closed form.
 struct WeightNormGrad;
 
-impl CustomOp3 for WeightNormGrad {
-    fn name(&self) -> &'static str {
-        "nvp-weight-norm"
-    }
+impl crate::util::WrittenOutGrad for WeightNormGrad {
+    const NAME: &'static str = "nvp-weight-norm";
 
-    fn cpu_fwd(
+    fn grads(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        crate::util::copy_output(s1, l1, self.name())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::util::copy_output(s1, l1, self.name())
-    }
-
-    fn bwd(
-        &self,
-        _w: &Tensor,
         v: &Tensor,
         g: &Tensor,
-        _res: &Tensor,
         dw: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let k = v.dim(0)?;
         let v = v.detach();
         let vf = v.flatten_from(1)?;
@@ -93,6 +64,6 @@ impl CustomOp3 for WeightNormGrad {
         let dv = (dwf - u.broadcast_mul(&dg)?)?
             .broadcast_mul(&gain)?
             .reshape(v.shape())?;
-        Ok((None, Some(dv), Some(dg.reshape(k)?)))
+        Ok((Some(dv), Some(dg.reshape(k)?)))
     }
 }
