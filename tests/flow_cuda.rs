@@ -80,10 +80,25 @@ fn rel(got: &Tensor, want: &Tensor) -> f64 {
 
 /// Forward in both modes, inverse (eval mode), on `dev` in `dtype` against CPU f64.
 fn check_forward(what: &str, dev: &Device, dtype: DType, tol: f64, inv_tol: f64) {
+    check_forward_with(what, dev, dtype, tol, inv_tol, &|_| ())
+}
+
+/// [`check_forward`], calling `on_gpu(false)` before the CPU's runs and `on_gpu(true)`
+/// before the GPU's (to switch a path on for the GPU only).
+fn check_forward_with(
+    what: &str,
+    dev: &Device,
+    dtype: DType,
+    tol: f64,
+    inv_tol: f64,
+    on_gpu: &dyn Fn(bool),
+) {
     let x = input();
     for mode in [Mode::Train, Mode::Eval] {
+        on_gpu(false);
         let (want_store, want_m) = model(&Device::Cpu, DType::F64);
         let (z0, ld0) = want_m.forward(&x, mode).unwrap();
+        on_gpu(true);
         let (store, m) = model(dev, dtype);
         let xd = x.to_dtype(dtype).unwrap().to_device(dev).unwrap();
         let (z, ld) = m.forward(&xd, mode).unwrap();
@@ -200,9 +215,61 @@ fn f64_and_f32_with_the_opt_in_gpu_ops_match_cpu() {
     check_gradients("CUDA f64 train gradients, opt-in ops");
 }
 
+/// The s/t networks as one node built from the GPU's ops (`NVP_RESNET_OPS`, off by
+/// default until measured: cuDNN's convolutions and batch norms with a written-out
+/// backward) on the GPU, against the layer-by-layer network on the CPU: forward in
+/// both modes with the running averages, inverse and gradients, in f64 and strict f32.
+/// Then with two other opt-in ops on as well.
+#[test]
+fn f64_and_f32_with_the_resnet_ops_match_cpu() {
+    let _g = lock();
+    /// Switches the paths off again however the test ends.
+    struct Off;
+    impl Drop for Off {
+        fn drop(&mut self) {
+            tuning::set_resnet_ops(false);
+            tuning::set_cudnn_bias(false);
+            tuning::set_weight_norm_op(false);
+        }
+    }
+    let _off = Off;
+    let on_gpu = |on: bool| tuning::set_resnet_ops(on);
+    let dev = gpu();
+    check_forward_with(
+        "CUDA f64, resnet ops",
+        &dev,
+        DType::F64,
+        1e-9,
+        1e-9,
+        &on_gpu,
+    );
+    nvp_kernels::set_tf32(false);
+    check_forward_with(
+        "CUDA f32 (FP32), resnet ops",
+        &dev,
+        DType::F32,
+        1e-4,
+        1e-3,
+        &on_gpu,
+    );
+    nvp_kernels::set_tf32(true);
+    check_gradients_with("CUDA f64 train gradients, resnet ops", &on_gpu);
+    tuning::set_cudnn_bias(true);
+    tuning::set_weight_norm_op(true);
+    check_gradients_with(
+        "CUDA f64 train gradients, resnet ops + cuDNN bias + weight-norm op",
+        &on_gpu,
+    );
+}
+
 /// Gradients of the train-mode mean log-likelihood for every parameter, CUDA f64
 /// against CPU f64, under `what`.
 fn check_gradients(what: &str) {
+    check_gradients_with(what, &|_| ())
+}
+
+/// [`check_gradients`], calling `on_gpu` as [`check_forward_with`] does.
+fn check_gradients_with(what: &str, on_gpu: &dyn Fn(bool)) {
     let x = input();
     let grads = |dev: &Device| {
         let (store, m) = model(dev, DType::F64);
@@ -219,7 +286,11 @@ fn check_gradients(what: &str) {
             })
             .collect::<Vec<_>>()
     };
-    let (want, got) = (grads(&Device::Cpu), grads(&gpu()));
+    on_gpu(false);
+    let want = grads(&Device::Cpu);
+    on_gpu(true);
+    let got = grads(&gpu());
+    on_gpu(false);
     assert_eq!(want.len(), got.len());
     // The bias of a convolution followed by a train-mode batch norm (every convolution
     // of the s/t networks but the last) has a gradient of exactly zero: the batch mean

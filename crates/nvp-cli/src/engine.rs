@@ -86,15 +86,16 @@ impl Trainer {
     /// Flip/dequantise/logit were done by the loader; here: forward, loss =
     /// mean bits/dim + L2 · Σ (scale parameters)², backward, clip, Adam.
     pub fn step(&mut self, batch: &Batch) -> Result<StepOutcome> {
-        self.step_marked(batch, |_| Ok(()))
+        self.step_marked(batch, |_, _| Ok(()))
     }
 
-    /// [`Trainer::step`], calling `mark` as each phase ends (`nvp bench` synchronises
-    /// the device there and times the phases). A skipped step ends early.
+    /// [`Trainer::step`], calling `mark` with the step's loss as each phase ends
+    /// (`nvp bench` synchronises the device there, times the phases and counts the
+    /// loss's autograd graph). A skipped step ends early.
     pub fn step_marked(
         &mut self,
         batch: &Batch,
-        mut mark: impl FnMut(Phase) -> Result<()>,
+        mut mark: impl FnMut(Phase, &Tensor) -> Result<()>,
     ) -> Result<StepOutcome> {
         let dims = self.model.dims();
         let buffers: Vec<_> = self
@@ -120,13 +121,13 @@ impl Trainer {
             }
             loss = (loss + (reg * self.l2)?)?;
         }
-        mark(Phase::Forward)?;
+        mark(Phase::Forward, &loss)?;
         // The backward pass is queued before anything is read back: on a GPU, reading
         // the loss first would wait for the whole forward pass with the backward not
         // yet queued. A non-finite loss makes non-finite gradients; the guard below
         // skips such a step either way.
         let grads = loss.backward()?;
-        mark(Phase::Backward)?;
+        mark(Phase::Backward, &loss)?;
         // The one wait of the step: the gradient norm; the loss and bits/dim are
         // computed by then.
         let grad_norm = self.adam.grad_norm(&grads)?;
@@ -158,7 +159,7 @@ impl Trainer {
         if let Some(a) = &mut self.averaged {
             a.ema.update()?;
         }
-        mark(Phase::Update)?;
+        mark(Phase::Update, &loss)?;
         Ok(StepOutcome {
             bpd,
             grad_norm,

@@ -279,26 +279,40 @@ impl crate::util::WrittenOutGrad for DxAsConv {
         w: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let dx = if x.track_op() {
-            // (K, C, 3, 3) → flipped in space, (C, K, 3, 3).
-            let wt = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
-            Some(dy.conv2d(&wt, 1, 1, 1, 1)?)
-        } else {
-            None
-        };
-        let dw = if w.track_op() {
-            let g = x
-                .transpose(0, 1)?
-                .contiguous()?
-                .conv2d(&dy.transpose(0, 1)?.contiguous()?, 1, 1, 1, 1)?
-                .transpose(0, 1)?;
-            Some(g.narrow(2, 0, 3)?.narrow(3, 0, 3)?.contiguous()?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
+        grads_by_conv(x, w, dy, x.track_op(), w.track_op())
     }
+}
+
+/// The input gradient (where `want_dx`) and weight gradient (where `want_dw`) of the
+/// 3×3 convolution (stride 1, padding 1) of `x` by `w`, from the output gradient `dy`,
+/// both by candle's `conv2d` (any device and dtype): `dx = conv2d(dy, flip(w)ᵀ)`, `dw`
+/// as candle's autograd computes it.
+pub(crate) fn grads_by_conv(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    want_dx: bool,
+    want_dw: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let dy = dy.contiguous()?;
+    let dx = if want_dx {
+        // (K, C, 3, 3) → flipped in space, (C, K, 3, 3).
+        let wt = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
+        Some(dy.conv2d(&wt, 1, 1, 1, 1)?)
+    } else {
+        None
+    };
+    let dw = if want_dw {
+        let g = x
+            .transpose(0, 1)?
+            .contiguous()?
+            .conv2d(&dy.transpose(0, 1)?.contiguous()?, 1, 1, 1, 1)?
+            .transpose(0, 1)?;
+        Some(g.narrow(2, 0, 3)?.narrow(3, 0, 3)?.contiguous()?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
 }
 
 /// [`conv2d_3x3_reference`] with the input gradient computed by `conv2d` rather than

@@ -481,7 +481,20 @@ fn conv_grads(
     w: &Tensor,
     dy: &Tensor,
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-    let dx = if x.track_op() {
+    conv_grads_where(d, x, w, dy, x.track_op(), w.track_op())
+}
+
+/// The input gradient (where `want_dx`) and weight gradient (where `want_dw`) of the
+/// forward convolution by cuDNN's data and filter passes (`dy` contiguous).
+fn conv_grads_where(
+    d: ConvDims,
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    want_dx: bool,
+    want_dw: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let dx = if want_dx {
         Some(dy.apply_op2_no_bwd(
             w,
             &CudnnConv {
@@ -492,7 +505,7 @@ fn conv_grads(
     } else {
         None
     };
-    let dw = if w.track_op() {
+    let dw = if want_dw {
         Some(x.apply_op2_no_bwd(
             dy,
             &CudnnConv {
@@ -504,6 +517,29 @@ fn conv_grads(
         None
     };
     Ok((dx, dw))
+}
+
+/// The gradients of `conv(x, w) + b` outside any graph (for [`crate::resnet_train_ops`]):
+/// the input gradient where `want_dx`, the weight gradient, and the bias gradient —
+/// cuDNN's data and filter passes, and `cudnnConvolutionBackwardBias` where
+/// [`crate::cudnn_bias_enabled`] (candle's sum over N, H, W otherwise). CUDA tensors
+/// of one dtype, f32 or f64 ([`applies`]).
+pub(crate) fn conv_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    want_dx: bool,
+) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    let d = crate::conv::dims_of(x.shape(), w.shape())?;
+    let (x, w, dy) = (x.contiguous()?, w.contiguous()?, dy.contiguous()?);
+    let (dx, dw) = conv_grads_where(d, &x, &w, &dy, want_dx, true)?;
+    let dw = dw.ok_or_else(|| candle_core::Error::Msg("cuDNN conv backward: no dw".into()))?;
+    let db = if crate::cudnn_bias_enabled() {
+        dy.apply_op1_no_bwd(&CudnnBiasGrad { d })?
+    } else {
+        dy.sum(vec![0, 2, 3])?
+    };
+    Ok((dx, dw, db))
 }
 
 /// The convolution with its bias, (x, w, b) → `conv(x, w) + b`: cuDNN's forward, the
@@ -1057,19 +1093,54 @@ impl candle_core::CustomOp3 for CudnnBn {
         if self.pass != BnPass::Train {
             bail!("{}: not differentiable", candle_core::CustomOp3::name(self));
         }
-        let (nchw, c) = (self.nchw(), self.c);
         // Only y carries a gradient: the statistics leave the op detached.
-        let dy = grad.narrow(0, 0, nchw)?.contiguous()?;
+        let dy = grad.narrow(0, 0, self.nchw())?;
+        let (dx, dw, db) = self.backward(x, &dy, w)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl CudnnBn {
+    /// cuDNN's backward pass (the gradient through the batch statistics, recomputed
+    /// from `x`): `(dx, dweight, dbias)` from the flat `x` and `dy`, `dx` flat.
+    fn backward(&self, x: &Tensor, dy: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (nchw, c) = (self.nchw(), self.c);
         let back = CudnnBn {
             pass: BnPass::Backward,
             ..*self
         };
-        let g = x.flatten_all()?.apply_op3_no_bwd(&dy, w, &back)?;
-        let dx = g.narrow(0, 0, nchw)?.reshape(x.shape())?;
-        let dw = g.narrow(0, nchw, c)?;
-        let db = g.narrow(0, nchw + c, c)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        let g = x.flatten_all()?.contiguous()?.apply_op3_no_bwd(
+            &dy.flatten_all()?.contiguous()?,
+            &w.contiguous()?,
+            &back,
+        )?;
+        Ok((
+            g.narrow(0, 0, nchw)?,
+            g.narrow(0, nchw, c)?,
+            g.narrow(0, nchw + c, c)?,
+        ))
     }
+}
+
+/// The gradient of the train-mode batch norm `y = weight·(x − μ)/√(σ² + ε) + bias`
+/// through its batch statistics, outside any graph (for [`crate::resnet_train_ops`]):
+/// `(dx, dweight, dbias)` by cuDNN's backward, for tensors [`bn_applies`] takes.
+pub(crate) fn batch_norm_backward(
+    x: &Tensor,
+    dy: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, c, hw) = bn_dims(x.shape())?;
+    let op = CudnnBn {
+        pass: BnPass::Backward,
+        eps,
+        n,
+        c,
+        hw,
+    };
+    let (dx, dw, db) = op.backward(x, dy, weight)?;
+    Ok((dx.reshape(x.shape())?, dw, db))
 }
 
 /// Whether [`batch_norm_cudnn`] takes these tensors: CUDA, all f32 or all f64, rank 2

@@ -42,6 +42,7 @@ mod cuda_pool;
 mod cudnn;
 mod kernels;
 mod resnet;
+mod resnet_ops;
 mod util;
 mod weight_norm;
 mod winograd;
@@ -65,6 +66,7 @@ pub use cuda_pool::keep_freed_cuda_memory;
 pub use weight_norm::{weight_norm, weight_norm_reference};
 
 pub use resnet::{resnet_train, resnet_train_applies, ResNetShape, ResNetTrainOutput};
+pub use resnet_ops::{resnet_train_ops, resnet_train_ops_applies};
 
 pub use conv::{
     bn_relu_conv2d_3x3, bn_relu_conv_fuses, conv2d_3x3, conv2d_3x3_add, conv2d_3x3_dx_as_conv,
@@ -106,6 +108,9 @@ static WEIGHT_NORM_OP: AtomicU8 = AtomicU8::new(0);
 /// Same states, for keeping freed memory in the CUDA memory pool (environment
 /// variable `NVP_CUDA_KEEP_FREED`; see [`keep_freed_cuda_memory`]).
 static CUDA_KEEP_FREED: AtomicU8 = AtomicU8::new(0);
+/// Same states, for the s/t networks as one node built from the device's ops
+/// (environment variable `NVP_RESNET_OPS`; see [`resnet_ops_enabled`]).
+static RESNET_OPS: AtomicU8 = AtomicU8::new(0);
 
 /// A process-wide switch: on unless `var` is `0`, `false`, `off` or `no` (read once,
 /// on first use, unless set before).
@@ -201,7 +206,7 @@ pub fn cudnn_batch_norm_enabled() -> bool {
     cudnn_enabled() && switch_enabled(&CUDNN_BN, "NVP_CUDNN_BN")
 }
 
-// The four GPU switches below (`NVP_CUDNN_BIAS`, `NVP_WEIGHT_NORM_OP`,
+// The five GPU switches below (`NVP_RESNET_OPS`, `NVP_CUDNN_BIAS`, `NVP_WEIGHT_NORM_OP`,
 // `NVP_CUDNN_BLEND`, `NVP_CUDA_KEEP_FREED`) are off by default: they were written
 // after the last GPU run of their session and have not run on a GPU yet.
 // `scripts/gpu-check.sh` runs their tests and measures each; a session that sees them
@@ -223,6 +228,16 @@ pub fn cudnn_bias_enabled() -> bool {
 /// [`tuning::set_weight_norm_op`].
 pub fn weight_norm_op_enabled() -> bool {
     switch_with_default(&WEIGHT_NORM_OP, "NVP_WEIGHT_NORM_OP", false)
+}
+
+/// Whether the s/t networks train as one autograd node built from the device's ops
+/// ([`resnet_train_ops`]) where the f32 CPU's fused op ([`resnet_train`]) does not
+/// apply: on a GPU, cuDNN's convolutions and batch norms with a written-out backward
+/// instead of candle's autograd through a dozen nodes per layer. Off by default (not
+/// yet run on a GPU); on where the environment variable `NVP_RESNET_OPS` is `1`,
+/// `true`, `on` or `yes`, or after [`tuning::set_resnet_ops`].
+pub fn resnet_ops_enabled() -> bool {
+    switch_with_default(&RESNET_OPS, "NVP_RESNET_OPS", false)
 }
 
 /// Batch normalisation with affine by cuDNN (`batch_norm_cudnn`, feature `cudnn`)
@@ -373,6 +388,13 @@ pub mod tuning {
     /// Train the s/t networks as one op (true, the default) or op by op (false).
     pub fn set_fused_resnet(on: bool) {
         crate::FUSED_RESNET.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    /// Where the CPU's fused op does not apply, train the s/t networks as one node
+    /// built from the device's ops (true) or layer by layer through candle's autograd
+    /// (false, the default); see [`crate::resnet_ops_enabled`].
+    pub fn set_resnet_ops(on: bool) {
+        crate::RESNET_OPS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
     }
 
     /// Byte budget of one Winograd block's transformed input and product buffers.

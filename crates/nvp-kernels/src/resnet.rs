@@ -40,24 +40,24 @@ pub struct ResNetShape {
 
 /// Where one layer's parameters lie in the packed vector.
 #[derive(Debug, Clone, Copy)]
-struct Conv {
-    w: usize,
-    b: usize,
+pub(crate) struct Conv {
+    pub(crate) w: usize,
+    pub(crate) b: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Norm {
-    w: usize,
-    b: usize,
+pub(crate) struct Norm {
+    pub(crate) w: usize,
+    pub(crate) b: usize,
 }
 
 #[derive(Debug, Clone)]
-struct Offsets {
-    inp: Conv,
-    blocks: Vec<(Norm, Conv, Norm, Conv)>,
-    bn_out: Norm,
-    out: Conv,
-    len: usize,
+pub(crate) struct Offsets {
+    pub(crate) inp: Conv,
+    pub(crate) blocks: Vec<(Norm, Conv, Norm, Conv)>,
+    pub(crate) bn_out: Norm,
+    pub(crate) out: Conv,
+    pub(crate) len: usize,
 }
 
 impl ResNetShape {
@@ -69,7 +69,7 @@ impl ResNetShape {
         self.offsets().len
     }
 
-    fn offsets(&self) -> Offsets {
+    pub(crate) fn offsets(&self) -> Offsets {
         /// Hands out consecutive ranges of the packed vector.
         struct Cursor(usize);
         impl Cursor {

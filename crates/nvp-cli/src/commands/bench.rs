@@ -145,13 +145,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
     // each phase (forward + loss, backward, gradient norm + Adam). Not part of the
     // figure above, which has no synchronisation inside a step.
     let mut phases: [Vec<f64>; 3] = Default::default();
+    // The size of the step's autograd graph (nodes from the loss back to the
+    // parameters): on a GPU each node's backward launches kernels of its own plus, per
+    // input, candle's zero-filled gradient buffer and add.
+    let mut graph_nodes = None;
     for _ in 0..a.phase_steps {
         let b = make_batch(&px, a.batch, &s, s.data.flip, &mut rng, &device)?;
         device_sync(&device)?;
         let mut t = Instant::now();
-        trainer.step_marked(&b, |phase| {
+        trainer.step_marked(&b, |phase, loss| {
             device_sync(&device)?;
             phases[phase as usize].push(t.elapsed().as_secs_f64());
+            if matches!(phase, engine::Phase::Forward) && graph_nodes.is_none() {
+                graph_nodes = Some(loss.sorted_nodes().len());
+            }
             t = Instant::now();
             Ok(())
         })?;
@@ -228,7 +235,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let ips = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:8.2} img/s"));
     if a.json {
         println!(
-            "{{\"config\":\"{}\",\"device\":\"{}\",\"params\":{params},\"batch\":{},\"train_step_s\":{train_step_s:.4},\"train_img_per_s\":{train_ips:.3},\"eval_batch\":{},\"eval_img_per_s\":{},\"sample_n\":{},\"sample_img_per_s\":{},\"peak_rss_mib\":{},\"peak_rss_train_mib\":{},\"rss_before_train_mib\":{},\"skipped_steps\":{skipped},\"threads\":{},\"conv\":\"{conv}\",\"batch_norm\":\"{bn}\",\"train_forward_s\":{},\"train_backward_s\":{},\"train_update_s\":{}}}",
+            "{{\"config\":\"{}\",\"device\":\"{}\",\"params\":{params},\"batch\":{},\"train_step_s\":{train_step_s:.4},\"train_img_per_s\":{train_ips:.3},\"eval_batch\":{},\"eval_img_per_s\":{},\"sample_n\":{},\"sample_img_per_s\":{},\"peak_rss_mib\":{},\"peak_rss_train_mib\":{},\"rss_before_train_mib\":{},\"skipped_steps\":{skipped},\"threads\":{},\"conv\":\"{conv}\",\"batch_norm\":\"{bn}\",\"train_forward_s\":{},\"train_backward_s\":{},\"train_update_s\":{},\"graph_nodes\":{}}}",
             s.name,
             s.train.device,
             a.batch,
@@ -242,7 +249,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             rayon_threads(),
             js(fwd_s),
             js(bwd_s),
-            js(upd_s)
+            js(upd_s),
+            graph_nodes.map_or("null".to_string(), |n| n.to_string())
         );
     } else {
         println!(
@@ -254,10 +262,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             a.batch, train_step_s, a.steps
         );
         println!(
-            "        phases (synchronised): forward {}, backward {}, update {}",
+            "        phases (synchronised): forward {}, backward {}, update {}; autograd graph: {} nodes",
             txt(fwd_s),
             txt(bwd_s),
-            txt(upd_s)
+            txt(upd_s),
+            graph_nodes.map_or("-".to_string(), |n| n.to_string())
         );
         println!("eval    batch {:>4}: {}", a.eval_batch, ips(eval_ips));
         println!("sample  n     {:>4}: {}", a.sample_n, ips(sample_ips));

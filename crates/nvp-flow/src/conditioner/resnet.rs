@@ -128,14 +128,23 @@ impl ResNet {
             .chain(std::iter::once(&self.bn_out))
     }
 
-    /// Train mode as one fused op (`nvp_kernels::resnet_train`), where it applies: the
-    /// same kernels and results as the layer-by-layer network, without an autograd
-    /// node per layer. `None` where it does not apply.
+    /// Train mode as one autograd node, where it applies: the fused f32 CPU op
+    /// (`nvp_kernels::resnet_train`: the same kernels and results as the
+    /// layer-by-layer network), or, where switched on (`NVP_RESNET_OPS=1`), the
+    /// device's own ops with a written-out backward (`nvp_kernels::resnet_train_ops`:
+    /// the same values, gradients equal up to rounding). `None` where neither applies.
     fn forward_train_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let eps = self.bn_out.config().eps;
-        if self.batch_norms().any(|n| n.config().eps != eps)
-            || !nvp_kernels::resnet_train_applies(x, self.inp.bias())
-        {
+        // The packed vector has the parameters' device and dtype (those of `inp.bias`).
+        let params = self.inp.bias();
+        let run = if nvp_kernels::resnet_train_applies(x, params) {
+            nvp_kernels::resnet_train
+        } else if nvp_kernels::resnet_train_ops_applies(x, params) {
+            nvp_kernels::resnet_train_ops
+        } else {
+            return Ok(None);
+        };
+        if self.batch_norms().any(|n| n.config().eps != eps) {
             return Ok(None);
         }
         let (n, _, h, w) = x.dims4()?;
@@ -145,8 +154,7 @@ impl ResNet {
             blocks: self.blocks.len(),
             cout: self.out.bias().dim(0)?,
         };
-        // The packed vector has the parameters' device and dtype (those of `inp.bias`).
-        let out = nvp_kernels::resnet_train(x, &self.packed_params()?, shape, eps)?;
+        let out = run(x, &self.packed_params()?, shape, eps)?;
         for (bn, (mean, var)) in self.batch_norms().zip(&out.stats) {
             bn.record_batch_stats(mean, var, n * h * w)?;
         }
