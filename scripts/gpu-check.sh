@@ -28,7 +28,8 @@
 #      and the first that works is kept for the rest of the check (said loudly)
 #   d  nvp bench, configs/cifar10.toml and configs/cifar10-small.toml, on cuda (cuDNN,
 #      TF32, cuDNN batch norm); cifar10 training with the opt-in GPU switches
-#      (NVP_CUDA_KEEP_FREED, NVP_CUDNN_BIAS, NVP_WEIGHT_NORM_OP, NVP_CUDNN_BLEND) all on
+#      (NVP_RESNET_OPS, NVP_CUDA_KEEP_FREED, NVP_CUDNN_BIAS, NVP_WEIGHT_NORM_OP,
+#      NVP_CUDNN_BLEND) all on
 #      and one at a time, then the defaults again; then cifar10-small training again with strict FP32
 #      cuDNN (NVP_TF32=0), with algorithms chosen by timing (NVP_CUDNN_BENCHMARK=1),
 #      with candle's batch norm (NVP_CUDNN_BN=0),
@@ -260,12 +261,14 @@ BENCH_ARGS=(--device cuda --json --batch 64 --warmup "$WARM" --steps "$STEPS" --
 run_part d_bench_paper 150 "$NVP" bench --config configs/cifar10.toml "${BENCH_ARGS[@]}"
 run_part d_bench_small 90 "$NVP" bench --config configs/cifar10-small.toml "${BENCH_ARGS[@]}"
 AB_ARGS=(--device cuda --json --batch 64 --warmup "$WARM" --steps "$STEPS" --eval-reps 0 --sample-reps 0)
-# The opt-in GPU switches (off by default until measured; session 10 wrote them after
-# its last GPU run), all on and one at a time: the memory pool keeping freed memory
-# (NVP_CUDA_KEEP_FREED), the convolution's bias by cuDNN (NVP_CUDNN_BIAS), weight
-# normalisation's closed-form backward (NVP_WEIGHT_NORM_OP), the running averages by
-# cuDNN (NVP_CUDNN_BLEND). The CUDA tests (part t) check their values first.
-SWITCHES=(NVP_CUDA_KEEP_FREED NVP_CUDNN_BIAS NVP_WEIGHT_NORM_OP NVP_CUDNN_BLEND)
+# The opt-in GPU switches (off by default until measured: written in sessions 10 and
+# 11 without a GPU run after them), all on and one at a time: the s/t networks as one
+# autograd node with a written-out backward (NVP_RESNET_OPS), the memory pool keeping
+# freed memory (NVP_CUDA_KEEP_FREED), the convolution's bias by cuDNN (NVP_CUDNN_BIAS),
+# weight normalisation's closed-form backward (NVP_WEIGHT_NORM_OP), the running averages
+# by cuDNN (NVP_CUDNN_BLEND). The CUDA tests (part t) check their values first. Each
+# bench JSON has the training step's autograd graph size (graph_nodes).
+SWITCHES=(NVP_RESNET_OPS NVP_CUDA_KEEP_FREED NVP_CUDNN_BIAS NVP_WEIGHT_NORM_OP NVP_CUDNN_BLEND)
 ALL_ON=(); for v in "${SWITCHES[@]}"; do ALL_ON+=("$v=1"); done
 run_part d_bench_paper_new 60 env "${ALL_ON[@]}" "$NVP" bench --config configs/cifar10.toml "${AB_ARGS[@]}"
 run_part d_bench_small_new 60 env "${ALL_ON[@]}" "$NVP" bench --config configs/cifar10-small.toml "${AB_ARGS[@]}"
@@ -378,21 +381,25 @@ for name, label in (("d_bench_small", "cuDNN + TF32 (default)"), ("d_bench_small
 summary["cifar10_small_training_ab"] = ab
 changes = {}
 for name, label in (("d_bench_paper", "cifar10, batch 64, defaults"),
-                    ("d_bench_paper_new", "cifar10, batch 64, the four opt-in switches on"),
+                    ("d_bench_paper_new", "cifar10, batch 64, the five opt-in switches on"),
+                    ("d_bench_paper_only_NVP_RESNET_OPS", "cifar10, batch 64, NVP_RESNET_OPS=1"),
                     ("d_bench_paper_only_NVP_CUDA_KEEP_FREED", "cifar10, batch 64, NVP_CUDA_KEEP_FREED=1"),
                     ("d_bench_paper_only_NVP_CUDNN_BIAS", "cifar10, batch 64, NVP_CUDNN_BIAS=1"),
                     ("d_bench_paper_only_NVP_WEIGHT_NORM_OP", "cifar10, batch 64, NVP_WEIGHT_NORM_OP=1"),
                     ("d_bench_paper_only_NVP_CUDNN_BLEND", "cifar10, batch 64, NVP_CUDNN_BLEND=1"),
                     ("d_bench_paper_again", "cifar10, batch 64, defaults, again"),
                     ("d_bench_small", "cifar10-small, batch 64, defaults"),
-                    ("d_bench_small_new", "cifar10-small, batch 64, the four on"),
+                    ("d_bench_small_new", "cifar10-small, batch 64, the five on"),
                     ("d_bench_paper_b256", "cifar10, batch 256, defaults"),
-                    ("d_bench_paper_b256_new", "cifar10, batch 256, the four on"),
+                    ("d_bench_paper_b256_new", "cifar10, batch 256, the five on"),
                     ("f_torch_paper_b256", "PyTorch cifar10, batch 256")):
     o = last_json(name)
     if o:
         changes[name] = o.get("train_img_per_s")
-        print(f"training {label:<45}: {o.get('train_img_per_s'):9.1f} img/s")
+        nodes = o.get("graph_nodes")
+        changes[name + "_graph_nodes"] = nodes
+        print(f"training {label:<45}: {o.get('train_img_per_s'):9.1f} img/s"
+              + (f", {nodes} graph nodes" if nodes else ""))
 summary["opt_in_switches"] = changes
 tests = {}
 for f in sorted(os.listdir(work)):

@@ -183,12 +183,12 @@ fn resnet_ops_refuses_bad_shapes() {
         blocks: 1,
         cout: 6,
     };
-    let p = Tensor::zeros(shape.param_len(), DType::F64, &Device::Cpu).unwrap();
+    let p = Tensor::zeros(shape.param_len_weight_norm(), DType::F64, &Device::Cpu).unwrap();
     let x = Tensor::zeros((1, 2, 4, 4), DType::F64, &Device::Cpu).unwrap();
     let e = nvp_kernels::resnet_train_ops(&x, &p, shape, 1e-5).unwrap_err();
     assert!(e.to_string().contains("2 channels"), "{e}");
     let x = Tensor::zeros((1, 3, 4, 4), DType::F64, &Device::Cpu).unwrap();
-    let short = p.narrow(0, 1, shape.param_len() - 1).unwrap();
+    let short = p.narrow(0, 1, shape.param_len_weight_norm() - 1).unwrap();
     let e = nvp_kernels::resnet_train_ops(&x, &short, shape, 1e-5).unwrap_err();
     assert!(e.to_string().contains("needs"), "{e}");
     let e = nvp_kernels::resnet_train_ops(&x.to_dtype(DType::F32).unwrap(), &p, shape, 1e-5)

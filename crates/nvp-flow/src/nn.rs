@@ -88,6 +88,11 @@ impl WnConv2d {
         }
     }
 
+    /// The weight-norm direction `v` `(Cout, Cin, 3, 3)`.
+    pub fn direction(&self) -> &Tensor {
+        &self.v
+    }
+
     /// The weight-norm gain (gets the L2 penalty in training).
     pub fn gain(&self) -> &Tensor {
         &self.g

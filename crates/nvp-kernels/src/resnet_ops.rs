@@ -5,17 +5,20 @@
 //! its backward pass gives every node's inputs a zero-filled gradient buffer and an
 //! add (its gradient store), besides the ops' own backward kernels: for a batch norm
 //! fed by a convolution, the bias add's three-axis sum, the ReLU's mask by four
-//! kernels, the `narrow` and `reshape` of a packed op output. On a GPU each of those
-//! is a kernel launch, and the launches, not the arithmetic, bound a training step at
-//! the paper's batch size. Here the forward pass runs the same ops as the layers do
-//! (the convolutions and batch norms that [`crate::conv2d_3x3`] and
-//! [`crate::try_batch_norm_cudnn`] pick — cuDNN's on a GPU with the `cudnn` feature —,
-//! candle's ReLU and residual add) on detached tensors, so no graph is built, and keeps
-//! what its backward pass needs. The whole network joins the graph as one node
-//! ([`crate::util::pass_through`]) whose backward is written out: each convolution's
-//! data, filter and bias gradients, each batch norm's gradient through its batch
-//! statistics (cuDNN's backward, or its closed form in candle's ops), ReLU's mask as
-//! `sign(a)` (the output `a ≥ 0`), and the skip connection's gradient added once.
+//! kernels, the `narrow` and `reshape` of a packed op output, and seven nodes per
+//! convolution for its weight normalisation. On a GPU each of those is a kernel launch,
+//! and the launches, not the arithmetic, bound a training step at the paper's batch
+//! size. Here the forward pass runs the same ops as the layers do (weight
+//! normalisation by [`crate::weight_norm_reference`], the convolutions and batch norms
+//! that [`crate::conv2d_3x3`] and [`crate::try_batch_norm_cudnn`] pick — cuDNN's on a
+//! GPU with the `cudnn` feature —, candle's ReLU and residual add) on detached tensors,
+//! so no graph is built, and keeps what its backward pass needs. The whole network
+//! joins the graph as one node ([`crate::util::pass_through`]) on its input and its
+//! packed raw parameters, with a written-out backward: each convolution's data, filter
+//! and bias gradients, the weight normalisation's closed form, each batch norm's
+//! gradient through its batch statistics (cuDNN's backward, or its closed form in
+//! candle's ops), ReLU's mask as `sign(a)` (the output `a ≥ 0`), and the skip
+//! connection's gradient added once.
 //!
 //! The values are those of the layer-by-layer network (the same forward ops); the
 //! gradients equal it up to rounding (tested in f64 against it in the workspace's
@@ -25,7 +28,7 @@
 
 use candle_core::{bail, DType, Result, Tensor};
 
-use crate::resnet::{Conv, Norm, ResNetShape, ResNetTrainOutput};
+use crate::resnet::{Conv, Norm, Offsets, ResNetShape, ResNetTrainOutput};
 
 /// Whether [`resnet_train_ops`] takes these tensors: switched on
 /// ([`crate::resnet_ops_enabled`]), `x` and the packed parameters of one dtype (f32 or
@@ -37,10 +40,11 @@ pub fn resnet_train_ops_applies(x: &Tensor, params: &Tensor) -> bool {
         && x.device().same_device(params.device())
 }
 
-/// The residual s/t network in train mode, as [`crate::resnet_train`] takes it (`x`
-/// `(N, C, H, W)`, the packed parameters of [`ResNetShape::param_len`], the batch
-/// norms' `eps`), on any device and in f32 or f64: its forward by the device's ops
-/// without a graph, one autograd node with a written-out backward (see the module
+/// The residual s/t network in train mode, on any device and in f32 or f64: `x` `(N,
+/// C, H, W)`, the packed parameters in the weight-normalised layout of
+/// [`ResNetShape::param_len_weight_norm`] (each convolution's `v`, `g` and bias, each
+/// batch norm's weight and bias), the batch norms' `eps`. Its forward by the device's
+/// ops without a graph, one autograd node with a written-out backward (see the module
 /// documentation). Returns the output and each batch norm's batch statistics.
 pub fn resnet_train_ops(
     x: &Tensor,
@@ -56,11 +60,11 @@ pub fn resnet_train_ops(
             shape.cin
         );
     }
-    if params.dims() != [shape.param_len()] {
+    if params.dims() != [shape.param_len_weight_norm()] {
         bail!(
             "resnet_train_ops: packed parameters of shape {:?}, the network {shape:?} needs ({},)",
             params.shape(),
-            shape.param_len()
+            shape.param_len_weight_norm()
         );
     }
     if x.dtype() != params.dtype() || !x.device().same_device(params.device()) {
@@ -72,11 +76,7 @@ pub fn resnet_train_ops(
             params.device().location()
         );
     }
-    let net = Net {
-        shape,
-        eps,
-        p: params.detach(),
-    };
+    let net = Net::new(shape, eps, &params.detach())?;
     let (y, saved) = net.forward(&x.detach())?;
     let stats = saved.stats();
     let y = if x.track_op() || params.track_op() {
@@ -87,11 +87,24 @@ pub fn resnet_train_ops(
     Ok(ResNetTrainOutput { y, stats })
 }
 
-/// The network's parameters (detached) and sizes.
+/// The network's parameters (detached views of the packed vector) and layout.
 struct Net {
-    shape: ResNetShape,
     eps: f64,
-    p: Tensor,
+    o: Offsets,
+    /// Per convolution in network order: `inp`, `conv1` and `conv2` of each block,
+    /// `out`.
+    convs: Vec<ConvParams>,
+    /// Per batch norm in network order (`bn1`, `bn2` of each block, `bn_out`): its
+    /// weight and bias.
+    norms: Vec<(Tensor, Tensor)>,
+}
+
+/// A convolution's direction `v`, gain `g`, weight `g · v / ‖v‖` and bias.
+struct ConvParams {
+    v: Tensor,
+    g: Tensor,
+    w: Tensor,
+    b: Tensor,
 }
 
 /// One batch norm + ReLU of the forward pass: its input, output and batch statistics
@@ -124,42 +137,63 @@ impl Saved {
 }
 
 impl Net {
-    /// The weight `(K, C, 3, 3)` and bias `(K)` of a convolution from `ci` to `co`
-    /// channels.
-    fn conv(&self, c: Conv, ci: usize, co: usize) -> Result<(Tensor, Tensor)> {
-        Ok((
-            self.p
-                .narrow(0, c.w, co * ci * 9)?
-                .reshape((co, ci, 3, 3))?,
-            self.p.narrow(0, c.b, co)?,
-        ))
+    /// Reads the packed parameters and normalises the convolutions' weights (by the
+    /// layers' own ops, so to the same bits).
+    fn new(shape: ResNetShape, eps: f64, p: &Tensor) -> Result<Self> {
+        let o = shape.offsets_of(true);
+        let f = shape.features;
+        let conv = |c: Conv, ci: usize, co: usize| -> Result<ConvParams> {
+            let Some(g_at) = c.g else {
+                bail!("resnet_train_ops: internal: a layout without gains");
+            };
+            let v = p.narrow(0, c.w, co * ci * 9)?.reshape((co, ci, 3, 3))?;
+            let g = p.narrow(0, g_at, co)?;
+            let w = crate::weight_norm_reference(&v, &g)?;
+            let b = p.narrow(0, c.b, co)?;
+            Ok(ConvParams { v, g, w, b })
+        };
+        let norm = |n: Norm| -> Result<(Tensor, Tensor)> {
+            Ok((p.narrow(0, n.w, f)?, p.narrow(0, n.b, f)?))
+        };
+        let mut convs = vec![conv(o.inp, shape.cin, f)?];
+        let mut norms = Vec::with_capacity(2 * o.blocks.len() + 1);
+        for &(n1, c1, n2, c2) in &o.blocks {
+            convs.push(conv(c1, f, f)?);
+            convs.push(conv(c2, f, f)?);
+            norms.push(norm(n1)?);
+            norms.push(norm(n2)?);
+        }
+        convs.push(conv(o.out, f, shape.cout)?);
+        norms.push(norm(o.bn_out)?);
+        Ok(Self {
+            eps,
+            o,
+            convs,
+            norms,
+        })
     }
 
-    /// A batch norm's affine `(F)`, `(F)`.
-    fn norm(&self, n: Norm) -> Result<(Tensor, Tensor)> {
-        let f = self.shape.features;
-        Ok((self.p.narrow(0, n.w, f)?, self.p.narrow(0, n.b, f)?))
+    /// The convolutions `conv1`, `conv2` and batch norms `bn1`, `bn2` of block `i`.
+    fn block(&self, i: usize) -> [usize; 4] {
+        [1 + 2 * i, 2 + 2 * i, 2 * i, 2 * i + 1]
     }
 
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Saved)> {
-        let s = self.shape;
-        let f = s.features;
-        let o = s.offsets();
-        let (w, b) = self.conv(o.inp, s.cin, f)?;
-        let mut h = crate::conv2d_3x3(x, &w, Some(&b))?;
-        let mut blocks = Vec::with_capacity(o.blocks.len());
-        for &(n1, c1, n2, c2) in &o.blocks {
+        let cv = &self.convs;
+        let mut h = crate::conv2d_3x3(x, &cv[0].w, Some(&cv[0].b))?;
+        let nb = self.o.blocks.len();
+        let mut blocks = Vec::with_capacity(nb);
+        for i in 0..nb {
+            let [c1, c2, n1, n2] = self.block(i);
             let s1 = self.bn_relu(&h, n1)?;
-            let (w1, b1) = self.conv(c1, f, f)?;
-            let r = crate::conv2d_3x3(&s1.a, &w1, Some(&b1))?;
+            let r = crate::conv2d_3x3(&s1.a, &cv[c1].w, Some(&cv[c1].b))?;
             let s2 = self.bn_relu(&r, n2)?;
-            let (w2, b2) = self.conv(c2, f, f)?;
-            h = crate::conv2d_3x3_add(&s2.a, &w2, Some(&b2), &h)?;
+            h = crate::conv2d_3x3_add(&s2.a, &cv[c2].w, Some(&cv[c2].b), &h)?;
             blocks.push((s1, s2));
         }
-        let out = self.bn_relu(&h, o.bn_out)?;
-        let (w, b) = self.conv(o.out, f, s.cout)?;
-        let y = crate::conv2d_3x3(&out.a, &w, Some(&b))?;
+        let out = self.bn_relu(&h, 2 * nb)?;
+        let last = &cv[cv.len() - 1];
+        let y = crate::conv2d_3x3(&out.a, &last.w, Some(&last.b))?;
         let saved = Saved {
             x: x.clone(),
             blocks,
@@ -168,14 +202,14 @@ impl Net {
         Ok((y, saved))
     }
 
-    /// Batch norm with batch statistics, then ReLU: cuDNN's where it applies, else
+    /// Batch norm `n` with batch statistics, then ReLU: cuDNN's where it applies, else
     /// the candle-op reference (as the layers pick).
-    fn bn_relu(&self, x: &Tensor, n: Norm) -> Result<NormSaved> {
-        let (w, b) = self.norm(n)?;
-        let (a, mean, var) = match crate::try_batch_norm_cudnn(x, &w, &b, None, self.eps)? {
+    fn bn_relu(&self, x: &Tensor, n: usize) -> Result<NormSaved> {
+        let (w, b) = &self.norms[n];
+        let (a, mean, var) = match crate::try_batch_norm_cudnn(x, w, b, None, self.eps)? {
             Some(o) => (o.y.relu()?, o.mean, o.var),
             None => {
-                let o = crate::batch_norm_reference(x, Some((&w, &b)), None, self.eps, true)?;
+                let o = crate::batch_norm_reference(x, Some((w, b)), None, self.eps, true)?;
                 (o.y, o.mean, o.var)
             }
         };
@@ -187,19 +221,37 @@ impl Net {
         })
     }
 
-    /// The gradient through ReLU and the batch norm of `n`, from `da`, the gradient of
-    /// its output: `(dx, dweight, dbias)`.
-    fn bn_relu_backward(&self, s: &NormSaved, n: Norm, da: &Tensor) -> Result<[Tensor; 3]> {
+    /// The gradient through ReLU and batch norm `n` from `da`, the gradient of its
+    /// output: the input's gradient returned, `[dbias, dweight]` (the packed order,
+    /// reversed) pushed onto `parts`.
+    fn bn_relu_backward(
+        &self,
+        s: &NormSaved,
+        n: usize,
+        da: &Tensor,
+        parts: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
         // ReLU's output is ≥ 0, so its sign is the mask `a > 0`.
         let d = (da * s.a.sign()?)?;
-        let (w, _) = self.norm(n)?;
+        let (dx, dweight, dbias) = self.bn_grads(s, &self.norms[n].0, &d)?;
+        parts.extend([dbias, dweight]);
+        Ok(dx)
+    }
+
+    /// The gradient of the train-mode batch norm with `weight`: `(dx, dweight, dbias)`
+    /// from `d`, the gradient of its output.
+    fn bn_grads(
+        &self,
+        s: &NormSaved,
+        weight: &Tensor,
+        d: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         #[cfg(feature = "cudnn")]
         {
             if crate::cudnn_batch_norm_enabled()
-                && crate::cudnn::bn_applies(&s.x, &w, &w, None, self.eps)
+                && crate::cudnn::bn_applies(&s.x, weight, weight, None, self.eps)
             {
-                let (dx, dw, db) = crate::cudnn::batch_norm_backward(&s.x, &d, &w, self.eps)?;
-                return Ok([dx, dw, db]);
+                return crate::cudnn::batch_norm_backward(&s.x, d, weight, self.eps);
             }
         }
         // The closed form, per channel over its m values: with x̂ = (x − μ)/√(σ² + ε),
@@ -212,48 +264,29 @@ impl Net {
             s.x.broadcast_sub(&s.mean.reshape(fs)?)?
                 .broadcast_mul(&inv_std)?;
         let dbias = d.sum_keepdim(vec![0, 2, 3])?;
-        let dweight = (&d * &xhat)?.sum_keepdim(vec![0, 2, 3])?;
+        let dweight = (d * &xhat)?.sum_keepdim(vec![0, 2, 3])?;
         let centred = d
             .broadcast_sub(&(&dbias / m)?)?
             .broadcast_sub(&xhat.broadcast_mul(&(&dweight / m)?)?)?;
-        let dx = centred.broadcast_mul(&(w.reshape(fs)? * inv_std)?)?;
-        Ok([dx, dweight.flatten_all()?, dbias.flatten_all()?])
+        let dx = centred.broadcast_mul(&(weight.reshape(fs)? * inv_std)?)?;
+        Ok((dx, dweight.flatten_all()?, dbias.flatten_all()?))
     }
 
-    /// The gradients of the convolution `conv(x, w) + b` from `dy`: `dx` (where
-    /// `want_dx`), `dw`, `db`.
+    /// The gradients of the weight-normalised convolution `c`, `conv(x, g·v/‖v‖) + b`,
+    /// from `dy`: the input's gradient (where `want_dx`) returned, `[db, dg, dv]` (the
+    /// packed order, reversed) pushed onto `parts`.
     fn conv_backward(
         &self,
         x: &Tensor,
-        c: Conv,
-        ci: usize,
-        co: usize,
+        c: &ConvParams,
         dy: &Tensor,
         want_dx: bool,
-    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
-        let (w, _) = self.conv(c, ci, co)?;
-        #[cfg(feature = "cudnn")]
-        {
-            if crate::cudnn_enabled() && crate::cudnn::applies(x, &w) {
-                return crate::cudnn::conv_backward(x, &w, dy, want_dx);
-            }
-        }
-        let dy = dy.contiguous()?;
-        if crate::conv::uses_fast_path(x, &w, None) {
-            let x = x.contiguous()?;
-            let w = w.contiguous()?;
-            let dx = if want_dx {
-                Some(dy.apply_op2_no_bwd(&w, &crate::Conv3x3GradInput)?)
-            } else {
-                None
-            };
-            let dw = x.apply_op2_no_bwd(&dy, &crate::Conv3x3GradWeight)?;
-            let db = dy.apply_op1_no_bwd(&crate::BiasGrad)?;
-            return Ok((dx, dw, db));
-        }
-        let (dx, dw) = crate::conv::grads_by_conv(x, &w, &dy, want_dx, true)?;
-        let dw = dw.ok_or_else(|| candle_core::Error::Msg("resnet_train_ops: no dw".into()))?;
-        Ok((dx, dw, dy.sum(vec![0, 2, 3])?))
+        parts: &mut Vec<Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let (dx, dw, db) = conv_grads(x, &c.w, dy, want_dx)?;
+        let (dv, dg) = crate::weight_norm::weight_norm_backward(&c.v, &c.g, &dw)?;
+        parts.extend([db, dg, dv.flatten_all()?]);
+        Ok(dx)
     }
 
     /// The gradients of the input (where `want_dx`) and of the packed parameters, in
@@ -264,34 +297,61 @@ impl Net {
         dy: &Tensor,
         want_dx: bool,
     ) -> Result<(Option<Tensor>, Tensor)> {
-        let s = self.shape;
-        let f = s.features;
-        let o = s.offsets();
-        let flat = |t: Tensor| t.flatten_all();
-        // Gradients of the parameter groups, collected from the output back and
-        // reversed at the end: each group is pushed bias first, then weight.
-        let mut parts: Vec<Tensor> = Vec::with_capacity(4 + 8 * o.blocks.len());
-        let (da, dw, db) = self.conv_backward(&saved.out.a, o.out, f, s.cout, dy, true)?;
-        parts.extend([db, flat(dw)?]);
-        let [mut dh, dg, dbeta] = self.bn_relu_backward(&saved.out, o.bn_out, &wanted(da)?)?;
-        parts.extend([dbeta, dg]);
-        for (&(n1, c1, n2, c2), (s1, s2)) in o.blocks.iter().zip(&saved.blocks).rev() {
+        let cv = &self.convs;
+        let nb = self.o.blocks.len();
+        // Collected from the output back, each layer's in reverse; reversed at the end.
+        let mut parts: Vec<Tensor> = Vec::with_capacity(8 + 10 * nb);
+        let p = &mut parts;
+        let da = self.conv_backward(&saved.out.a, &cv[cv.len() - 1], dy, true, p)?;
+        let mut dh = self.bn_relu_backward(&saved.out, 2 * nb, &wanted(da)?, p)?;
+        for (i, (s1, s2)) in saved.blocks.iter().enumerate().rev() {
+            let [c1, c2, n1, n2] = self.block(i);
             // h_out = conv2(a2) + b2 + h_in: dh reaches conv2 and, unchanged, h_in.
-            let (da2, dw2, db2) = self.conv_backward(&s2.a, c2, f, f, &dh, true)?;
-            parts.extend([db2, flat(dw2)?]);
-            let [dr, dg2, dbeta2] = self.bn_relu_backward(s2, n2, &wanted(da2)?)?;
-            parts.extend([dbeta2, dg2]);
-            let (da1, dw1, db1) = self.conv_backward(&s1.a, c1, f, f, &dr, true)?;
-            parts.extend([db1, flat(dw1)?]);
-            let [dh1, dg1, dbeta1] = self.bn_relu_backward(s1, n1, &wanted(da1)?)?;
-            parts.extend([dbeta1, dg1]);
+            let da2 = self.conv_backward(&s2.a, &cv[c2], &dh, true, p)?;
+            let dr = self.bn_relu_backward(s2, n2, &wanted(da2)?, p)?;
+            let da1 = self.conv_backward(&s1.a, &cv[c1], &dr, true, p)?;
+            let dh1 = self.bn_relu_backward(s1, n1, &wanted(da1)?, p)?;
             dh = (dh + dh1)?;
         }
-        let (dx, dw, db) = self.conv_backward(&saved.x, o.inp, s.cin, f, &dh, want_dx)?;
-        parts.extend([db, flat(dw)?]);
+        let dx = self.conv_backward(&saved.x, &cv[0], &dh, want_dx, p)?;
         parts.reverse();
         Ok((dx, Tensor::cat(&parts, 0)?))
     }
+}
+
+/// The gradients of `conv(x, w) + b` from `dy`: `dx` (where `want_dx`), `dw`, `db` —
+/// by cuDNN where the forward ran on it, this crate's CPU kernels on their fast path,
+/// else candle's `conv2d`.
+fn conv_grads(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    want_dx: bool,
+) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    #[cfg(feature = "cudnn")]
+    {
+        if crate::cudnn_enabled() && crate::cudnn::applies(x, w) {
+            return crate::cudnn::conv_backward(x, w, dy, want_dx);
+        }
+    }
+    let dy = dy.contiguous()?;
+    if crate::conv::uses_fast_path(x, w, None) {
+        let x = x.contiguous()?;
+        let w = w.contiguous()?;
+        let dx = if want_dx {
+            Some(dy.apply_op2_no_bwd(&w, &crate::Conv3x3GradInput)?)
+        } else {
+            None
+        };
+        let dw = x.apply_op2_no_bwd(&dy, &crate::Conv3x3GradWeight)?;
+        let db = dy.apply_op1_no_bwd(&crate::BiasGrad)?;
+        return Ok((dx, dw, db));
+    }
+    let (dx, dw) = crate::conv::grads_by_conv(x, w, &dy, want_dx, true)?;
+    let Some(dw) = dw else {
+        bail!("resnet_train_ops: internal: no weight gradient");
+    };
+    Ok((dx, dw, dy.sum(vec![0, 2, 3])?))
 }
 
 /// An input gradient that was asked for.

@@ -53,17 +53,28 @@ impl crate::util::WrittenOutGrad for WeightNormGrad {
         g: &Tensor,
         dw: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let k = v.dim(0)?;
-        let v = v.detach();
-        let vf = v.flatten_from(1)?;
-        let norm = vf.sqr()?.sum_keepdim(1)?.sqrt()?; // (K, 1)
-        let u = vf.broadcast_div(&norm)?;
-        let dwf = dw.reshape(vf.shape())?;
-        let dg = (&dwf * &u)?.sum_keepdim(1)?; // (K, 1)
-        let gain = (g.detach().reshape((k, 1))? / &norm)?;
-        let dv = (dwf - u.broadcast_mul(&dg)?)?
-            .broadcast_mul(&gain)?
-            .reshape(v.shape())?;
-        Ok((Some(dv), Some(dg.reshape(k)?)))
+        let (dv, dg) = weight_norm_backward(v, g, dw)?;
+        Ok((Some(dv), Some(dg)))
     }
+}
+
+/// The gradients `(∂L/∂v, ∂L/∂g)` of `w = g · v / ‖v‖` from `∂L/∂w`, by the closed form
+/// of the module documentation, outside any graph.
+pub(crate) fn weight_norm_backward(
+    v: &Tensor,
+    g: &Tensor,
+    dw: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let k = v.dim(0)?;
+    let v = v.detach();
+    let vf = v.flatten_from(1)?;
+    let norm = vf.sqr()?.sum_keepdim(1)?.sqrt()?; // (K, 1)
+    let u = vf.broadcast_div(&norm)?;
+    let dwf = dw.reshape(vf.shape())?;
+    let dg = (&dwf * &u)?.sum_keepdim(1)?; // (K, 1)
+    let gain = (g.detach().reshape((k, 1))? / &norm)?;
+    let dv = (dwf - u.broadcast_mul(&dg)?)?
+        .broadcast_mul(&gain)?
+        .reshape(v.shape())?;
+    Ok((dv, dg.reshape(k)?))
 }

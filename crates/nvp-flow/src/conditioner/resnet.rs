@@ -62,6 +62,10 @@ impl ResBlock {
     }
 }
 
+/// A train-mode network as one op: `(x, packed parameters, shape, eps)`.
+type Fused =
+    fn(&Tensor, &Tensor, nvp_kernels::ResNetShape, f64) -> Result<nvp_kernels::ResNetTrainOutput>;
+
 /// The residual s/t network. Parameter names: `inp.{v,g,bias}`,
 /// `blocks.{i}.{bn1,conv1,bn2,conv2}.*`, `bn_out.*`, `out.{v,g,bias}`.
 #[derive(Debug, Clone)]
@@ -99,16 +103,26 @@ impl ResNet {
         })
     }
 
-    /// All parameters in the packed order of `nvp_kernels::ResNetShape::param_len`.
-    fn packed_params(&self) -> Result<Tensor> {
-        let conv = |c: &WnConv2d| -> Result<[Tensor; 2]> {
-            Ok([c.weight()?.flatten_all()?, c.bias().clone()])
+    /// All parameters in the packed order of `nvp_kernels::ResNetShape::param_len`
+    /// (each convolution's normalised weight), or with `weight_norm` in that of
+    /// `param_len_weight_norm` (each convolution's `v` and `g`).
+    fn packed_params(&self, weight_norm: bool) -> Result<Tensor> {
+        let conv = |c: &WnConv2d| -> Result<Vec<Tensor>> {
+            Ok(if weight_norm {
+                vec![
+                    c.direction().flatten_all()?,
+                    c.gain().clone(),
+                    c.bias().clone(),
+                ]
+            } else {
+                vec![c.weight()?.flatten_all()?, c.bias().clone()]
+            })
         };
         let norm = |n: &BatchNorm| {
             let (w, b) = n.affine();
             [w.clone(), b.clone()]
         };
-        let mut parts = Vec::with_capacity(4 + 8 * self.blocks.len());
+        let mut parts = Vec::with_capacity(6 + 10 * self.blocks.len());
         parts.extend(conv(&self.inp)?);
         for b in &self.blocks {
             parts.extend(norm(&b.bn1));
@@ -131,16 +145,17 @@ impl ResNet {
     /// Train mode as one autograd node, where it applies: the fused f32 CPU op
     /// (`nvp_kernels::resnet_train`: the same kernels and results as the
     /// layer-by-layer network), or, where switched on (`NVP_RESNET_OPS=1`), the
-    /// device's own ops with a written-out backward (`nvp_kernels::resnet_train_ops`:
-    /// the same values, gradients equal up to rounding). `None` where neither applies.
+    /// device's own ops with a written-out backward, weight normalisation included
+    /// (`nvp_kernels::resnet_train_ops`: the same values, gradients equal up to
+    /// rounding). `None` where neither applies.
     fn forward_train_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let eps = self.bn_out.config().eps;
         // The packed vector has the parameters' device and dtype (those of `inp.bias`).
         let params = self.inp.bias();
-        let run = if nvp_kernels::resnet_train_applies(x, params) {
-            nvp_kernels::resnet_train
+        let (run, weight_norm) = if nvp_kernels::resnet_train_applies(x, params) {
+            (nvp_kernels::resnet_train as Fused, false)
         } else if nvp_kernels::resnet_train_ops_applies(x, params) {
-            nvp_kernels::resnet_train_ops
+            (nvp_kernels::resnet_train_ops as Fused, true)
         } else {
             return Ok(None);
         };
@@ -154,7 +169,7 @@ impl ResNet {
             blocks: self.blocks.len(),
             cout: self.out.bias().dim(0)?,
         };
-        let out = run(x, &self.packed_params()?, shape, eps)?;
+        let out = run(x, &self.packed_params(weight_norm)?, shape, eps)?;
         for (bn, (mean, var)) in self.batch_norms().zip(&out.stats) {
             bn.record_batch_stats(mean, var, n * h * w)?;
         }
