@@ -28,9 +28,9 @@ mod common;
 
 use std::sync::{Mutex, MutexGuard};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use common::*;
-use nvp::flow::{Flow, Mode, ParamStore, RealNvp, RealNvpConfig};
+use nvp::flow::{Adam, AdamConfig, Flow, Mode, ParamStore, RealNvp, RealNvpConfig, UpdateMode};
 use nvp_kernels::tuning;
 
 static SWITCHES: Mutex<()> = Mutex::new(());
@@ -340,6 +340,86 @@ fn check_gradients_with(what: &str, on_gpu: &dyn Fn(bool)) {
         worst.1,
         worst.0
     );
+}
+
+/// Adam on the GPU's flat path (`UpdateMode::Auto` off the CPU: the gradients gathered
+/// once for the norm and the step; with `NVP_CUDNN_BLEND` the parameters also updated
+/// in place by cuDNN) against the CPU's per-variable update, five steps with norm
+/// clipping: parameters and norms in f64 to 1e-12, in f32 to 1e-6 (candle's CUDA
+/// kernels may contract a multiply-add the CPU rounds twice).
+#[test]
+fn adam_flat_path_matches_cpu() {
+    let _g = lock();
+    /// Switches the blend off again however the test ends.
+    struct Off;
+    impl Drop for Off {
+        fn drop(&mut self) {
+            tuning::set_cudnn_blend(false);
+        }
+    }
+    let _off = Off;
+    let dev = gpu();
+    for blend in [false, true] {
+        tuning::set_cudnn_blend(blend);
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-6)] {
+            let what = format!("Adam {dtype:?}, blend {blend}");
+            let init = [
+                randn(&[37], 1.0, dtype, &mut rng(21)),
+                randn(&[2, 3, 4], 1.0, dtype, &mut rng(22)),
+            ];
+            let vars = |d: &Device| -> Vec<Var> {
+                init.iter()
+                    .map(|t| Var::from_tensor(&t.to_device(d).unwrap()).unwrap())
+                    .collect()
+            };
+            let (cpu_vars, gpu_vars) = (vars(&Device::Cpu), vars(&dev));
+            let adam = |vs: &[Var]| {
+                let named = vs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (format!("p{i}"), v.clone()))
+                    .collect();
+                let cfg = AdamConfig {
+                    lr: 0.01,
+                    ..AdamConfig::default()
+                };
+                Adam::new(named, cfg).unwrap()
+            };
+            let (mut on_cpu, mut on_gpu) = (adam(&cpu_vars), adam(&gpu_vars));
+            on_cpu.set_update_mode(UpdateMode::PerVariable);
+            for step in 0..5 {
+                let loss = |vs: &[Var]| {
+                    let a = (vs[0].as_tensor().sqr().unwrap() * (1.0 + step as f64))
+                        .unwrap()
+                        .sum_all()
+                        .unwrap();
+                    let b = vs[1].as_tensor().sin().unwrap().sum_all().unwrap();
+                    (a + b).unwrap().backward().unwrap()
+                };
+                let (gc, gg) = (loss(&cpu_vars), loss(&gpu_vars));
+                let (nc, ng) = (
+                    on_cpu.grad_norm(&gc).unwrap(),
+                    on_gpu.grad_norm(&gg).unwrap(),
+                );
+                assert!(
+                    (nc - ng).abs() <= tol * nc,
+                    "{what}, step {step}: norm {ng} vs {nc}"
+                );
+                let clip = (2.0 / nc).min(1.0);
+                on_cpu.step(&gc, clip).unwrap();
+                on_gpu.step(&gg, clip).unwrap();
+                for (c, g) in cpu_vars.iter().zip(&gpu_vars) {
+                    let want = c.as_tensor().to_dtype(DType::F64).unwrap();
+                    let e = rel(g.as_tensor(), &want);
+                    assert!(
+                        e <= tol,
+                        "{what}, step {step}: parameter relative error {e:.2e}"
+                    );
+                }
+            }
+            println!("{what}: five steps agree with the CPU");
+        }
+    }
 }
 
 /// A class-conditional model (App. F: the labels as extra input planes of every s/t

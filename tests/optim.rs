@@ -213,6 +213,24 @@ fn flat_update_equals_per_variable_update_bitwise() {
         let g3 = loss(&p3, &q3).backward().unwrap();
         assert!(g2.get(z2.as_tensor()).is_none());
         let clip = if step % 2 == 0 { 1.0 } else { 0.37 };
+        // The flat path's norm (over the concatenated gradients, kept for the step)
+        // against the per-variable one; on odd steps the norm of other gradients of
+        // the same variables comes in between, so the step must not take what that
+        // call kept.
+        let norm = flat.grad_norm(&g1).unwrap();
+        let want = per_var.grad_norm(&g3).unwrap();
+        assert!(
+            (norm - want).abs() <= 1e-12 * want,
+            "step {step}: {norm} vs {want}"
+        );
+        if step % 2 == 1 {
+            let decoy = (loss(&p1, &q1) * 2.0).unwrap().backward().unwrap();
+            let twice = flat.grad_norm(&decoy).unwrap();
+            assert!(
+                (twice - 2.0 * want).abs() <= 1e-12 * want,
+                "step {step}: {twice}"
+            );
+        }
         flat.step(&g1, clip).unwrap();
         each.step(&g2, clip).unwrap();
         per_var.step(&g3, clip).unwrap();

@@ -7,9 +7,10 @@
 //! which the caller adds to the loss.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, TensorId, Var};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamConfig {
@@ -50,8 +51,10 @@ pub enum UpdateMode {
     Fused,
     /// When every variable has a gradient: the gradients concatenated, the moment
     /// and step arithmetic as a dozen ops on the whole vector, then each variable
-    /// takes its slice of the step — on a GPU a few kernel launches per variable
-    /// instead of fifteen.
+    /// takes its slice of the step (in place by one cuDNN call where
+    /// `nvp_kernels::try_blend_in_place` applies) — on a GPU one or two kernel
+    /// launches per variable instead of fifteen. [`Adam::grad_norm`] then also works
+    /// on the concatenated gradients, and hands them on to the step.
     Flat,
     /// Variable by variable, as candle ops (the reference the others are tested against).
     PerVariable,
@@ -70,6 +73,9 @@ pub struct Adam {
     v: Var,
     step: u64,
     mode: UpdateMode,
+    /// The gradients concatenated by the last [`Adam::grad_norm`] on the flat path,
+    /// with the ids of the tensors they came from, for the step that follows.
+    flat_grad: Mutex<Option<(Vec<TensorId>, Tensor)>>,
 }
 
 impl Adam {
@@ -101,7 +107,39 @@ impl Adam {
             v: Var::zeros(offset, dtype, &device)?,
             step: 0,
             mode: UpdateMode::Auto,
+            flat_grad: Mutex::new(None),
         })
+    }
+
+    /// Whether the update runs on the flat moments ([`UpdateMode::Flat`], or off the
+    /// CPU under [`UpdateMode::Auto`]).
+    fn flat_mode(&self) -> bool {
+        match self.mode {
+            UpdateMode::Flat => true,
+            UpdateMode::Auto => !self.m.device().is_cpu(),
+            UpdateMode::Fused | UpdateMode::PerVariable => false,
+        }
+    }
+
+    /// The gradients `gs` flattened and concatenated in order: those
+    /// [`Adam::grad_norm`] kept when they came from the same tensors, else anew.
+    fn flat_gradient(&self, gs: &[&Tensor]) -> Result<Tensor> {
+        let ids: Vec<TensorId> = gs.iter().map(|g| g.id()).collect();
+        let kept = self
+            .flat_grad
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((kept_ids, g)) = kept {
+            if kept_ids == ids {
+                return Ok(g);
+            }
+        }
+        let flat = gs
+            .iter()
+            .map(|g| g.flatten_all())
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&flat, 0)
     }
 
     /// Chooses how the update runs (default [`UpdateMode::Auto`]).
@@ -125,9 +163,14 @@ impl Adam {
     /// Global L2 norm of the gradients of the optimised variables (f64;
     /// NaN or infinite if any gradient is).
     ///
-    /// Each tensor's sum of squares stays on its device and all of them come back in
-    /// one transfer (on a GPU: one synchronisation per step, not one per parameter
-    /// tensor); they are added on the host in slot order, in f64.
+    /// On the CPU each tensor's sum of squares is taken in f64 and added in slot
+    /// order. On the flat path ([`UpdateMode::Flat`], and off the CPU) the gradients
+    /// are concatenated, converted to f64 and summed on their device, one transfer
+    /// back and a few kernels in all; where every variable has a gradient the
+    /// concatenation is kept for the [`Adam::step`] that follows (so that on a GPU the
+    /// gradients are gathered once, not once for the norm and once for the step).
+    /// Elsewhere each tensor's sum of squares stays on its device, and all come back
+    /// in one transfer, to be added in slot order in f64.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
         let gs: Vec<&Tensor> = self
             .slots
@@ -136,6 +179,19 @@ impl Adam {
             .collect();
         if gs.is_empty() {
             return Ok(0.0);
+        }
+        if self.flat_mode() {
+            let g = self.flat_gradient(&gs)?;
+            let sum: f64 = g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+            if gs.len() == self.slots.len() {
+                let ids = gs.iter().map(|g| g.id()).collect();
+                *self.flat_grad.lock().unwrap_or_else(|e| e.into_inner()) = Some((ids, g));
+            }
+            return Ok(sum.sqrt());
         }
         if gs.iter().all(|g| g.device().is_cpu()) {
             // One pass per tensor, in f64 from the first element.
@@ -167,15 +223,12 @@ impl Adam {
             .map(|s| grads.get(s.var.as_tensor()))
             .collect();
         let fused_applies = nvp_kernels::adam_update_applies(self.m.dtype(), self.m.device());
-        let (fused, flat) = match self.mode {
-            UpdateMode::Fused => (fused_applies, false),
-            UpdateMode::Flat => (false, true),
-            UpdateMode::PerVariable => (false, false),
-            UpdateMode::Auto => (
-                fused_applies && nvp_kernels::fast_cpu_enabled(),
-                !self.m.device().is_cpu(),
-            ),
+        let fused = match self.mode {
+            UpdateMode::Fused => fused_applies,
+            UpdateMode::Auto => fused_applies && nvp_kernels::fast_cpu_enabled(),
+            UpdateMode::Flat | UpdateMode::PerVariable => false,
         };
+        let flat = !fused && self.flat_mode();
         if fused {
             self.step_fused(&gs, clip_scale)
         } else if flat && gs.iter().all(Option::is_some) {
@@ -209,11 +262,7 @@ impl Adam {
         if self.slots.is_empty() {
             return Ok(());
         }
-        let flat = gs
-            .iter()
-            .map(|g| g.flatten_all())
-            .collect::<Result<Vec<_>>>()?;
-        let g = Tensor::cat(&flat, 0)?;
+        let g = self.flat_gradient(gs)?;
         let [m, v, update] =
             self.moments(self.m.as_tensor(), self.v.as_tensor(), &g, clip_scale)?;
         self.m.set(&m)?;
@@ -222,7 +271,10 @@ impl Adam {
             let u = update
                 .narrow(0, s.offset, s.var.elem_count())?
                 .reshape(s.var.shape())?;
-            s.var.set(&(s.var.as_tensor() - u)?)?;
+            // `p ← 1·p + (−1)·u` in place is `p − u` to the bit.
+            if !nvp_kernels::try_blend_in_place(s.var.as_tensor(), &u, 1.0, -1.0)? {
+                s.var.set(&(s.var.as_tensor() - u)?)?;
+            }
         }
         Ok(())
     }

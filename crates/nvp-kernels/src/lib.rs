@@ -207,8 +207,8 @@ pub fn cudnn_batch_norm_enabled() -> bool {
 }
 
 // The five GPU switches below (`NVP_RESNET_OPS`, `NVP_CUDNN_BIAS`, `NVP_WEIGHT_NORM_OP`,
-// `NVP_CUDNN_BLEND`, `NVP_CUDA_KEEP_FREED`) are off by default: they were written
-// after the last GPU run of their session and have not run on a GPU yet.
+// `NVP_CUDNN_BLEND`, `NVP_CUDA_KEEP_FREED`) are off by default: written in sessions
+// without a GPU run after them, they have not run on a GPU yet.
 // `scripts/gpu-check.sh` runs their tests and measures each; a session that sees them
 // pass turns them on by default.
 
@@ -269,7 +269,8 @@ pub fn try_batch_norm_cudnn(
 /// `1`, `true`, `on` or `yes`, or [`tuning::set_cudnn_blend`]), contiguous CUDA
 /// tensors of one dtype (f32 or f64) and size. Returns whether it did; `Ok(false)` leaves `dst`
 /// as it was. For a batch norm's running statistics: one kernel in place of candle's
-/// four ops and a copy.
+/// four ops and a copy; for Adam's step (`keep = 1`, `take = −1`): one in place of a
+/// subtraction and a copy.
 pub fn try_blend_in_place(
     dst: &candle_core::Tensor,
     src: &candle_core::Tensor,
