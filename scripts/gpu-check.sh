@@ -38,12 +38,15 @@
 #      the input gradient, a direct kernel for the weight gradient) and with those plus
 #      the input gradient by conv2d (NVP_DX_AS_CONV=1)
 #   f  the PyTorch peer's bench on the same GPU (scripts/torch_peer_cuda.py)
+#   p  (GPU_CHECK_PROFILE=1) GPU time by kernel in a window of cifar10 training (ncu)
 #   e  a short training run (cifar10-small, 2 minutes) on cuda, then test bpd
 #   g  ratios ours / PyTorch
 # (f runs before e so that the two benches are back to back and the ratios exist even
 # if the training run is cut short.)
 #
-# Knobs: GPU_CHECK_ONLY_EXACTNESS=1 (stop after part c), GPU_CHECK_AB=0 (skip the
+# Knobs: GPU_CHECK_PROFILE=1 (part p: GPU time by kernel name in a window of cifar10
+# training, by ncu; PROFILE_BATCH, PROFILE_SKIP, PROFILE_COUNT, PROFILE_ENV),
+# GPU_CHECK_ONLY_EXACTNESS=1 (stop after part c), GPU_CHECK_AB=0 (skip the
 # cifar10-small A/B runs of part d, not those of the opt-in switches), GPU_CHECK_B256=1
 # (also cifar10 training at batch 256: nvp with the defaults and with the opt-in
 # switches on, and the peer), GPU_CHECK_BUDGET_S (total seconds, default 560), TRAIN_MINUTES (2), PY
@@ -190,7 +193,7 @@ if [ "${#TEST_BINS[@]}" -eq 0 ]; then
   echo "SKIPPED: no dist/cuda/tests/*.xz (build-cuda.sh with NVP_CUDA_TESTS=0?)"
 fi
 for b in "${TEST_BINS[@]}"; do
-  run_part "t_$(basename "$b")" 90 "$b" --test-threads=1 --nocapture
+  run_part "t_$(basename "$b")" 120 "$b" --test-threads=1 --nocapture
 done
 
 # ---------------------------------------------------------------------------------- c
@@ -306,6 +309,45 @@ if [ -f "$PEER" ]; then
   fi
 else
   echo "SKIPPED: no PyTorch peer at $PEER"
+fi
+
+# ---------------------------------------------------------------------------------- p
+# GPU time by kernel (GPU_CHECK_PROFILE=1): Nsight Compute times each kernel in a window
+# of cifar10 training steps at batch PROFILE_BATCH (256). ncu serialises and replays
+# every kernel it profiles (a whole step did not finish in 170 s in session 10), so only
+# a window: PROFILE_COUNT (1500) kernels after the first PROFILE_SKIP (20000: past the
+# start-up's parameter initialisation and into the bench's warm-up step), summed by
+# kernel name. PROFILE_ENV: switches for the profiled run (e.g. "NVP_RESNET_OPS=1").
+if [ "${GPU_CHECK_PROFILE:-0}" = 1 ]; then
+  hdr "p. GPU time by kernel (ncu, a window of cifar10 training)"
+  NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  if [ -x "$NCU" ]; then
+    # shellcheck disable=SC2086  # PROFILE_ENV is a list of VAR=value words
+    run_part p_ncu 150 env ${PROFILE_ENV:-} "$NCU" --csv --metrics gpu__time_duration.sum \
+      --launch-skip "${PROFILE_SKIP:-20000}" --launch-count "${PROFILE_COUNT:-1500}" \
+      "$NVP" bench --config configs/cifar10.toml --device cuda --json --batch "${PROFILE_BATCH:-256}" \
+      --warmup 1 --steps 1 --phase-steps 0 --eval-reps 0 --sample-reps 0
+    "$PY" - "$WORK/p_ncu.out" <<'EOF' || true
+import csv, sys
+from collections import defaultdict
+rows = [l for l in open(sys.argv[1], errors="replace") if l.startswith('"')]
+scale = {"nsecond": 1e-9, "usecond": 1e-6, "msecond": 1e-3, "second": 1.0}
+by_name, count = defaultdict(float), defaultdict(int)
+for r in csv.DictReader(rows):
+    if r.get("Metric Name") != "gpu__time_duration.sum":
+        continue
+    v = float(r["Metric Value"].replace(",", "")) * scale.get(r["Metric Unit"], 1.0)
+    name = r["Kernel Name"].split("(")[0][:70]
+    by_name[name] += v
+    count[name] += 1
+total = sum(by_name.values())
+print(f"{sum(count.values())} kernels profiled, {total * 1e3:.2f} ms of GPU time; by name:")
+for name, t in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]:
+    print(f"  {t / total * 100:5.1f} %  {t * 1e3:8.3f} ms  {count[name]:5d}x  mean {t / count[name] * 1e6:8.1f} us  {name}")
+EOF
+  else
+    echo "SKIPPED: no ncu on PATH or at /usr/local/cuda/bin/ncu"
+  fi
 fi
 
 # ---------------------------------------------------------------------------------- e

@@ -13,7 +13,7 @@ use std::sync::{Mutex, MutexGuard};
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use nvp::flow::conditioner::{Conditioner, ResNet, ResNetConfig};
-use nvp::flow::{Mode, ParamStore, RealNvp, RealNvpConfig};
+use nvp::flow::{Mode, ParamStore};
 use nvp_kernels::tuning;
 
 /// Serialises the tests that flip the process-wide switch.
@@ -129,32 +129,9 @@ fn fused_resnet_equals_layer_by_layer() {
 #[test]
 fn fused_resnet_in_the_whole_model() {
     let _guard = lock();
-    let cfg = RealNvpConfig {
-        channels: 3,
-        height: 8,
-        width: 8,
-        scales: 2,
-        res_blocks: 2,
-        features: 8,
-        ..RealNvpConfig::cifar10()
-    };
     let run = |fused: bool| -> Run {
         tuning::set_fused_resnet(fused);
-        let store = ParamStore::new(7);
-        let model = RealNvp::new(&cfg, store.var_builder(DType::F32, &Device::Cpu)).unwrap();
-        randomise(&store, 8);
-        let x = randn(&[4, 3, 8, 8], 1.0, DType::F32, &mut rng(9));
-        let lp = model.log_prob(&x, Mode::Train).unwrap();
-        let g = lp.sum_all().unwrap().backward().unwrap();
-        let grads = store
-            .trainable_vars()
-            .into_iter()
-            .map(|(n, v)| {
-                let gv = g.get(v.as_tensor()).unwrap_or_else(|| panic!("{n}"));
-                (n, gv.clone())
-            })
-            .collect();
-        (lp, grads, store.tensors())
+        train_pass(&small_model_config(), DType::F32, 7)
     };
     let fused = run(true);
     let plain = run(false);

@@ -23,7 +23,7 @@ use std::sync::{Mutex, MutexGuard};
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use nvp::flow::conditioner::{Conditioner, ResNet, ResNetConfig};
-use nvp::flow::{Mode, ParamStore, RealNvp, RealNvpConfig};
+use nvp::flow::{Mode, ParamStore};
 use nvp_kernels::tuning;
 
 /// Serialises the tests that flip the process-wide switches.
@@ -141,32 +141,9 @@ fn resnet_ops_on_the_fast_cpu_kernels_in_f32() {
 #[test]
 fn resnet_ops_in_the_whole_model() {
     let _guard = lock();
-    let cfg = RealNvpConfig {
-        channels: 3,
-        height: 8,
-        width: 8,
-        scales: 2,
-        res_blocks: 2,
-        features: 8,
-        ..RealNvpConfig::cifar10()
-    };
     let run = |ops: bool| -> Run {
         tuning::set_resnet_ops(ops);
-        let store = ParamStore::new(17);
-        let model = RealNvp::new(&cfg, store.var_builder(DType::F64, &Device::Cpu)).unwrap();
-        randomise(&store, 18);
-        let x = randn(&[4, 3, 8, 8], 1.0, DType::F64, &mut rng(19));
-        let lp = model.log_prob(&x, Mode::Train).unwrap();
-        let g = lp.sum_all().unwrap().backward().unwrap();
-        let grads = store
-            .trainable_vars()
-            .into_iter()
-            .map(|(n, v)| {
-                let gv = g.get(v.as_tensor()).unwrap_or_else(|| panic!("{n}"));
-                (n, gv.clone())
-            })
-            .collect();
-        (lp, grads, store.tensors())
+        train_pass(&small_model_config(), DType::F64, 17)
     };
     let ops = run(true);
     let layers = run(false);

@@ -6,8 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
-use nvp::flow::ParamStore;
+use nvp::flow::{Mode, ParamStore, RealNvp, RealNvpConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
@@ -225,4 +227,47 @@ pub fn assert_close(what: &str, a: &[f64], b: &[f64], tol: f64) {
         b[i],
         tol * scale
     );
+}
+
+/// A small whole model for train-mode comparisons: 3×8×8 images, two scales
+/// (checkerboard and channel couplings), two residual blocks of 8 features.
+pub fn small_model_config() -> RealNvpConfig {
+    RealNvpConfig {
+        channels: 3,
+        height: 8,
+        width: 8,
+        scales: 2,
+        res_blocks: 2,
+        features: 8,
+        ..RealNvpConfig::cifar10()
+    }
+}
+
+/// One train-mode pass of `cfg` in `dtype` on the CPU, parameters randomised from
+/// `seed`, over 4 random images: the log-likelihoods, the gradient of their sum for
+/// every parameter (by name), and every variable after the pass (so the running
+/// statistics).
+pub fn train_pass(
+    cfg: &RealNvpConfig,
+    dtype: DType,
+    seed: u64,
+) -> (Tensor, HashMap<String, Tensor>, HashMap<String, Tensor>) {
+    let store = ParamStore::new(seed);
+    let model = RealNvp::new(cfg, store.var_builder(dtype, &Device::Cpu)).unwrap();
+    randomise(&store, seed + 1);
+    let dims = [4, cfg.channels, cfg.height, cfg.width];
+    let x = randn(&dims, 1.0, dtype, &mut rng(seed + 2));
+    let lp = model.log_prob(&x, Mode::Train).unwrap();
+    let g = lp.sum_all().unwrap().backward().unwrap();
+    let grads = store
+        .trainable_vars()
+        .into_iter()
+        .map(|(n, v)| {
+            let gv = g
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {n}"));
+            (n, gv.clone())
+        })
+        .collect();
+    (lp, grads, store.tensors())
 }
