@@ -115,6 +115,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let device = open_device(&s.train.device)?;
     let (store, model) = crate::model::build(&s, &device)?;
     let params = store.num_trainable();
+    // How many tensors hold them: on a GPU each one costs kernel launches of its own
+    // in every step (its gradient's zero fill and add, the optimizer's gather and
+    // update).
+    let param_tensors = store.trainable_vars().len();
     let mut trainer = Trainer::new(store, model, &s)?;
     let d = s.model.dims();
     let mut rng = StdRng::seed_from_u64(0);
@@ -235,7 +239,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let ips = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:8.2} img/s"));
     if a.json {
         println!(
-            "{{\"config\":\"{}\",\"device\":\"{}\",\"params\":{params},\"batch\":{},\"train_step_s\":{train_step_s:.4},\"train_img_per_s\":{train_ips:.3},\"eval_batch\":{},\"eval_img_per_s\":{},\"sample_n\":{},\"sample_img_per_s\":{},\"peak_rss_mib\":{},\"peak_rss_train_mib\":{},\"rss_before_train_mib\":{},\"skipped_steps\":{skipped},\"threads\":{},\"conv\":\"{conv}\",\"batch_norm\":\"{bn}\",\"train_forward_s\":{},\"train_backward_s\":{},\"train_update_s\":{},\"graph_nodes\":{}}}",
+            "{{\"config\":\"{}\",\"device\":\"{}\",\"params\":{params},\"param_tensors\":{param_tensors},\"batch\":{},\"train_step_s\":{train_step_s:.4},\"train_img_per_s\":{train_ips:.3},\"eval_batch\":{},\"eval_img_per_s\":{},\"sample_n\":{},\"sample_img_per_s\":{},\"peak_rss_mib\":{},\"peak_rss_train_mib\":{},\"rss_before_train_mib\":{},\"skipped_steps\":{skipped},\"threads\":{},\"conv\":\"{conv}\",\"batch_norm\":\"{bn}\",\"train_forward_s\":{},\"train_backward_s\":{},\"train_update_s\":{},\"graph_nodes\":{}}}",
             s.name,
             s.train.device,
             a.batch,
@@ -254,7 +258,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     } else {
         println!(
-            "config {} on {} (convolutions: {conv}, batch norm: {bn}): {params} parameters",
+            "config {} on {} (convolutions: {conv}, batch norm: {bn}): {params} parameters in {param_tensors} tensors",
             s.name, s.train.device
         );
         println!(
