@@ -104,6 +104,8 @@ fn resnet_ops_match_layer_by_layer_in_f64() {
         (vec![2, 3, 8, 8], cfg(3, 2)),
         (vec![3, 4, 5, 6], cfg(4, 1)),
         (vec![2, 6, 4, 4], cfg(6, 3)),
+        // No residual block: no inner convolutions to normalise together.
+        (vec![2, 3, 4, 4], cfg(3, 0)),
     ]
     .into_iter()
     .enumerate()

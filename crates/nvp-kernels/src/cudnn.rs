@@ -1102,7 +1102,8 @@ impl candle_core::CustomOp3 for CudnnBn {
 
 impl CudnnBn {
     /// cuDNN's backward pass (the gradient through the batch statistics, recomputed
-    /// from `x`): `(dx, dweight, dbias)` from the flat `x` and `dy`, `dx` flat.
+    /// from `x`): `(dx, dweight, dbias)` from `x` and `dy` (each the op's N·C·HW
+    /// values, flat or not), `dx` flat.
     fn backward(&self, x: &Tensor, dy: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (nchw, c) = (self.nchw(), self.c);
         let back = CudnnBn {

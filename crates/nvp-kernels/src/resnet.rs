@@ -40,27 +40,24 @@ pub struct ResNetShape {
 
 /// Where one layer's parameters lie in the packed vector.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Conv {
-    /// The weight, or in the weight-normalised layout the direction `v`.
-    pub(crate) w: usize,
-    /// The gain `g` (weight-normalised layout only).
-    pub(crate) g: Option<usize>,
-    pub(crate) b: usize,
+struct Conv {
+    w: usize,
+    b: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Norm {
-    pub(crate) w: usize,
-    pub(crate) b: usize,
+struct Norm {
+    w: usize,
+    b: usize,
 }
 
 #[derive(Debug, Clone)]
-pub(crate) struct Offsets {
-    pub(crate) inp: Conv,
-    pub(crate) blocks: Vec<(Norm, Conv, Norm, Conv)>,
-    pub(crate) bn_out: Norm,
-    pub(crate) out: Conv,
-    pub(crate) len: usize,
+struct Offsets {
+    inp: Conv,
+    blocks: Vec<(Norm, Conv, Norm, Conv)>,
+    bn_out: Norm,
+    out: Conv,
+    len: usize,
 }
 
 impl ResNetShape {
@@ -72,23 +69,9 @@ impl ResNetShape {
         self.offsets().len
     }
 
-    /// Length of the packed parameter vector of [`crate::resnet_train_ops`]: the
-    /// order of [`ResNetShape::param_len`], with each convolution's weight in its
-    /// weight-normalised form, `w = g · v / ‖v‖`: direction `v` (the weight's shape),
-    /// gain `g` (one per output channel), then the bias.
-    pub fn param_len_weight_norm(&self) -> usize {
-        self.offsets_of(true).len
-    }
-
-    pub(crate) fn offsets(&self) -> Offsets {
-        self.offsets_of(false)
-    }
-
-    /// The packed layout: with each convolution's `(v, g)` where `weight_norm`, else
-    /// its weight.
-    pub(crate) fn offsets_of(&self, weight_norm: bool) -> Offsets {
+    fn offsets(&self) -> Offsets {
         /// Hands out consecutive ranges of the packed vector.
-        struct Cursor(usize, bool);
+        struct Cursor(usize);
         impl Cursor {
             fn take(&mut self, len: usize) -> usize {
                 self.0 += len;
@@ -97,7 +80,6 @@ impl ResNetShape {
             fn conv(&mut self, ci: usize, co: usize) -> Conv {
                 Conv {
                     w: self.take(co * ci * 9),
-                    g: self.1.then(|| self.take(co)),
                     b: self.take(co),
                 }
             }
@@ -109,7 +91,7 @@ impl ResNetShape {
             }
         }
         let f = self.features;
-        let mut at = Cursor(0, weight_norm);
+        let mut at = Cursor(0);
         let inp = at.conv(self.cin, f);
         let blocks = (0..self.blocks)
             .map(|_| (at.norm(f), at.conv(f, f), at.norm(f), at.conv(f, f)))

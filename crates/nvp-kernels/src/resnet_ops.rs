@@ -14,8 +14,10 @@
 //! GPU with the `cudnn` feature —, candle's ReLU and residual add) on detached tensors,
 //! so no graph is built, and keeps what its backward pass needs. The whole network
 //! joins the graph as one node ([`crate::util::pass_through`]) on its input and its
-//! packed raw parameters, with a written-out backward: each convolution's data, filter
-//! and bias gradients, the weight normalisation's closed form, each batch norm's
+//! packed raw parameters (laid out so that the inner convolutions' weights are
+//! normalised together, by one set of kernels for all of them), with a written-out
+//! backward: each convolution's data, filter and bias gradients, the weight
+//! normalisation's closed form (again once for all the inner ones), each batch norm's
 //! gradient through its batch statistics (cuDNN's backward, or its closed form in
 //! candle's ops), ReLU's mask as `sign(a)` (the output `a ≥ 0`), and the skip
 //! connection's gradient added once.
@@ -28,7 +30,72 @@
 
 use candle_core::{bail, DType, Result, Tensor};
 
-use crate::resnet::{Conv, Norm, Offsets, ResNetShape, ResNetTrainOutput};
+use crate::resnet::{ResNetShape, ResNetTrainOutput};
+
+/// Where a weight-normalised convolution's direction `v`, gain `g` and bias lie in the
+/// packed vector.
+#[derive(Debug, Clone, Copy)]
+struct WnConv {
+    v: usize,
+    g: usize,
+    b: usize,
+}
+
+/// The packed layout of [`resnet_train_ops`]; see [`ResNetShape::param_len_weight_norm`].
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    inp: WnConv,
+    /// Where the inner convolutions' directions, gains and biases start (each run
+    /// holds all `2B` of them in order).
+    inner: WnConv,
+    /// Where the batch norms' parameters start.
+    norms: usize,
+    out: WnConv,
+    len: usize,
+}
+
+impl ResNetShape {
+    /// Length of the packed parameter vector of [`crate::resnet_train_ops`], which
+    /// holds each convolution's weight in its weight-normalised form `w = g · v / ‖v‖`
+    /// (direction `v` of the weight's shape, gain `g` per output channel), grouped so
+    /// that the `2B` inner convolutions are normalised together. In this order:
+    /// `inp` `v` `(F, C, 3, 3)`, `g` `(F)`, bias `(F)`; the `v` of `conv1`, `conv2` of
+    /// each block in turn `(2B · F, F, 3, 3)`, then their `g` `(2B · F)`, then their
+    /// biases `(2B · F)`; the weight and bias `(F)` of each batch norm (`bn1`, `bn2` of
+    /// each block in turn, then `bn_out`); `out` `v` `(K, F, 3, 3)`, `g` `(K)`, bias
+    /// `(K)`.
+    pub fn param_len_weight_norm(&self) -> usize {
+        self.weight_norm_layout().len
+    }
+
+    fn weight_norm_layout(&self) -> Layout {
+        let (f, n) = (self.features, 2 * self.blocks);
+        // Consecutive runs: `count` convolutions from `ci` to `co` channels starting at
+        // `at`, their directions, then gains, then biases.
+        let conv = |at: &mut usize, ci: usize, co: usize, count: usize| {
+            let c = WnConv {
+                v: *at,
+                g: *at + count * co * ci * 9,
+                b: *at + count * co * (ci * 9 + 1),
+            };
+            *at += count * co * (ci * 9 + 2);
+            c
+        };
+        let mut at = 0;
+        let inp = conv(&mut at, self.cin, f, 1);
+        let inner = conv(&mut at, f, f, n);
+        let norms = at;
+        at += 2 * f * (n + 1);
+        let out = conv(&mut at, f, self.cout, 1);
+        Layout {
+            inp,
+            inner,
+            norms,
+            out,
+            len: at,
+        }
+    }
+}
 
 /// Whether [`resnet_train_ops`] takes these tensors: switched on
 /// ([`crate::resnet_ops_enabled`]), `x` and the packed parameters of one dtype (f32 or
@@ -42,10 +109,10 @@ pub fn resnet_train_ops_applies(x: &Tensor, params: &Tensor) -> bool {
 
 /// The residual s/t network in train mode, on any device and in f32 or f64: `x` `(N,
 /// C, H, W)`, the packed parameters in the weight-normalised layout of
-/// [`ResNetShape::param_len_weight_norm`] (each convolution's `v`, `g` and bias, each
-/// batch norm's weight and bias), the batch norms' `eps`. Its forward by the device's
-/// ops without a graph, one autograd node with a written-out backward (see the module
-/// documentation). Returns the output and each batch norm's batch statistics.
+/// [`ResNetShape::param_len_weight_norm`], the batch norms' `eps`. Its forward by the
+/// device's ops without a graph, one autograd node with a written-out backward (see
+/// the module documentation). Returns the output and each batch norm's batch
+/// statistics.
 pub fn resnet_train_ops(
     x: &Tensor,
     params: &Tensor,
@@ -87,24 +154,38 @@ pub fn resnet_train_ops(
     Ok(ResNetTrainOutput { y, stats })
 }
 
-/// The network's parameters (detached views of the packed vector) and layout.
-struct Net {
-    eps: f64,
-    o: Offsets,
-    /// Per convolution in network order: `inp`, `conv1` and `conv2` of each block,
-    /// `out`.
-    convs: Vec<ConvParams>,
-    /// Per batch norm in network order (`bn1`, `bn2` of each block, `bn_out`): its
-    /// weight and bias.
-    norms: Vec<(Tensor, Tensor)>,
-}
-
 /// A convolution's direction `v`, gain `g`, weight `g · v / ‖v‖` and bias.
 struct ConvParams {
     v: Tensor,
     g: Tensor,
     w: Tensor,
     b: Tensor,
+}
+
+impl ConvParams {
+    fn new(p: &Tensor, at: WnConv, ci: usize, co: usize) -> Result<Self> {
+        let v = p.narrow(0, at.v, co * ci * 9)?.reshape((co, ci, 3, 3))?;
+        let g = p.narrow(0, at.g, co)?;
+        let w = crate::weight_norm_reference(&v, &g)?;
+        let b = p.narrow(0, at.b, co)?;
+        Ok(Self { v, g, w, b })
+    }
+}
+
+/// The network's parameters: detached views of the packed vector, and the weights
+/// normalised from them (by the layers' own ops, so to the same bits).
+struct Net {
+    eps: f64,
+    inp: ConvParams,
+    /// The `2B` inner convolutions (`conv1`, `conv2` of each block in turn), whose
+    /// weights are normalised together: all their directions and gains, and per
+    /// convolution its weight (a view of the one normalisation) and bias.
+    inner: Option<ConvParams>,
+    inner_wb: Vec<(Tensor, Tensor)>,
+    out: ConvParams,
+    /// Per batch norm in network order (`bn1`, `bn2` of each block, `bn_out`): its
+    /// weight and bias.
+    norms: Vec<(Tensor, Tensor)>,
 }
 
 /// One batch norm + ReLU of the forward pass: its input, output and batch statistics
@@ -137,63 +218,50 @@ impl Saved {
 }
 
 impl Net {
-    /// Reads the packed parameters and normalises the convolutions' weights (by the
-    /// layers' own ops, so to the same bits).
     fn new(shape: ResNetShape, eps: f64, p: &Tensor) -> Result<Self> {
-        let o = shape.offsets_of(true);
-        let f = shape.features;
-        let conv = |c: Conv, ci: usize, co: usize| -> Result<ConvParams> {
-            let Some(g_at) = c.g else {
-                bail!("resnet_train_ops: internal: a layout without gains");
-            };
-            let v = p.narrow(0, c.w, co * ci * 9)?.reshape((co, ci, 3, 3))?;
-            let g = p.narrow(0, g_at, co)?;
-            let w = crate::weight_norm_reference(&v, &g)?;
-            let b = p.narrow(0, c.b, co)?;
-            Ok(ConvParams { v, g, w, b })
+        let at = shape.weight_norm_layout();
+        let (f, n) = (shape.features, 2 * shape.blocks);
+        let (inner, inner_wb) = if n > 0 {
+            let inner = ConvParams::new(p, at.inner, f, n * f)?;
+            let w = inner.w.reshape((n, f, f, 3, 3))?;
+            let b = inner.b.reshape((n, f))?;
+            let wb = (0..n)
+                .map(|i| Ok((w.get(i)?, b.get(i)?)))
+                .collect::<Result<Vec<_>>>()?;
+            (Some(inner), wb)
+        } else {
+            (None, Vec::new())
         };
-        let norm = |n: Norm| -> Result<(Tensor, Tensor)> {
-            Ok((p.narrow(0, n.w, f)?, p.narrow(0, n.b, f)?))
-        };
-        let mut convs = vec![conv(o.inp, shape.cin, f)?];
-        let mut norms = Vec::with_capacity(2 * o.blocks.len() + 1);
-        for &(n1, c1, n2, c2) in &o.blocks {
-            convs.push(conv(c1, f, f)?);
-            convs.push(conv(c2, f, f)?);
-            norms.push(norm(n1)?);
-            norms.push(norm(n2)?);
-        }
-        convs.push(conv(o.out, f, shape.cout)?);
-        norms.push(norm(o.bn_out)?);
+        let norms = (0..=n)
+            .map(|i| {
+                let base = at.norms + 2 * f * i;
+                Ok((p.narrow(0, base, f)?, p.narrow(0, base + f, f)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             eps,
-            o,
-            convs,
+            inp: ConvParams::new(p, at.inp, shape.cin, f)?,
+            inner,
+            inner_wb,
+            out: ConvParams::new(p, at.out, f, shape.cout)?,
             norms,
         })
     }
 
-    /// The convolutions `conv1`, `conv2` and batch norms `bn1`, `bn2` of block `i`.
-    fn block(&self, i: usize) -> [usize; 4] {
-        [1 + 2 * i, 2 + 2 * i, 2 * i, 2 * i + 1]
-    }
-
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Saved)> {
-        let cv = &self.convs;
-        let mut h = crate::conv2d_3x3(x, &cv[0].w, Some(&cv[0].b))?;
-        let nb = self.o.blocks.len();
+        let mut h = crate::conv2d_3x3(x, &self.inp.w, Some(&self.inp.b))?;
+        let nb = self.inner_wb.len() / 2;
         let mut blocks = Vec::with_capacity(nb);
         for i in 0..nb {
-            let [c1, c2, n1, n2] = self.block(i);
-            let s1 = self.bn_relu(&h, n1)?;
-            let r = crate::conv2d_3x3(&s1.a, &cv[c1].w, Some(&cv[c1].b))?;
-            let s2 = self.bn_relu(&r, n2)?;
-            h = crate::conv2d_3x3_add(&s2.a, &cv[c2].w, Some(&cv[c2].b), &h)?;
+            let ((w1, b1), (w2, b2)) = (&self.inner_wb[2 * i], &self.inner_wb[2 * i + 1]);
+            let s1 = self.bn_relu(&h, 2 * i)?;
+            let r = crate::conv2d_3x3(&s1.a, w1, Some(b1))?;
+            let s2 = self.bn_relu(&r, 2 * i + 1)?;
+            h = crate::conv2d_3x3_add(&s2.a, w2, Some(b2), &h)?;
             blocks.push((s1, s2));
         }
         let out = self.bn_relu(&h, 2 * nb)?;
-        let last = &cv[cv.len() - 1];
-        let y = crate::conv2d_3x3(&out.a, &last.w, Some(&last.b))?;
+        let y = crate::conv2d_3x3(&out.a, &self.out.w, Some(&self.out.b))?;
         let saved = Saved {
             x: x.clone(),
             blocks,
@@ -222,36 +290,22 @@ impl Net {
     }
 
     /// The gradient through ReLU and batch norm `n` from `da`, the gradient of its
-    /// output: the input's gradient returned, `[dbias, dweight]` (the packed order,
-    /// reversed) pushed onto `parts`.
+    /// output: `(dx, dweight, dbias)`.
     fn bn_relu_backward(
         &self,
         s: &NormSaved,
         n: usize,
         da: &Tensor,
-        parts: &mut Vec<Tensor>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         // ReLU's output is ≥ 0, so its sign is the mask `a > 0`.
         let d = (da * s.a.sign()?)?;
-        let (dx, dweight, dbias) = self.bn_grads(s, &self.norms[n].0, &d)?;
-        parts.extend([dbias, dweight]);
-        Ok(dx)
-    }
-
-    /// The gradient of the train-mode batch norm with `weight`: `(dx, dweight, dbias)`
-    /// from `d`, the gradient of its output.
-    fn bn_grads(
-        &self,
-        s: &NormSaved,
-        weight: &Tensor,
-        d: &Tensor,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let weight = &self.norms[n].0;
         #[cfg(feature = "cudnn")]
         {
             if crate::cudnn_batch_norm_enabled()
                 && crate::cudnn::bn_applies(&s.x, weight, weight, None, self.eps)
             {
-                return crate::cudnn::batch_norm_backward(&s.x, d, weight, self.eps);
+                return crate::cudnn::batch_norm_backward(&s.x, &d, weight, self.eps);
             }
         }
         // The closed form, per channel over its m values: with x̂ = (x − μ)/√(σ² + ε),
@@ -264,7 +318,7 @@ impl Net {
             s.x.broadcast_sub(&s.mean.reshape(fs)?)?
                 .broadcast_mul(&inv_std)?;
         let dbias = d.sum_keepdim(vec![0, 2, 3])?;
-        let dweight = (d * &xhat)?.sum_keepdim(vec![0, 2, 3])?;
+        let dweight = (&d * &xhat)?.sum_keepdim(vec![0, 2, 3])?;
         let centred = d
             .broadcast_sub(&(&dbias / m)?)?
             .broadcast_sub(&xhat.broadcast_mul(&(&dweight / m)?)?)?;
@@ -272,51 +326,65 @@ impl Net {
         Ok((dx, dweight.flatten_all()?, dbias.flatten_all()?))
     }
 
-    /// The gradients of the weight-normalised convolution `c`, `conv(x, g·v/‖v‖) + b`,
-    /// from `dy`: the input's gradient (where `want_dx`) returned, `[db, dg, dv]` (the
-    /// packed order, reversed) pushed onto `parts`.
-    fn conv_backward(
-        &self,
-        x: &Tensor,
-        c: &ConvParams,
-        dy: &Tensor,
-        want_dx: bool,
-        parts: &mut Vec<Tensor>,
-    ) -> Result<Option<Tensor>> {
-        let (dx, dw, db) = conv_grads(x, &c.w, dy, want_dx)?;
-        let (dv, dg) = crate::weight_norm::weight_norm_backward(&c.v, &c.g, &dw)?;
-        parts.extend([db, dg, dv.flatten_all()?]);
-        Ok(dx)
-    }
-
     /// The gradients of the input (where `want_dx`) and of the packed parameters, in
-    /// their order, from the output's gradient `dy`.
+    /// their layout, from the output's gradient `dy`.
     fn backward(
         &self,
         saved: &Saved,
         dy: &Tensor,
         want_dx: bool,
     ) -> Result<(Option<Tensor>, Tensor)> {
-        let cv = &self.convs;
-        let nb = self.o.blocks.len();
-        // Collected from the output back, each layer's in reverse; reversed at the end.
-        let mut parts: Vec<Tensor> = Vec::with_capacity(8 + 10 * nb);
-        let p = &mut parts;
-        let da = self.conv_backward(&saved.out.a, &cv[cv.len() - 1], dy, true, p)?;
-        let mut dh = self.bn_relu_backward(&saved.out, 2 * nb, &wanted(da)?, p)?;
+        let n = self.inner_wb.len();
+        let mut inner_dw = vec![None; n];
+        let mut inner_db = vec![None; n];
+        let mut norm_grads = vec![None; n + 1];
+        let (da, dw_out, db_out) = conv_grads(&saved.out.a, &self.out.w, dy, true)?;
+        let (mut dh, dwn, dbn) = self.bn_relu_backward(&saved.out, n, &wanted(da)?)?;
+        norm_grads[n] = Some((dwn, dbn));
         for (i, (s1, s2)) in saved.blocks.iter().enumerate().rev() {
-            let [c1, c2, n1, n2] = self.block(i);
+            let (c1, c2) = (2 * i, 2 * i + 1);
             // h_out = conv2(a2) + b2 + h_in: dh reaches conv2 and, unchanged, h_in.
-            let da2 = self.conv_backward(&s2.a, &cv[c2], &dh, true, p)?;
-            let dr = self.bn_relu_backward(s2, n2, &wanted(da2)?, p)?;
-            let da1 = self.conv_backward(&s1.a, &cv[c1], &dr, true, p)?;
-            let dh1 = self.bn_relu_backward(s1, n1, &wanted(da1)?, p)?;
+            let (da2, dw2, db2) = conv_grads(&s2.a, &self.inner_wb[c2].0, &dh, true)?;
+            (inner_dw[c2], inner_db[c2]) = (Some(dw2), Some(db2));
+            let (dr, dwn2, dbn2) = self.bn_relu_backward(s2, c2, &wanted(da2)?)?;
+            norm_grads[c2] = Some((dwn2, dbn2));
+            let (da1, dw1, db1) = conv_grads(&s1.a, &self.inner_wb[c1].0, &dr, true)?;
+            (inner_dw[c1], inner_db[c1]) = (Some(dw1), Some(db1));
+            let (dh1, dwn1, dbn1) = self.bn_relu_backward(s1, c1, &wanted(da1)?)?;
+            norm_grads[c1] = Some((dwn1, dbn1));
             dh = (dh + dh1)?;
         }
-        let dx = self.conv_backward(&saved.x, &cv[0], &dh, want_dx, p)?;
-        parts.reverse();
+        let (dx, dw_inp, db_inp) = conv_grads(&saved.x, &self.inp.w, &dh, want_dx)?;
+        // The packed layout: inp, the inner convolutions together, the batch norms, out.
+        let mut parts = weight_norm_parts(&self.inp, &dw_inp, db_inp)?;
+        if let Some(inner) = &self.inner {
+            let got = |t: Option<Tensor>| t.ok_or_else(internal);
+            let dw = inner_dw.into_iter().map(got).collect::<Result<Vec<_>>>()?;
+            let dw = Tensor::cat(&dw, 0)?;
+            let (dv, dg) = crate::weight_norm::weight_norm_backward(&inner.v, &inner.g, &dw)?;
+            parts.extend([dv.flatten_all()?, dg]);
+            for db in inner_db {
+                parts.push(got(db)?);
+            }
+        }
+        for g in norm_grads {
+            let (dw, db) = g.ok_or_else(internal)?;
+            parts.extend([dw, db]);
+        }
+        parts.extend(weight_norm_parts(&self.out, &dw_out, db_out)?);
         Ok((dx, Tensor::cat(&parts, 0)?))
     }
+}
+
+/// A weight-normalised convolution's parameter gradients in the packed order,
+/// `[dv (flat), dg, db]`, from its weight's gradient `dw` and bias gradient `db`.
+fn weight_norm_parts(c: &ConvParams, dw: &Tensor, db: Tensor) -> Result<Vec<Tensor>> {
+    let (dv, dg) = crate::weight_norm::weight_norm_backward(&c.v, &c.g, dw)?;
+    Ok(vec![dv.flatten_all()?, dg, db])
+}
+
+fn internal() -> candle_core::Error {
+    candle_core::Error::Msg("resnet_train_ops: internal: a gradient is missing".into())
 }
 
 /// The gradients of `conv(x, w) + b` from `dy`: `dx` (where `want_dx`), `dw`, `db` —

@@ -104,25 +104,16 @@ impl ResNet {
     }
 
     /// All parameters in the packed order of `nvp_kernels::ResNetShape::param_len`
-    /// (each convolution's normalised weight), or with `weight_norm` in that of
-    /// `param_len_weight_norm` (each convolution's `v` and `g`).
-    fn packed_params(&self, weight_norm: bool) -> Result<Tensor> {
-        let conv = |c: &WnConv2d| -> Result<Vec<Tensor>> {
-            Ok(if weight_norm {
-                vec![
-                    c.direction().flatten_all()?,
-                    c.gain().clone(),
-                    c.bias().clone(),
-                ]
-            } else {
-                vec![c.weight()?.flatten_all()?, c.bias().clone()]
-            })
+    /// (each convolution's normalised weight).
+    fn packed_params(&self) -> Result<Tensor> {
+        let conv = |c: &WnConv2d| -> Result<[Tensor; 2]> {
+            Ok([c.weight()?.flatten_all()?, c.bias().clone()])
         };
         let norm = |n: &BatchNorm| {
             let (w, b) = n.affine();
             [w.clone(), b.clone()]
         };
-        let mut parts = Vec::with_capacity(6 + 10 * self.blocks.len());
+        let mut parts = Vec::with_capacity(4 + 8 * self.blocks.len());
         parts.extend(conv(&self.inp)?);
         for b in &self.blocks {
             parts.extend(norm(&b.bn1));
@@ -132,6 +123,38 @@ impl ResNet {
         }
         parts.extend(norm(&self.bn_out));
         parts.extend(conv(&self.out)?);
+        Tensor::cat(&parts, 0)
+    }
+
+    /// All parameters in the weight-normalised packed order of
+    /// `nvp_kernels::ResNetShape::param_len_weight_norm`: each convolution's `v`, `g`
+    /// and bias, the inner convolutions' grouped (all `v`, all `g`, all biases), and
+    /// the batch norms' weights and biases.
+    fn packed_raw_params(&self) -> Result<Tensor> {
+        let raw = |c: &WnConv2d| -> Result<[Tensor; 3]> {
+            Ok([
+                c.direction().flatten_all()?,
+                c.gain().clone(),
+                c.bias().clone(),
+            ])
+        };
+        let inner: Vec<&WnConv2d> = self
+            .blocks
+            .iter()
+            .flat_map(|b| [&b.conv1, &b.conv2])
+            .collect();
+        let mut parts = Vec::with_capacity(6 + 10 * self.blocks.len());
+        parts.extend(raw(&self.inp)?);
+        for c in &inner {
+            parts.push(c.direction().flatten_all()?);
+        }
+        parts.extend(inner.iter().map(|c| c.gain().clone()));
+        parts.extend(inner.iter().map(|c| c.bias().clone()));
+        for n in self.batch_norms() {
+            let (w, b) = n.affine();
+            parts.extend([w.clone(), b.clone()]);
+        }
+        parts.extend(raw(&self.out)?);
         Tensor::cat(&parts, 0)
     }
 
@@ -152,13 +175,14 @@ impl ResNet {
         let eps = self.bn_out.config().eps;
         // The packed vector has the parameters' device and dtype (those of `inp.bias`).
         let params = self.inp.bias();
-        let (run, weight_norm) = if nvp_kernels::resnet_train_applies(x, params) {
-            (nvp_kernels::resnet_train as Fused, false)
-        } else if nvp_kernels::resnet_train_ops_applies(x, params) {
-            (nvp_kernels::resnet_train_ops as Fused, true)
-        } else {
-            return Ok(None);
-        };
+        let (run, packed): (Fused, fn(&Self) -> Result<Tensor>) =
+            if nvp_kernels::resnet_train_applies(x, params) {
+                (nvp_kernels::resnet_train, Self::packed_params)
+            } else if nvp_kernels::resnet_train_ops_applies(x, params) {
+                (nvp_kernels::resnet_train_ops, Self::packed_raw_params)
+            } else {
+                return Ok(None);
+            };
         if self.batch_norms().any(|n| n.config().eps != eps) {
             return Ok(None);
         }
@@ -169,7 +193,7 @@ impl ResNet {
             blocks: self.blocks.len(),
             cout: self.out.bias().dim(0)?,
         };
-        let out = run(x, &self.packed_params(weight_norm)?, shape, eps)?;
+        let out = run(x, &packed(self)?, shape, eps)?;
         for (bn, (mean, var)) in self.batch_norms().zip(&out.stats) {
             bn.record_batch_stats(mean, var, n * h * w)?;
         }
