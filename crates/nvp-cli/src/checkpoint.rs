@@ -251,7 +251,9 @@ fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>>
 
 /// Build the model of `settings` on `device` and load the weights file `path` (a
 /// checkpoint's `model.safetensors` or `ema.safetensors`) into it; the model returned
-/// records no autograd graph (inference).
+/// records no autograd graph (inference), and its weight normalisation is computed
+/// once here rather than in every batch (`RealNvp::fix_weights`: the parameters do
+/// not change after loading).
 pub fn load_model(
     path: &Path,
     settings: &Settings,
@@ -259,7 +261,8 @@ pub fn load_model(
 ) -> Result<(ParamStore, RealNvp)> {
     let (store, _trainable) = crate::model::build(settings, device)?;
     load_into(&store, path, device)?;
-    let frozen = crate::model::frozen(settings, &store, device)?;
+    let mut frozen = crate::model::frozen(settings, &store, device)?;
+    frozen.fix_weights()?;
     Ok((store, frozen))
 }
 

@@ -132,6 +132,11 @@ impl<N: Conditioner> AffineCoupling<N> {
         &self.mask
     }
 
+    /// Computes the conditioner's derived weights once ([`Conditioner::fix_weights`]).
+    pub fn fix_weights(&mut self) -> Result<()> {
+        self.net.fix_weights()
+    }
+
     /// The learned tanh scale and the conditioner's weight-norm gains.
     pub fn scale_parameters(&self) -> Vec<Tensor> {
         let mut v = vec![self.scale.clone()];

@@ -439,6 +439,22 @@ impl RealNvp {
             .collect()
     }
 
+    /// Computes every s/t network's weight normalisation once, detached, and uses the
+    /// result from then on: for a model whose parameters no longer change (one loaded
+    /// for evaluation or sampling), where it saves those kernels in every batch; the
+    /// same values. Changes of the parameters made afterwards are not seen, and no
+    /// gradient reaches the convolutions' `v` and `g`: not for a model being trained.
+    pub fn fix_weights(&mut self) -> Result<()> {
+        for st in self
+            .scales
+            .iter_mut()
+            .flat_map(|s| s.checker.iter_mut().chain(s.channel.iter_mut()))
+        {
+            st.coupling.fix_weights()?;
+        }
+        Ok(())
+    }
+
     /// Number of coupling layers.
     pub fn num_couplings(&self) -> usize {
         self.scales

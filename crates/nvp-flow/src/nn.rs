@@ -54,6 +54,8 @@ pub struct WnConv2d {
     v: Tensor,
     g: Tensor,
     bias: Tensor,
+    /// The effective kernel computed once by [`WnConv2d::fix_weight`].
+    fixed: Option<Tensor>,
 }
 
 impl WnConv2d {
@@ -74,18 +76,37 @@ impl WnConv2d {
             as_var(&g)?.set(&v_norm(&v)?.detach())?;
         }
         let bias = vb.get_with_hints(cout, "bias", Init::Const(0.0))?;
-        Ok(Self { v, g, bias })
+        Ok(Self {
+            v,
+            g,
+            bias,
+            fixed: None,
+        })
     }
 
     /// The effective kernel `g · v / ‖v‖`. On the GPU its backward pass is one
     /// closed-form op ([`nvp_kernels::weight_norm`]: a few kernels where candle's
     /// autograd launches about thirty); the value is the same bits either way.
     pub fn weight(&self) -> Result<Tensor> {
+        if let Some(w) = &self.fixed {
+            return Ok(w.clone());
+        }
         if self.v.device().is_cuda() && nvp_kernels::weight_norm_op_enabled() {
             nvp_kernels::weight_norm(&self.v, &self.g)
         } else {
             nvp_kernels::weight_norm_reference(&self.v, &self.g)
         }
+    }
+
+    /// Computes the effective kernel once, detached, and uses it from then on instead
+    /// of normalising `v` at every forward pass: for a model whose parameters no
+    /// longer change (one loaded for evaluation or sampling), where it saves the
+    /// normalisation's kernels per batch — the same bits. Later changes of `v` and
+    /// `g` are not seen, and no gradient reaches them.
+    pub fn fix_weight(&mut self) -> Result<()> {
+        self.fixed = None;
+        self.fixed = Some(self.weight()?.detach());
+        Ok(())
     }
 
     /// The weight-norm direction `v` `(Cout, Cin, 3, 3)`.

@@ -172,15 +172,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let js = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.4}"));
     let txt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3} s"));
 
+    // Evaluation and sampling as `nvp eval` and `nvp sample` run them: over the trained
+    // parameters, with the weight normalisation computed once (`fix_weights`).
+    let mut infer = crate::model::frozen(&s, &trainer.store, &device)?;
+    infer.fix_weights()?;
+
     // Evaluation (one untimed batch first; none at all for `--eval-reps 0`).
     let px = random_pixels(a.eval_batch, &mut rng);
     let mut times = Vec::new();
     for i in 0..if a.eval_reps > 0 { a.eval_reps + 1 } else { 0 } {
         let t0 = Instant::now();
         let b = make_batch(&px, a.eval_batch, &s, false, &mut rng, &device)?;
-        let cond = engine::condition(&trainer.frozen, b.labels.as_deref())?;
-        let lp = trainer
-            .frozen
+        let cond = engine::condition(&infer, b.labels.as_deref())?;
+        let lp = infer
             .log_prob_cond(&b.y, cond.as_ref(), Mode::Eval)?
             .to_vec1::<f32>()?;
         let lp: Vec<f64> = lp.into_iter().map(f64::from).collect();
@@ -200,14 +204,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         0
     } {
         let t0 = Instant::now();
-        let px = engine::sample_pixels(
-            &trainer.frozen,
-            a.sample_n,
-            1.0,
-            s.data.alpha,
-            None,
-            &mut rng,
-        )?;
+        let px = engine::sample_pixels(&infer, a.sample_n, 1.0, s.data.alpha, None, &mut rng)?;
         std::hint::black_box(px);
         if i > 0 {
             times.push(t0.elapsed().as_secs_f64());

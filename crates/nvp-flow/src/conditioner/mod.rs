@@ -20,4 +20,11 @@ pub trait Conditioner: Send + Sync {
     fn scale_parameters(&self) -> Vec<Tensor> {
         Vec::new()
     }
+
+    /// Computes derived weights (weight normalisation) once, for a network whose
+    /// parameters no longer change; see [`crate::RealNvp::fix_weights`]. Nothing by
+    /// default.
+    fn fix_weights(&mut self) -> Result<()> {
+        Ok(())
+    }
 }

@@ -215,6 +215,15 @@ impl Conditioner for ResNet {
         self.out.forward_after(&self.bn_out, &h, mode, None)
     }
 
+    fn fix_weights(&mut self) -> Result<()> {
+        self.inp.fix_weight()?;
+        for b in &mut self.blocks {
+            b.conv1.fix_weight()?;
+            b.conv2.fix_weight()?;
+        }
+        self.out.fix_weight()
+    }
+
     fn scale_parameters(&self) -> Vec<Tensor> {
         let mut v = vec![self.inp.gain().clone()];
         for b in &self.blocks {
