@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
-use nvp::flow::conditioner::{Conditioner, ResNet, ResNetConfig};
+use nvp::flow::conditioner::ResNetConfig;
 use nvp::flow::{Mode, ParamStore};
 use nvp_kernels::tuning;
 
@@ -39,28 +39,11 @@ fn assert_equal(what: &str, a: &Tensor, b: &Tensor) {
 }
 
 /// Output, gradients (by name, plus `x`) and all variables after the step.
-type Run = (Tensor, HashMap<String, Tensor>, HashMap<String, Tensor>);
+type Run = TrainRun;
 
 fn run_resnet(fused: bool, dims: &[usize], cfg: ResNetConfig, seed: u64) -> Run {
     tuning::set_fused_resnet(fused);
-    let store = ParamStore::new(seed);
-    let net = ResNet::new(cfg, store.var_builder(DType::F32, &Device::Cpu).pp("net")).unwrap();
-    randomise(&store, seed + 1);
-    let x = Var::from_tensor(&randn(dims, 1.0, DType::F32, &mut rng(seed + 2))).unwrap();
-    let mut out_dims = dims.to_vec();
-    out_dims[1] = 2 * cfg.channels;
-    let r = randn(&out_dims, 1.0, DType::F32, &mut rng(seed + 3));
-    let y = net.forward_t(x.as_tensor(), Mode::Train).unwrap();
-    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let mut grads = HashMap::new();
-    grads.insert("x".to_string(), g.get(x.as_tensor()).unwrap().clone());
-    for (name, v) in store.trainable_vars() {
-        let gv = g
-            .get(v.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        grads.insert(name, gv.clone());
-    }
-    (y, grads, store.tensors())
+    resnet_train_pass(dims, cfg, DType::F32, seed)
 }
 
 fn compare(a: &Run, b: &Run) {

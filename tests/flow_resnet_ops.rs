@@ -17,13 +17,11 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use common::*;
-use nvp::flow::conditioner::{Conditioner, ResNet, ResNetConfig};
-use nvp::flow::{Mode, ParamStore};
+use nvp::flow::conditioner::ResNetConfig;
 use nvp_kernels::tuning;
 
 /// Serialises the tests that flip the process-wide switches.
@@ -35,28 +33,11 @@ fn lock() -> MutexGuard<'static, ()> {
 
 /// Output, gradients (by name, plus `x` where it has one) and every variable after the
 /// step (so the running statistics).
-type Run = (Tensor, HashMap<String, Tensor>, HashMap<String, Tensor>);
+type Run = TrainRun;
 
 fn run_resnet(ops: bool, dims: &[usize], cfg: ResNetConfig, dtype: DType, seed: u64) -> Run {
     tuning::set_resnet_ops(ops);
-    let store = ParamStore::new(seed);
-    let net = ResNet::new(cfg, store.var_builder(dtype, &Device::Cpu).pp("net")).unwrap();
-    randomise(&store, seed + 1);
-    let x = Var::from_tensor(&randn(dims, 1.0, dtype, &mut rng(seed + 2))).unwrap();
-    let mut out_dims = dims.to_vec();
-    out_dims[1] = 2 * cfg.channels;
-    let r = randn(&out_dims, 1.0, dtype, &mut rng(seed + 3));
-    let y = net.forward_t(x.as_tensor(), Mode::Train).unwrap();
-    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let mut grads = HashMap::new();
-    grads.insert("x".to_string(), g.get(x.as_tensor()).unwrap().clone());
-    for (name, v) in store.trainable_vars() {
-        let gv = g
-            .get(v.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        grads.insert(name, gv.clone());
-    }
-    (y, grads, store.tensors())
+    resnet_train_pass(dims, cfg, dtype, seed)
 }
 
 /// Output and variables within `tol_values` (0: bit-identical), each gradient within

@@ -243,15 +243,45 @@ pub fn small_model_config() -> RealNvpConfig {
     }
 }
 
+/// A train-mode pass: its output, the gradients by name and every variable after it.
+pub type TrainRun = (Tensor, HashMap<String, Tensor>, HashMap<String, Tensor>);
+
+/// One train-mode pass of an s/t network `cfg` in `dtype` on the CPU, parameters
+/// randomised from `seed`, on a random input of `dims`: the output, the gradients of
+/// a random linear function of it (by parameter name, plus `x` for the input), and
+/// every variable after the pass (so the running statistics).
+pub fn resnet_train_pass(
+    dims: &[usize],
+    cfg: nvp::flow::conditioner::ResNetConfig,
+    dtype: DType,
+    seed: u64,
+) -> TrainRun {
+    use nvp::flow::conditioner::{Conditioner, ResNet};
+    let store = ParamStore::new(seed);
+    let net = ResNet::new(cfg, store.var_builder(dtype, &Device::Cpu).pp("net")).unwrap();
+    randomise(&store, seed + 1);
+    let x = Var::from_tensor(&randn(dims, 1.0, dtype, &mut rng(seed + 2))).unwrap();
+    let mut out_dims = dims.to_vec();
+    out_dims[1] = 2 * cfg.channels;
+    let r = randn(&out_dims, 1.0, dtype, &mut rng(seed + 3));
+    let y = net.forward_t(x.as_tensor(), Mode::Train).unwrap();
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut grads = HashMap::new();
+    grads.insert("x".to_string(), g.get(x.as_tensor()).unwrap().clone());
+    for (name, v) in store.trainable_vars() {
+        let gv = g
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        grads.insert(name, gv.clone());
+    }
+    (y, grads, store.tensors())
+}
+
 /// One train-mode pass of `cfg` in `dtype` on the CPU, parameters randomised from
 /// `seed`, over 4 random images: the log-likelihoods, the gradient of their sum for
 /// every parameter (by name), and every variable after the pass (so the running
 /// statistics).
-pub fn train_pass(
-    cfg: &RealNvpConfig,
-    dtype: DType,
-    seed: u64,
-) -> (Tensor, HashMap<String, Tensor>, HashMap<String, Tensor>) {
+pub fn train_pass(cfg: &RealNvpConfig, dtype: DType, seed: u64) -> TrainRun {
     let store = ParamStore::new(seed);
     let model = RealNvp::new(cfg, store.var_builder(dtype, &Device::Cpu)).unwrap();
     randomise(&store, seed + 1);
