@@ -85,6 +85,19 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `nvp train --config cfg --out out --max-steps steps`, which must succeed.
+fn train_for(cfg: &Path, out: &Path, steps: &str) -> String {
+    ok(&[
+        "train",
+        "--config",
+        s(cfg),
+        "--out",
+        s(out),
+        "--max-steps",
+        steps,
+    ])
+}
+
 #[test]
 fn train_resume_eval_sample_interpolate() {
     let d = tmp("e2e");
@@ -125,15 +138,7 @@ fn train_resume_eval_sample_interpolate() {
 
     // Stop after the checkpoint at step 2, then resume to step 4: the same
     // parameters and optimizer state, bit for bit, as the uninterrupted run.
-    ok(&[
-        "train",
-        "--config",
-        s(&cfg),
-        "--out",
-        s(&split),
-        "--max-steps",
-        "2",
-    ]);
+    train_for(&cfg, &split, "2");
     // as if the save had been cut off between its two renames: only `last.old` is
     // whole; the run resumes from it, and it stays until the new `last` replaces it
     std::fs::rename(split.join("last"), split.join("last.old")).unwrap();
@@ -661,15 +666,7 @@ fn bad_checkpoints_and_flags_give_clear_errors() {
     let d = tmp("errs");
     let cfg = write(&d, "tiny.toml", TINY);
     let run = d.join("run");
-    ok(&[
-        "train",
-        "--config",
-        s(&cfg),
-        "--out",
-        s(&run),
-        "--max-steps",
-        "2",
-    ]);
+    train_for(&cfg, &run, "2");
 
     let err = fails(&["eval", "--ckpt", s(&d.join("nope"))]);
     assert!(err.contains("does not exist"), "{err}");
@@ -1062,25 +1059,9 @@ fn interrupted_run_saves_its_step_and_resumes_exactly() {
         "tiny0.toml",
         &TINY.replace("eval-every = 2", "eval-every = 1000000"),
     );
-    ok(&[
-        "train",
-        "--config",
-        s(&cfg0),
-        "--out",
-        s(&no_warmup),
-        "--max-steps",
-        "2",
-    ]);
+    train_for(&cfg0, &no_warmup, "2");
     let warm = d.join("warm");
-    ok(&[
-        "train",
-        "--config",
-        s(&cfg),
-        "--out",
-        s(&warm),
-        "--max-steps",
-        "2",
-    ]);
+    train_for(&cfg, &warm, "2");
     let a = std::fs::read(warm.join("last/model.safetensors")).unwrap();
     let b = std::fs::read(no_warmup.join("last/model.safetensors")).unwrap();
     assert!(a != b, "lr-warmup changed nothing");
@@ -1355,15 +1336,7 @@ fn resume_takes_its_own_config_and_names_what_differs() {
     let dir = tmp("resume-config");
     let cfg = write(&dir, "tiny.toml", TINY);
     let run = dir.join("run");
-    ok(&[
-        "train",
-        "--config",
-        s(&cfg),
-        "--out",
-        s(&run),
-        "--max-steps",
-        "2",
-    ]);
+    train_for(&cfg, &run, "2");
     ok(&[
         "train",
         "--config",

@@ -46,13 +46,25 @@ pub struct BiasGrad;
 
 /// Gradients of x and w for the convolution, skipping arguments that carry no graph.
 fn conv_grads(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fast_grads(x, w, dy, x.track_op(), w.track_op())
+}
+
+/// The input gradient (where `want_dx`) and weight gradient (where `want_dw`) by this
+/// crate's CPU kernels ([`Conv3x3GradInput`], [`Conv3x3GradWeight`]).
+pub(crate) fn fast_grads(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    want_dx: bool,
+    want_dw: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let dy = dy.contiguous()?;
-    let gx = if x.track_op() {
+    let gx = if want_dx {
         Some(dy.apply_op2_no_bwd(w, &Conv3x3GradInput)?)
     } else {
         None
     };
-    let gw = if w.track_op() {
+    let gw = if want_dw {
         Some(x.apply_op2_no_bwd(&dy, &Conv3x3GradWeight)?)
     } else {
         None

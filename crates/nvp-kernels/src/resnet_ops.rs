@@ -339,18 +339,18 @@ impl Net {
         let mut inner_db = vec![None; n];
         let mut norm_grads = vec![None; n + 1];
         let (da, dw_out, db_out) = conv_grads(&saved.out.a, &self.out.w, dy, true)?;
-        let (mut dh, dwn, dbn) = self.bn_relu_backward(&saved.out, n, &wanted(da)?)?;
+        let (mut dh, dwn, dbn) = self.bn_relu_backward(&saved.out, n, &missing(da)?)?;
         norm_grads[n] = Some((dwn, dbn));
         for (i, (s1, s2)) in saved.blocks.iter().enumerate().rev() {
             let (c1, c2) = (2 * i, 2 * i + 1);
             // h_out = conv2(a2) + b2 + h_in: dh reaches conv2 and, unchanged, h_in.
             let (da2, dw2, db2) = conv_grads(&s2.a, &self.inner_wb[c2].0, &dh, true)?;
             (inner_dw[c2], inner_db[c2]) = (Some(dw2), Some(db2));
-            let (dr, dwn2, dbn2) = self.bn_relu_backward(s2, c2, &wanted(da2)?)?;
+            let (dr, dwn2, dbn2) = self.bn_relu_backward(s2, c2, &missing(da2)?)?;
             norm_grads[c2] = Some((dwn2, dbn2));
             let (da1, dw1, db1) = conv_grads(&s1.a, &self.inner_wb[c1].0, &dr, true)?;
             (inner_dw[c1], inner_db[c1]) = (Some(dw1), Some(db1));
-            let (dh1, dwn1, dbn1) = self.bn_relu_backward(s1, c1, &wanted(da1)?)?;
+            let (dh1, dwn1, dbn1) = self.bn_relu_backward(s1, c1, &missing(da1)?)?;
             norm_grads[c1] = Some((dwn1, dbn1));
             dh = (dh + dh1)?;
         }
@@ -358,18 +358,20 @@ impl Net {
         // The packed layout: inp, the inner convolutions together, the batch norms, out.
         let mut parts = weight_norm_parts(&self.inp, &dw_inp, db_inp)?;
         if let Some(inner) = &self.inner {
-            let got = |t: Option<Tensor>| t.ok_or_else(internal);
-            let dw = inner_dw.into_iter().map(got).collect::<Result<Vec<_>>>()?;
+            let dw = inner_dw
+                .into_iter()
+                .map(missing)
+                .collect::<Result<Vec<_>>>()?;
             let dw = Tensor::cat(&dw, 0)?;
             let (dv, dg) = crate::weight_norm::weight_norm_backward(&inner.v, &inner.g, &dw)?;
             parts.extend([dv.flatten_all()?, dg]);
             for db in inner_db {
-                parts.push(got(db)?);
+                parts.push(missing(db)?);
             }
         }
         for g in norm_grads {
-            let (dw, db) = g.ok_or_else(internal)?;
-            parts.extend([dw, db]);
+            let (dw, db) = g.unzip();
+            parts.extend([missing(dw)?, missing(db)?]);
         }
         parts.extend(weight_norm_parts(&self.out, &dw_out, db_out)?);
         Ok((dx, Tensor::cat(&parts, 0)?))
@@ -381,10 +383,6 @@ impl Net {
 fn weight_norm_parts(c: &ConvParams, dw: &Tensor, db: Tensor) -> Result<Vec<Tensor>> {
     let (dv, dg) = crate::weight_norm::weight_norm_backward(&c.v, &c.g, dw)?;
     Ok(vec![dv.flatten_all()?, dg, db])
-}
-
-fn internal() -> candle_core::Error {
-    candle_core::Error::Msg("resnet_train_ops: internal: a gradient is missing".into())
 }
 
 /// The gradients of `conv(x, w) + b` from `dy`: `dx` (where `want_dx`), `dw`, `db` —
@@ -404,28 +402,18 @@ fn conv_grads(
     }
     let dy = dy.contiguous()?;
     if crate::conv::uses_fast_path(x, w, None) {
-        let x = x.contiguous()?;
-        let w = w.contiguous()?;
-        let dx = if want_dx {
-            Some(dy.apply_op2_no_bwd(&w, &crate::Conv3x3GradInput)?)
-        } else {
-            None
-        };
-        let dw = x.apply_op2_no_bwd(&dy, &crate::Conv3x3GradWeight)?;
-        let db = dy.apply_op1_no_bwd(&crate::BiasGrad)?;
-        return Ok((dx, dw, db));
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        let (dx, dw) = crate::conv::fast_grads(&x, &w, &dy, want_dx, true)?;
+        return Ok((dx, missing(dw)?, dy.apply_op1_no_bwd(&crate::BiasGrad)?));
     }
     let (dx, dw) = crate::conv::grads_by_conv(x, w, &dy, want_dx, true)?;
-    let Some(dw) = dw else {
-        bail!("resnet_train_ops: internal: no weight gradient");
-    };
-    Ok((dx, dw, dy.sum(vec![0, 2, 3])?))
+    Ok((dx, missing(dw)?, dy.sum(vec![0, 2, 3])?))
 }
 
-/// An input gradient that was asked for.
-fn wanted(dx: Option<Tensor>) -> Result<Tensor> {
-    dx.ok_or_else(|| {
-        candle_core::Error::Msg("resnet_train_ops: internal: no input gradient".into())
+/// A gradient that was asked for (its absence is a bug of this module).
+fn missing(t: Option<Tensor>) -> Result<Tensor> {
+    t.ok_or_else(|| {
+        candle_core::Error::Msg("resnet_train_ops: internal: a gradient is missing".into())
     })
 }
 
