@@ -84,14 +84,19 @@ impl WnConv2d {
         })
     }
 
-    /// The effective kernel `g · v / ‖v‖`. On the GPU its backward pass is one
-    /// closed-form op ([`nvp_kernels::weight_norm`]: a few kernels where candle's
-    /// autograd launches about thirty); the value is the same bits either way.
+    /// The effective kernel `g · v / ‖v‖`, the same bits whichever backward it gets.
+    /// On the CPU (by default) and, opted in, on the GPU, the backward is one
+    /// closed-form op ([`nvp_kernels::weight_norm`]): a few kernels where candle's
+    /// autograd launches about thirty, and gradients that hold no graph
+    /// ([`nvp_kernels::weight_norm_op_cpu_enabled`] says why that matters).
     pub fn weight(&self) -> Result<Tensor> {
         if let Some(w) = &self.fixed {
             return Ok(w.clone());
         }
-        if self.v.device().is_cuda() && nvp_kernels::weight_norm_op_enabled() {
+        let dev = self.v.device();
+        if (dev.is_cpu() && nvp_kernels::weight_norm_op_cpu_enabled())
+            || (dev.is_cuda() && nvp_kernels::weight_norm_op_enabled())
+        {
             nvp_kernels::weight_norm(&self.v, &self.g)
         } else {
             nvp_kernels::weight_norm_reference(&self.v, &self.g)

@@ -105,6 +105,8 @@ static CUDNN_BLEND: AtomicU8 = AtomicU8::new(0);
 /// Same states, for weight normalisation's closed-form backward on the GPU
 /// (environment variable `NVP_WEIGHT_NORM_OP`).
 static WEIGHT_NORM_OP: AtomicU8 = AtomicU8::new(0);
+/// The same on the CPU (the same environment variable; on unless it says off).
+static WEIGHT_NORM_OP_CPU: AtomicU8 = AtomicU8::new(0);
 /// Same states, for keeping freed memory in the CUDA memory pool (environment
 /// variable `NVP_CUDA_KEEP_FREED`; see [`keep_freed_cuda_memory`]).
 static CUDA_KEEP_FREED: AtomicU8 = AtomicU8::new(0);
@@ -228,6 +230,20 @@ pub fn cudnn_bias_enabled() -> bool {
 /// [`tuning::set_weight_norm_op`].
 pub fn weight_norm_op_enabled() -> bool {
     switch_with_default(&WEIGHT_NORM_OP, "NVP_WEIGHT_NORM_OP", false)
+}
+
+/// Whether weight normalisation on the CPU takes the closed-form backward of
+/// [`weight_norm`] (true, the default) or candle's autograd through
+/// [`weight_norm_reference`] (the environment variable `NVP_WEIGHT_NORM_OP` set to `0`,
+/// `false`, `off` or `no`, or [`tuning::set_weight_norm_op_cpu`]).
+///
+/// Memory is the reason. candle's autograd builds each gradient from the forward's
+/// tensors, so the gradient of `v` it returns is itself a graph node that keeps its
+/// inputs alive: five more tensors of `v`'s size, until the gradients are dropped
+/// (about 1.2 GB for the 63 M-parameter 64×64 model). The closed form computes from
+/// detached tensors and returns a plain tensor.
+pub fn weight_norm_op_cpu_enabled() -> bool {
+    switch_with_default(&WEIGHT_NORM_OP_CPU, "NVP_WEIGHT_NORM_OP", true)
 }
 
 /// Whether the s/t networks train as one autograd node built from the device's ops
@@ -371,6 +387,12 @@ pub mod tuning {
     /// through candle's autograd (false, the default).
     pub fn set_weight_norm_op(on: bool) {
         crate::WEIGHT_NORM_OP.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    /// Weight normalisation of CPU tensors with its closed-form backward (true, the
+    /// default) or through candle's autograd (false).
+    pub fn set_weight_norm_op_cpu(on: bool) {
+        crate::WEIGHT_NORM_OP_CPU.store(if on { 1 } else { 2 }, Ordering::Relaxed);
     }
 
     /// Batch norms' running averages on CUDA by one cuDNN call each (true) or by
