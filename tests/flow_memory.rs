@@ -1,8 +1,9 @@
 //! What a training step's gradients keep alive.
 //!
-//! candle's autograd computes many gradients from the forward pass's tensors, so the
-//! gradient it returns can itself be a graph node that keeps its inputs alive until the
-//! gradients are dropped. Weight normalisation through candle's ops did that for every
+//! candle's autograd detaches an intermediate node's gradient when it processes the
+//! node, but not a parameter's: where a parameter is a direct input of an op whose
+//! backward multiplies by a forward tensor, the gradient it returns is a graph node
+//! that keeps its inputs alive until the gradients are dropped. Weight normalisation through candle's ops did that for every
 //! convolution's `v`: five more tensors of `v`'s size each (1.2 GB for the 63 M-parameter
 //! 64×64 model). The closed-form backward (`nvp_kernels::weight_norm`, the CPU default)
 //! returns plain tensors. Checked here two ways: no parameter's gradient is a graph

@@ -237,10 +237,11 @@ pub fn weight_norm_op_enabled() -> bool {
 /// [`weight_norm_reference`] (the environment variable `NVP_WEIGHT_NORM_OP` set to `0`,
 /// `false`, `off` or `no`, or [`tuning::set_weight_norm_op_cpu`]).
 ///
-/// Memory is the reason. candle's autograd builds each gradient from the forward's
-/// tensors, so the gradient of `v` it returns is itself a graph node that keeps its
-/// inputs alive: five more tensors of `v`'s size, until the gradients are dropped
-/// (about 1.2 GB for the 63 M-parameter 64×64 model). The closed form computes from
+/// Memory is the reason. candle's autograd computes `v`'s gradient by multiplying by
+/// forward tensors (`g / ‖v‖`, `v`) and, `v` being a parameter, never detaches it: the
+/// gradient it returns is a graph node that keeps its inputs alive, five more tensors
+/// of `v`'s size, until the gradients are dropped (about 1.2 GB for the 63 M-parameter
+/// 64×64 model). The closed form computes from
 /// detached tensors and returns a plain tensor.
 pub fn weight_norm_op_cpu_enabled() -> bool {
     switch_with_default(&WEIGHT_NORM_OP_CPU, "NVP_WEIGHT_NORM_OP", true)
