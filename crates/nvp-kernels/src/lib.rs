@@ -22,6 +22,11 @@
 //! [`bn_relu_conv2d_3x3`] does the same for eval-mode batch norm in graph-free
 //! inference. Both perform exactly the operations of the separate ops.
 //!
+//! Weight normalisation has a closed-form backward ([`weight_norm`]), the default on
+//! the CPU ([`weight_norm_op_cpu_enabled`]): candle's autograd would return each
+//! convolution weight's gradient as a graph node that keeps five more tensors of its
+//! size alive.
+//!
 //! The fast path can be switched off globally with [`set_fast_cpu`] (or the
 //! environment variable `NVP_FAST_CPU=0`) to compare against the reference path.
 //!
@@ -241,8 +246,8 @@ pub fn weight_norm_op_enabled() -> bool {
 /// forward tensors (`g / ‖v‖`, `v`) and, `v` being a parameter, never detaches it: the
 /// gradient it returns is a graph node that keeps its inputs alive, five more tensors
 /// of `v`'s size, until the gradients are dropped (about 1.2 GB for the 63 M-parameter
-/// 64×64 model). The closed form computes from
-/// detached tensors and returns a plain tensor.
+/// 64×64 model). The closed form computes from detached tensors and returns a plain
+/// tensor.
 pub fn weight_norm_op_cpu_enabled() -> bool {
     switch_with_default(&WEIGHT_NORM_OP_CPU, "NVP_WEIGHT_NORM_OP", true)
 }
