@@ -40,7 +40,8 @@
 #   f  the PyTorch peer's bench on the same GPU (scripts/torch_peer_cuda.py)
 #   p  (GPU_CHECK_PROFILE=1) GPU time by kernel in a window of cifar10 training (ncu)
 #   e  a short training run (cifar10-small, 2 minutes) on cuda, then test bpd
-#   g  ratios ours / PyTorch
+#   g  ratios ours / PyTorch; for each bench of d and f, the most GPU memory in use
+#      (nvidia-smi every 100 ms), so that NVP_WEIGHT_NORM_OP's saving shows
 # (f runs before e so that the two benches are back to back and the ratios exist even
 # if the training run is cut short.)
 #
@@ -76,7 +77,10 @@ left() { echo $((BUDGET - $(elapsed))); }
 hdr() { printf '\n==================== %s   [t=%ss]\n' "$*" "$(elapsed)"; }
 
 # run_part NAME CAP_SECONDS CMD...: stdout -> $WORK/NAME.out (and the terminal),
-# stderr -> the terminal; the cap is cut to what is left of the budget.
+# stderr -> the terminal; the cap is cut to what is left of the budget. While a
+# benchmark part (d_bench_*, f_torch_*) runs, nvidia-smi samples the GPU memory in use
+# every 100 ms into $WORK/NAME.mem (MiB; what the process's CUDA memory pool holds), and
+# the summary prints the most.
 run_part() {
   local name=$1 cap=$2; shift 2
   local l; l=$(left)
@@ -87,9 +91,16 @@ run_part() {
   fi
   (( cap > l )) && cap=$l
   echo "---- [$name] (timeout ${cap}s) $*"
-  local t0 rc=0
+  local t0 rc=0 sampler=""
+  case $name in
+    d_bench_*|f_torch_*)
+      nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 \
+        > "$WORK/$name.mem" 2>/dev/null &
+      sampler=$! ;;
+  esac
   t0=$(date +%s.%N)
   timeout -k 5 "$cap" "$@" > >(tee "$WORK/$name.out") || rc=$?
+  if [ -n "$sampler" ]; then kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true; fi
   sleep 0.2   # let tee finish
   local w; w=$(awk -v s="$t0" -v n="$(date +%s.%N)" 'BEGIN { printf "%.1f", n - s }')
   if (( rc == 0 )); then STATUS[$name]="ok ${w}s"
@@ -386,6 +397,17 @@ def last_json(name):
                 except Exception:
                     pass
     return val
+def gpu_mem(name):
+    """The most GPU memory in use (MiB) nvidia-smi saw while part `name` ran."""
+    p = os.path.join(work, name + ".mem")
+    vals = []
+    if os.path.exists(p):
+        for line in open(p):
+            try:
+                vals.append(int(line.strip().split()[0]))
+            except (ValueError, IndexError):
+                pass
+    return max(vals) if vals else None
 summary = {"exactness": exact}
 print(f"exactness (tiny model, test bpd cuda vs cpu): {exact}")
 print()
@@ -403,6 +425,12 @@ for cfg, ours_f, torch_f in (("cifar10", "d_bench_paper", "f_torch_paper"),
         print(f"{cfg:<14}{m:<10}{fmt(ov)}{fmt(tv)}{(f'{r:12.3f}' if r else f'{chr(45):>12}')}")
         summary[cfg][k + "_ratio"] = r
 print("(img/s; train batch 64, eval batch 256, 64 samples; medians)")
+for cfg, ours_f, torch_f in (("cifar10", "d_bench_paper", "f_torch_paper"),
+                             ("cifar10-small", "d_bench_small", "f_torch_small")):
+    mo, mt = gpu_mem(ours_f), gpu_mem(torch_f)
+    summary[cfg]["gpu_mem_mib"] = {"nvp": mo, "torch": mt}
+    if mo or mt:
+        print(f"{cfg}: GPU memory in use, most seen over the bench (train, eval, sample): nvp {mo} MiB, torch {mt} MiB")
 for cfg, ours_f, torch_f in (("cifar10", "d_bench_paper", "f_torch_paper"),
                              ("cifar10-small", "d_bench_small", "f_torch_small")):
     for who, o in (("nvp", last_json(ours_f)), ("torch", last_json(torch_f))):
@@ -440,8 +468,11 @@ for name, label in (("d_bench_paper", "cifar10, batch 64, defaults"),
         changes[name] = o.get("train_img_per_s")
         nodes = o.get("graph_nodes")
         changes[name + "_graph_nodes"] = nodes
+        mem = gpu_mem(name)
+        changes[name + "_gpu_mem_mib"] = mem
         print(f"training {label:<45}: {o.get('train_img_per_s'):9.1f} img/s"
-              + (f", {nodes} graph nodes" if nodes else ""))
+              + (f", {nodes} graph nodes" if nodes else "")
+              + (f", GPU memory up to {mem} MiB" if mem else ""))
 summary["opt_in_switches"] = changes
 tests = {}
 for f in sorted(os.listdir(work)):
