@@ -11,18 +11,28 @@
 //! `tests/flow_fused.rs` of the workspace). The residual gradient is added inside the
 //! batch-norm backward instead of by a separate pass.
 //!
-//! Parameters come as one packed f32 vector (see [`ResNetShape::param_len`] for the
-//! order), so that their gradient returns through candle's `cat` to the
-//! weight-normalised parameters. Activations needed by the backward pass (each block's
-//! input, the two batch-norm outputs and the inner convolution's output) are kept
-//! by the op until the graph is dropped.
+//! Parameters come as one packed f32 vector of the raw parameters, each convolution's
+//! weight-norm direction `v` and gain `g` rather than its weight (the layout of
+//! [`ResNetShape::param_len_weight_norm`], shared with `resnet_train_ops`), so that
+//! their gradient returns through candle's `cat` to the parameters themselves. The op
+//! normalises the weights in its forward pass (the factors `g / ‖v‖` by
+//! [`crate::weight_norm_reference`]'s ops, then one multiplication per element, so the
+//! same bits as the layers), keeps only the factors, multiplies again in its backward
+//! pass, and returns the gradients of `v` and `g` by the closed form
+//! ([`crate::weight_norm`]'s): the graph holds the raw parameters once, not the
+//! normalised weights as well. Activations
+//! needed by the backward pass (each block's input, the two batch-norm outputs and the
+//! inner convolution's output) are kept by the op until the graph is dropped.
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 
 use crate::bn::{self, Params};
 use crate::kernels::{self, ConvDims};
+use rayon::prelude::*;
+
+use crate::resnet_ops::WnConv;
 use crate::util::{f32_slice, with_cpu_f32};
 
 /// Sizes of a residual s/t network.
@@ -61,7 +71,8 @@ struct Offsets {
 }
 
 impl ResNetShape {
-    /// Length of the packed parameter vector, in this order: `inp` weight
+    /// Length of the kernels' parameter vector (internal to the op, built from the raw
+    /// parameters by weight normalisation), in this order: `inp` weight
     /// `(F, C, 3, 3)` and bias `(F)`; per block: `bn1` weight and bias `(F)`, `conv1`
     /// weight `(F, F, 3, 3)` and bias, `bn2` weight and bias, `conv2` weight and bias;
     /// then `bn_out` weight and bias, and `out` weight `(K, F, 3, 3)` and bias `(K)`.
@@ -125,6 +136,9 @@ struct Saved {
     blocks: Vec<BlockSaved>,
     h: Vec<f32>,
     n_out: Arc<Params>,
+    /// Each convolution's weight-norm factor `g / ‖v‖` (`K`), in [`ResNetTrain::convs`]
+    /// order: the backward pass normalises the weights again from them.
+    scales: Vec<Vec<f32>>,
 }
 
 impl Saved {
@@ -182,7 +196,120 @@ impl ResNetTrain {
         ))
     }
 
-    fn forward(&self, x: &[f32], p: &[f32], shape: &Shape) -> Result<Vec<f32>> {
+    /// Each convolution in network order (`inp`, `conv1` and `conv2` of each block,
+    /// `out`): where it lies in the kernels' vector and in the raw one, its input and
+    /// output channels.
+    fn convs(&self) -> Vec<(Conv, WnConv, usize, usize)> {
+        let (o, r) = (self.shape.offsets(), self.shape.weight_norm_layout());
+        let (f, s) = (self.shape.features, self.shape);
+        let mut v = vec![(o.inp, r.inp, s.cin, f)];
+        for (i, &(_, c1, _, c2)) in o.blocks.iter().enumerate() {
+            for (j, c) in [(2 * i, c1), (2 * i + 1, c2)] {
+                let raw = WnConv {
+                    v: r.inner.v + j * f * f * 9,
+                    g: r.inner.g + j * f,
+                    b: r.inner.b + j * f,
+                };
+                v.push((c, raw, f, f));
+            }
+        }
+        v.push((o.out, r.out, f, s.cout));
+        v
+    }
+
+    /// Each batch norm in network order (`bn1`, `bn2` of each block, `bn_out`): where
+    /// its weight and bias lie in the kernels' vector and in the raw one.
+    fn norms(&self) -> Vec<(Norm, usize)> {
+        let (o, r) = (self.shape.offsets(), self.shape.weight_norm_layout());
+        let f = self.shape.features;
+        o.blocks
+            .iter()
+            .flat_map(|&(n1, _, n2, _)| [n1, n2])
+            .chain(std::iter::once(o.bn_out))
+            .enumerate()
+            .map(|(k, n)| (n, r.norms + 2 * f * k))
+            .collect()
+    }
+
+    /// `(v, g)` of a convolution, as CPU tensors, from the raw vector.
+    fn direction_gain(raw: &[f32], c: WnConv, ci: usize, co: usize) -> Result<(Tensor, Tensor)> {
+        let v = Tensor::from_slice(&raw[c.v..c.v + co * ci * 9], (co, ci, 3, 3), &Device::Cpu)?;
+        let g = Tensor::from_slice(&raw[c.g..c.g + co], co, &Device::Cpu)?;
+        Ok((v, g))
+    }
+
+    /// Each convolution's weight-norm factor `g / ‖v‖` from the raw vector, by the ops
+    /// of [`crate::weight_norm_reference`] (so the same bits as the layers).
+    fn weight_norm_scales(&self, raw: &[f32]) -> Result<Vec<Vec<f32>>> {
+        self.convs()
+            .into_iter()
+            .map(|(_, r, ci, co)| {
+                let (v, g) = Self::direction_gain(raw, r, ci, co)?;
+                crate::weight_norm::weight_norm_scale(&v, &g)?.to_vec1::<f32>()
+            })
+            .collect()
+    }
+
+    /// The kernels' vector ([`ResNetShape::param_len`]) from the raw one: each weight
+    /// `v · (g / ‖v‖)` with the factors `scales`, one multiplication per element as in
+    /// [`crate::weight_norm_reference`]; the rest copied.
+    fn normalised(&self, raw: &[f32], scales: &[Vec<f32>]) -> Vec<f32> {
+        let mut p = vec![0.0f32; self.shape.param_len()];
+        for ((c, r, ci, co), sc) in self.convs().into_iter().zip(scales) {
+            let row = ci * 9;
+            let (v, w) = (&raw[r.v..r.v + co * row], &mut p[c.w..c.w + co * row]);
+            for ((wr, vr), &s) in w.chunks_mut(row).zip(v.chunks(row)).zip(sc) {
+                for (o, &x) in wr.iter_mut().zip(vr) {
+                    *o = x * s;
+                }
+            }
+            p[c.b..c.b + co].copy_from_slice(&raw[r.b..r.b + co]);
+        }
+        let f = self.shape.features;
+        for (n, at) in self.norms() {
+            p[n.w..n.w + f].copy_from_slice(&raw[at..at + f]);
+            p[n.b..n.b + f].copy_from_slice(&raw[at + f..at + 2 * f]);
+        }
+        p
+    }
+
+    /// The raw vector's gradient from the kernels' vector's `dp`: each convolution's
+    /// `v` and `g` by weight normalisation's closed form, the rest copied.
+    fn raw_grad(&self, raw: &[f32], dp: &[f32]) -> Result<Vec<f32>> {
+        let mut d = vec![0.0f32; raw.len()];
+        // The convolutions in parallel (most are small: their ops alone would leave the
+        // other threads idle).
+        let convs = self.convs();
+        let grads = convs
+            .par_iter()
+            .map(|&(c, r, ci, co)| {
+                let (v, g) = Self::direction_gain(raw, r, ci, co)?;
+                let n = co * ci * 9;
+                let dw = Tensor::from_slice(&dp[c.w..c.w + n], (co, ci, 3, 3), &Device::Cpu)?;
+                let (dv, dg) = crate::weight_norm::weight_norm_backward(&v, &g, &dw)?;
+                Ok((dv.flatten_all()?.to_vec1::<f32>()?, dg.to_vec1::<f32>()?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (&(c, r, _, co), (dv, dg)) in convs.iter().zip(grads) {
+            d[r.v..r.v + dv.len()].copy_from_slice(&dv);
+            d[r.g..r.g + co].copy_from_slice(&dg);
+            d[r.b..r.b + co].copy_from_slice(&dp[c.b..c.b + co]);
+        }
+        let f = self.shape.features;
+        for (n, at) in self.norms() {
+            d[at..at + f].copy_from_slice(&dp[n.w..n.w + f]);
+            d[at + f..at + 2 * f].copy_from_slice(&dp[n.b..n.b + f]);
+        }
+        Ok(d)
+    }
+
+    fn forward(
+        &self,
+        x: &[f32],
+        p: &[f32],
+        scales: Vec<Vec<f32>>,
+        shape: &Shape,
+    ) -> Result<Vec<f32>> {
         let (d_in, d_ff, d_out) = self.dims(shape)?;
         let o = self.shape.offsets();
         let f = self.shape.features;
@@ -228,7 +355,12 @@ impl ResNetTrain {
             None,
             d_out,
         );
-        let saved = Saved { blocks, h, n_out };
+        let saved = Saved {
+            blocks,
+            h,
+            n_out,
+            scales,
+        };
         match self.saved.lock() {
             Ok(mut g) => *g = Some(Arc::new(saved)),
             Err(_) => bail!("resnet_train: state poisoned"),
@@ -319,9 +451,11 @@ impl CustomOp2 for ResNetTrain {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "x")?;
-        let p = f32_slice(s2, l2, "resnet parameters")?;
+        let raw = f32_slice(s2, l2, "resnet parameters")?;
         let (_, _, d_out) = self.dims(l1.shape())?;
-        let y = self.forward(x, p, l1.shape())?;
+        let scales = self.weight_norm_scales(raw)?;
+        let p = self.normalised(raw, &scales);
+        let y = self.forward(x, &p, scales, l1.shape())?;
         Ok((
             CpuStorage::F32(y),
             Shape::from((d_out.n, d_out.k, d_out.h, d_out.w)),
@@ -340,9 +474,18 @@ impl CustomOp2 for ResNetTrain {
         }
         let dy = dy.contiguous()?;
         let (dx, dp) = with_cpu_f32(x, "x", |xs| {
-            with_cpu_f32(params, "resnet parameters", |ps| {
+            with_cpu_f32(params, "resnet parameters", |raw| {
                 with_cpu_f32(&dy, "output gradient", |ds| {
-                    self.backward(xs, ps, ds, x.shape(), x.track_op())
+                    // The weights normalised again (with the forward's factors)
+                    // rather than kept from the forward.
+                    let p = self.normalised(raw, &self.saved()?.scales);
+                    let (dx, dp) = self.backward(xs, &p, ds, x.shape(), x.track_op())?;
+                    let dp = if params.track_op() {
+                        self.raw_grad(raw, &dp)?
+                    } else {
+                        dp
+                    };
+                    Ok((dx, dp))
                 })
             })
         })?;
@@ -383,7 +526,8 @@ pub fn resnet_train_applies(x: &Tensor, params: &Tensor) -> bool {
 
 /// The residual s/t network in train mode (batch statistics in every batch norm, with
 /// ReLU after each), forward as one op and backward as one op. `x`: `(N, C, H, W)`;
-/// `params`: the packed `(P)` vector of [`ResNetShape::param_len`]; `eps`: the batch
+/// `params`: the packed `(P)` raw vector of [`ResNetShape::param_len_weight_norm`]
+/// (directions and gains, not weights); `eps`: the batch
 /// norms' ε. Errors unless [`resnet_train_applies`].
 pub fn resnet_train(
     x: &Tensor,
@@ -394,11 +538,11 @@ pub fn resnet_train(
     if !resnet_train_applies(x, params) {
         bail!("resnet_train: needs f32 CPU tensors and the fast path on");
     }
-    if params.dims() != [shape.param_len()] {
+    if params.dims() != [shape.param_len_weight_norm()] {
         bail!(
             "resnet_train: packed parameters of shape {:?}, the network {shape:?} needs ({},)",
             params.shape(),
-            shape.param_len()
+            shape.param_len_weight_norm()
         );
     }
     let op = ResNetTrain {

@@ -35,23 +35,23 @@ use crate::resnet::{ResNetShape, ResNetTrainOutput};
 /// Where a weight-normalised convolution's direction `v`, gain `g` and bias lie in the
 /// packed vector.
 #[derive(Debug, Clone, Copy)]
-struct WnConv {
-    v: usize,
-    g: usize,
-    b: usize,
+pub(crate) struct WnConv {
+    pub(crate) v: usize,
+    pub(crate) g: usize,
+    pub(crate) b: usize,
 }
 
 /// The packed layout of [`resnet_train_ops`]; see [`ResNetShape::param_len_weight_norm`].
 #[derive(Debug, Clone, Copy)]
-struct Layout {
-    inp: WnConv,
+pub(crate) struct Layout {
+    pub(crate) inp: WnConv,
     /// Where the inner convolutions' directions, gains and biases start (each run
     /// holds all `2B` of them in order).
-    inner: WnConv,
+    pub(crate) inner: WnConv,
     /// Where the batch norms' parameters start.
-    norms: usize,
-    out: WnConv,
-    len: usize,
+    pub(crate) norms: usize,
+    pub(crate) out: WnConv,
+    pub(crate) len: usize,
 }
 
 impl ResNetShape {
@@ -68,7 +68,7 @@ impl ResNetShape {
         self.weight_norm_layout().len
     }
 
-    fn weight_norm_layout(&self) -> Layout {
+    pub(crate) fn weight_norm_layout(&self) -> Layout {
         let (f, n) = (self.features, 2 * self.blocks);
         // Consecutive runs: `count` convolutions from `ci` to `co` channels starting at
         // `at`, their directions, then gains, then biases.

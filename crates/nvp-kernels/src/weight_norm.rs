@@ -17,11 +17,18 @@ use candle_core::{bail, Result, Tensor, D};
 /// `(K, …)`, `g` of shape `(K)`.
 pub fn weight_norm_reference(v: &Tensor, g: &Tensor) -> Result<Tensor> {
     let k = v.dim(0)?;
-    let norm = v.flatten_from(1)?.sqr()?.sum(D::Minus1)?.sqrt()?;
-    let scale = (g / norm)?;
+    let scale = weight_norm_scale(v, g)?;
     let mut dims = vec![1usize; v.rank()];
     dims[0] = k;
     v.broadcast_mul(&scale.reshape(dims)?)
+}
+
+/// `g / ‖v‖` per output channel `(K)`: the factor [`weight_norm_reference`] multiplies
+/// each row of `v` by (one f32 or f64 multiplication per element, so a kernel that
+/// multiplies by it gets the same bits).
+pub(crate) fn weight_norm_scale(v: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let norm = v.flatten_from(1)?.sqr()?.sum(D::Minus1)?.sqrt()?;
+    g / norm
 }
 
 /// [`weight_norm_reference`]'s value (bit for bit) with the closed-form backward of the

@@ -103,33 +103,12 @@ impl ResNet {
         })
     }
 
-    /// All parameters in the packed order of `nvp_kernels::ResNetShape::param_len`
-    /// (each convolution's normalised weight).
-    fn packed_params(&self) -> Result<Tensor> {
-        let conv = |c: &WnConv2d| -> Result<[Tensor; 2]> {
-            Ok([c.weight()?.flatten_all()?, c.bias().clone()])
-        };
-        let norm = |n: &BatchNorm| {
-            let (w, b) = n.affine();
-            [w.clone(), b.clone()]
-        };
-        let mut parts = Vec::with_capacity(4 + 8 * self.blocks.len());
-        parts.extend(conv(&self.inp)?);
-        for b in &self.blocks {
-            parts.extend(norm(&b.bn1));
-            parts.extend(conv(&b.conv1)?);
-            parts.extend(norm(&b.bn2));
-            parts.extend(conv(&b.conv2)?);
-        }
-        parts.extend(norm(&self.bn_out));
-        parts.extend(conv(&self.out)?);
-        Tensor::cat(&parts, 0)
-    }
-
     /// All parameters in the weight-normalised packed order of
     /// `nvp_kernels::ResNetShape::param_len_weight_norm`: each convolution's `v`, `g`
     /// and bias, the inner convolutions' grouped (all `v`, all `g`, all biases), and
     /// the batch norms' weights and biases.
+    /// Both one-node training paths take it (`nvp_kernels::resnet_train`,
+    /// `nvp_kernels::resnet_train_ops`); each normalises the weights itself.
     fn packed_raw_params(&self) -> Result<Tensor> {
         let raw = |c: &WnConv2d| -> Result<[Tensor; 3]> {
             Ok([
@@ -177,7 +156,7 @@ impl ResNet {
         let params = self.inp.bias();
         let (run, packed): (Fused, fn(&Self) -> Result<Tensor>) =
             if nvp_kernels::resnet_train_applies(x, params) {
-                (nvp_kernels::resnet_train, Self::packed_params)
+                (nvp_kernels::resnet_train, Self::packed_raw_params)
             } else if nvp_kernels::resnet_train_ops_applies(x, params) {
                 (nvp_kernels::resnet_train_ops, Self::packed_raw_params)
             } else {
