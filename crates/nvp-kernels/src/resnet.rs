@@ -20,18 +20,17 @@
 //! same bits as the layers), keeps only the factors, multiplies again in its backward
 //! pass, and returns the gradients of `v` and `g` by the closed form
 //! ([`crate::weight_norm`]'s): the graph holds the raw parameters once, not the
-//! normalised weights as well. Activations
-//! needed by the backward pass (each block's input, the two batch-norm outputs and the
-//! inner convolution's output) are kept by the op until the graph is dropped.
+//! normalised weights as well. Activations needed by the backward pass (each block's
+//! input, the two batch-norm outputs and the inner convolution's output) are kept by
+//! the op until the graph is dropped.
 
 use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 use crate::bn::{self, Params};
 use crate::kernels::{self, ConvDims};
-use rayon::prelude::*;
-
 use crate::resnet_ops::WnConv;
 use crate::util::{f32_slice, with_cpu_f32};
 
