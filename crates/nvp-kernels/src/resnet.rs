@@ -204,12 +204,7 @@ impl ResNetTrain {
         let mut v = vec![(o.inp, r.inp, s.cin, f)];
         for (i, &(_, c1, _, c2)) in o.blocks.iter().enumerate() {
             for (j, c) in [(2 * i, c1), (2 * i + 1, c2)] {
-                let raw = WnConv {
-                    v: r.inner.v + j * f * f * 9,
-                    g: r.inner.g + j * f,
-                    b: r.inner.b + j * f,
-                };
-                v.push((c, raw, f, f));
+                v.push((c, r.inner_conv(j, f), f, f));
             }
         }
         v.push((o.out, r.out, f, s.cout));
@@ -226,7 +221,7 @@ impl ResNetTrain {
             .flat_map(|&(n1, _, n2, _)| [n1, n2])
             .chain(std::iter::once(o.bn_out))
             .enumerate()
-            .map(|(k, n)| (n, r.norms + 2 * f * k))
+            .map(|(k, n)| (n, r.norm(k, f)))
             .collect()
     }
 

@@ -54,6 +54,24 @@ pub(crate) struct Layout {
     pub(crate) len: usize,
 }
 
+impl Layout {
+    /// Where the `j`-th inner convolution (`conv1`, `conv2` of each block in turn) of
+    /// `f` features lies.
+    pub(crate) fn inner_conv(&self, j: usize, f: usize) -> WnConv {
+        WnConv {
+            v: self.inner.v + j * f * f * 9,
+            g: self.inner.g + j * f,
+            b: self.inner.b + j * f,
+        }
+    }
+
+    /// Where the `k`-th batch norm's weight starts (`bn1`, `bn2` of each block in turn,
+    /// then `bn_out`), its bias `f` later.
+    pub(crate) fn norm(&self, k: usize, f: usize) -> usize {
+        self.norms + 2 * f * k
+    }
+}
+
 impl ResNetShape {
     /// Length of the packed parameter vector of [`crate::resnet_train_ops`], which
     /// holds each convolution's weight in its weight-normalised form `w = g · v / ‖v‖`
@@ -234,7 +252,7 @@ impl Net {
         };
         let norms = (0..=n)
             .map(|i| {
-                let base = at.norms + 2 * f * i;
+                let base = at.norm(i, f);
                 Ok((p.narrow(0, base, f)?, p.narrow(0, base + f, f)?))
             })
             .collect::<Result<Vec<_>>>()?;
