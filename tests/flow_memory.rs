@@ -53,6 +53,10 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOC: Counting = Counting;
 
 struct Step {
+    /// Growth of the memory in use over the forward pass (what the graph holds).
+    forward: usize,
+    /// Bytes of the packed variables (0 unpacked).
+    packed_bytes: usize,
     /// Trainable parameters whose gradient is a graph node.
     holding: Vec<String>,
     /// Growth of the memory in use over the backward pass, with the forward's graph
@@ -65,8 +69,9 @@ struct Step {
 }
 
 /// A train-mode forward and backward pass of a model whose convolution weights are
-/// most of its parameters (the second of two).
-fn step(dtype: DType) -> Step {
+/// most of its parameters (the second of two); with each s/t network's parameters
+/// packed into one variable where `packed`.
+fn step(dtype: DType, packed: bool) -> Step {
     let cfg = RealNvpConfig {
         height: 8,
         width: 8,
@@ -79,14 +84,20 @@ fn step(dtype: DType) -> Step {
         ..RealNvpConfig::cifar10()
     };
     let store = ParamStore::new(41);
-    let model = RealNvp::new(&cfg, store.var_builder(dtype, &Device::Cpu)).unwrap();
+    let model = if packed {
+        RealNvp::new_packed(&cfg, &store, dtype, &Device::Cpu).unwrap()
+    } else {
+        RealNvp::new(&cfg, store.var_builder(dtype, &Device::Cpu)).unwrap()
+    };
     randomise(&store, 42);
     let x = randn(&[2, 3, 8, 8], 1.0, dtype, &mut rng(43));
     let loss = || model.log_prob(&x, Mode::Train).unwrap().mean_all().unwrap();
     // A first pass, so that the kernels' per-thread buffers have their size.
     drop(loss().backward().unwrap());
+    let start = LIVE.load(Relaxed);
     let loss = loss();
     let before = LIVE.load(Relaxed);
+    let forward = before.saturating_sub(start);
     let grads = loss.backward().unwrap();
     let growth = LIVE.load(Relaxed).saturating_sub(before);
     let bytes = |t: &candle_core::Tensor| t.elem_count() * t.dtype().size_in_bytes();
@@ -100,12 +111,19 @@ fn step(dtype: DType) -> Step {
         .filter(|(n, _)| n.ends_with(".v"))
         .map(|(_, v)| bytes(v.as_tensor()))
         .sum();
+    let packed_bytes = vars
+        .iter()
+        .filter(|(n, _)| store.group_members(n).is_some())
+        .map(|(_, v)| bytes(v.as_tensor()))
+        .sum();
     let holding = vars
         .iter()
         .filter(|(_, v)| grads.get(v.as_tensor()).is_some_and(|g| g.track_op()))
         .map(|(n, _)| n.clone())
         .collect();
     Step {
+        forward,
+        packed_bytes,
         holding,
         growth,
         grad_bytes,
@@ -115,11 +133,17 @@ fn step(dtype: DType) -> Step {
 
 #[test]
 fn gradients_hold_no_graph_and_no_more_memory_than_their_own() {
-    for dtype in [DType::F32, DType::F64] {
-        let s = step(dtype);
+    for (dtype, packed) in [
+        (DType::F32, false),
+        (DType::F64, false),
+        (DType::F32, true),
+        (DType::F64, true),
+    ] {
+        let s = step(dtype, packed);
         eprintln!(
-            "{dtype:?}, closed-form weight norm: {} gradients hold a graph; the backward \
-             pass grew the memory in use by {} bytes for {} bytes of gradients",
+            "{dtype:?}, packed {packed}, closed-form weight norm: {} gradients hold a \
+             graph; the backward pass grew the memory in use by {} bytes for {} bytes of \
+             gradients",
             s.holding.len(),
             s.growth,
             s.grad_bytes
@@ -143,7 +167,7 @@ fn gradients_hold_no_graph_and_no_more_memory_than_their_own() {
     // Through candle's autograd instead, each `v`'s gradient is a graph node holding
     // tensors of its size: the two checks above see it.
     tuning::set_weight_norm_op_cpu(false);
-    let s = step(DType::F64);
+    let s = step(DType::F64, false);
     tuning::set_weight_norm_op_cpu(true);
     eprintln!(
         "F64, weight norm through autograd: {} gradients hold a graph; growth {} bytes \
@@ -155,4 +179,13 @@ fn gradients_hold_no_graph_and_no_more_memory_than_their_own() {
     );
     assert!(s.holding.iter().filter(|n| n.ends_with(".v")).count() >= 10);
     assert!(s.growth >= s.grad_bytes + 3 * s.v_bytes);
+    // Packed, the fused f32 op takes each network's variable as it is, where it took a
+    // concatenation of the ~30 tensors: the forward's graph holds no copy of them.
+    let (plain, packed) = (step(DType::F32, false), step(DType::F32, true));
+    eprintln!(
+        "F32 forward: {} bytes held unpacked, {} packed ({} bytes of packed parameters)",
+        plain.forward, packed.forward, packed.packed_bytes
+    );
+    assert!(packed.packed_bytes > 0);
+    assert!(packed.forward + packed.packed_bytes * 9 / 10 <= plain.forward);
 }

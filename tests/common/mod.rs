@@ -34,10 +34,14 @@ pub fn randn(shape: &[usize], scale: f64, dtype: DType, rng: &mut StdRng) -> Ten
 }
 
 /// Give every parameter and running statistic a non-trivial random value
-/// (the identity initialisation would make the log-det checks trivial).
+/// (the identity initialisation would make the log-det checks trivial), by name
+/// (a packed group's members each by their own).
 pub fn randomise(store: &ParamStore, seed: u64) {
     let mut r = rng(seed);
-    for (name, var) in store.named_vars() {
+    let mut tensors: Vec<(String, Tensor)> = store.tensors().into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut values = HashMap::new();
+    for (name, var) in tensors {
         let n = var.elem_count();
         let vals: Vec<f64> = (0..n)
             .map(|_| {
@@ -61,8 +65,9 @@ pub fn randomise(store: &ParamStore, seed: u64) {
             .unwrap()
             .to_dtype(var.dtype())
             .unwrap();
-        var.set(&t).unwrap();
+        values.insert(name, t);
     }
+    store.load_tensors(&values).unwrap();
 }
 
 /// log |det J| of `f` at `x` (any shape), J built row by row by autograd in
@@ -282,22 +287,27 @@ pub fn resnet_train_pass(
 /// every parameter (by name), and every variable after the pass (so the running
 /// statistics).
 pub fn train_pass(cfg: &RealNvpConfig, dtype: DType, seed: u64) -> TrainRun {
+    train_pass_packed(cfg, dtype, seed, false)
+}
+
+/// [`train_pass`], with each s/t network's parameters packed into one variable
+/// (`RealNvp::new_packed`) where `packed`; the gradients by member name either way.
+pub fn train_pass_packed(cfg: &RealNvpConfig, dtype: DType, seed: u64, packed: bool) -> TrainRun {
     let store = ParamStore::new(seed);
-    let model = RealNvp::new(cfg, store.var_builder(dtype, &Device::Cpu)).unwrap();
+    let model = if packed {
+        RealNvp::new_packed(cfg, &store, dtype, &Device::Cpu).unwrap()
+    } else {
+        RealNvp::new(cfg, store.var_builder(dtype, &Device::Cpu)).unwrap()
+    };
     randomise(&store, seed + 1);
     let dims = [4, cfg.channels, cfg.height, cfg.width];
     let x = randn(&dims, 1.0, dtype, &mut rng(seed + 2));
     let lp = model.log_prob(&x, Mode::Train).unwrap();
     let g = lp.sum_all().unwrap().backward().unwrap();
-    let grads = store
-        .trainable_vars()
-        .into_iter()
-        .map(|(n, v)| {
-            let gv = g
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("no gradient for {n}"));
-            (n, gv.clone())
-        })
-        .collect();
-    (lp, grads, store.tensors())
+    let grads = store.grads_by_name(&g).unwrap();
+    let names = store.tensors();
+    for n in names.keys().filter(|n| !nvp::flow::params::is_buffer(n)) {
+        assert!(grads.contains_key(n), "no gradient for {n}");
+    }
+    (lp, grads, names)
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use nvp_data::preprocess::{bits_per_dim_batch, mean_bits_per_dim};
 use nvp_data::{Batch, Logit};
-use nvp_flow::{Adam, AdamConfig, Ema, Mode, ParamStore, RealNvp};
+use nvp_flow::{Adam, AdamConfig, Ema, L2Gradient, Mode, ParamStore, RealNvp};
 use rand::Rng;
 
 use crate::settings::Settings;
@@ -24,9 +24,9 @@ pub struct Trainer {
     pub averaged: Option<Averaged>,
     lr: f64,
     lr_warmup: u64,
-    l2: f64,
     clip: f64,
-    scale_params: Vec<Tensor>,
+    /// The L2 penalty's gradient (on the weight-norm gains and tanh scales).
+    l2_gradient: L2Gradient,
 }
 
 /// A moving average of the trained parameters, as a model of its own.
@@ -50,14 +50,14 @@ pub struct StepOutcome {
 
 impl Trainer {
     pub fn new(store: ParamStore, model: RealNvp, s: &Settings) -> Result<Self> {
-        let adam = Adam::new(
-            store.trainable_vars(),
+        let adam = Adam::for_store(
+            &store,
             AdamConfig {
                 lr: s.train.lr,
                 ..AdamConfig::default()
             },
         )?;
-        let scale_params = model.scale_parameters();
+        let l2_gradient = L2Gradient::new(&store, &model.scale_parameters(), s.train.l2)?;
         let frozen = crate::model::frozen(s, &store, model.device())?;
         let averaged = if s.train.ema > 0.0 {
             let (avg, _) = crate::model::build(s, model.device())?;
@@ -77,9 +77,8 @@ impl Trainer {
             averaged,
             lr: s.train.lr,
             lr_warmup: s.train.lr_warmup,
-            l2: s.train.l2,
             clip: s.train.clip,
-            scale_params,
+            l2_gradient,
         })
     }
 
@@ -179,16 +178,7 @@ impl Trainer {
     /// kernels: 190 parameters in `cifar10`, and on a GPU each kernel is a launch.
     fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
         let mut grads = loss.backward()?;
-        if self.l2 > 0.0 {
-            for g in &self.scale_params {
-                let penalty = g.detach().affine(2.0 * self.l2, 0.0)?;
-                let total = match grads.remove(g) {
-                    Some(d) => (d + penalty)?,
-                    None => penalty,
-                };
-                grads.insert(g, total);
-            }
-        }
+        self.l2_gradient.add_to(&mut grads)?;
         Ok(grads)
     }
 
@@ -506,19 +496,35 @@ mod tests {
         };
         let (_, loss) = trainer.forward_loss(&batch).unwrap();
         let got = trainer.backward(&loss).unwrap();
+        let scale_params = trainer.model.scale_parameters();
         let mut reg = Tensor::zeros((), loss.dtype(), &dev).unwrap();
-        for g in &trainer.scale_params {
+        for g in &scale_params {
             reg = (reg + g.sqr().unwrap().sum_all().unwrap()).unwrap();
         }
         let (_, loss) = trainer.forward_loss(&batch).unwrap();
         let whole = (loss + (reg * 0.03).unwrap()).unwrap();
         let want = whole.backward().unwrap();
         let vals = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let gains: Vec<_> = trainer.scale_params.iter().map(|g| g.id()).collect();
+        // The build packs the s/t networks' parameters on the CPU: the penalty then
+        // reaches gains that are slices of a packed variable.
+        assert!(trainer.store.trainable_vars().len() < trainer.store.tensors().len());
+        let (got, want) = (
+            trainer.store.grads_by_name(&got).unwrap(),
+            trainer.store.grads_by_name(&want).unwrap(),
+        );
+        let named = trainer.store.tensors();
+        let gains: Vec<String> = scale_params
+            .iter()
+            .map(|g| {
+                let id = g.id();
+                let (name, _) = named.iter().find(|(_, t)| t.id() == id).unwrap();
+                name.clone()
+            })
+            .collect();
         assert!(!gains.is_empty());
-        for (name, v) in trainer.store.trainable_vars() {
-            let (a, b) = (got.get(v.as_tensor()), want.get(v.as_tensor()));
-            let (a, b) = (a.unwrap(), b.unwrap_or_else(|| panic!("{name}")));
+        assert_eq!(got.len(), want.len());
+        for (name, b) in &want {
+            let a = got.get(name).unwrap_or_else(|| panic!("{name}"));
             let (va, vb) = (vals(a), vals(b));
             let scale = vb.iter().fold(0f32, |m, v| m.max(v.abs()));
             for (x, y) in va.iter().zip(&vb) {
@@ -527,12 +533,9 @@ mod tests {
                     "gradient of {name}: {x} vs {y}"
                 );
             }
-            if gains.contains(&v.as_tensor().id()) {
-                let penalty: Vec<f32> = vals(v.as_tensor()).iter().map(|g| 0.06 * g).collect();
-                assert!(
-                    vals(a) != penalty && vals(a).iter().any(|&d| d != 0.0),
-                    "{name}"
-                );
+            if gains.contains(name) {
+                let penalty: Vec<f32> = vals(&named[name]).iter().map(|g| 0.06 * g).collect();
+                assert!(va != penalty && va.iter().any(|&d| d != 0.0), "{name}");
             }
         }
     }

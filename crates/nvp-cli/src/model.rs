@@ -6,11 +6,21 @@ use nvp_flow::{ParamStore, RealNvp};
 
 use crate::settings::Settings;
 
-/// A freshly initialised model (seeded by `train.seed`).
+/// A freshly initialised model (seeded by `train.seed`). Each s/t network's
+/// parameters are packed into one flat variable where its training runs as one op
+/// (`nvp_kernels::resnet_one_node_enabled`: f32 on the CPU by default; on a GPU with
+/// `NVP_RESNET_OPS=1`; `NVP_PACK_PARAMS=0` never packs); checkpoints hold the same
+/// names either way.
 pub fn build(s: &Settings, device: &Device) -> Result<(ParamStore, RealNvp)> {
     let store = ParamStore::new(s.train.seed);
-    let model = RealNvp::new(&s.model, store.var_builder(DType::F32, device))
-        .context("cannot build the model")?;
+    let pack = nvp_kernels::pack_params_enabled()
+        && nvp_kernels::resnet_one_node_enabled(device, DType::F32);
+    let model = if pack {
+        RealNvp::new_packed(&s.model, &store, DType::F32, device)
+    } else {
+        RealNvp::new(&s.model, store.var_builder(DType::F32, device))
+    }
+    .context("cannot build the model")?;
     Ok((store, model))
 }
 

@@ -137,6 +137,11 @@ impl<N: Conditioner> AffineCoupling<N> {
         self.net.fix_weights()
     }
 
+    /// The conditioner's packable parameters ([`Conditioner::param_group`]).
+    pub fn param_group(&self) -> Option<(String, Vec<String>)> {
+        self.net.param_group()
+    }
+
     /// The learned tanh scale and the conditioner's weight-norm gains.
     pub fn scale_parameters(&self) -> Vec<Tensor> {
         let mut v = vec![self.scale.clone()];

@@ -43,8 +43,21 @@ impl Ema {
             avg.named_vars().into_iter().collect();
         let (mut params, mut buffers) = (Vec::new(), Vec::new());
         for (name, var) in live.named_vars() {
-            // load_tensors above checked that every name is in both.
-            let a = avg_vars[&name].clone();
+            // load_tensors above checked the tensors by name; the variables still
+            // differ where one store is packed and the other not.
+            let Some(a) = avg_vars.get(&name).cloned() else {
+                candle_core::bail!(
+                    "Ema: `{name}` is a variable of the trained store but not of the \
+                     averaged one (pack both the same way: ParamStore::pack)"
+                );
+            };
+            if a.shape() != var.shape() {
+                candle_core::bail!(
+                    "Ema: `{name}` has shape {:?} in the trained store, {:?} in the averaged one",
+                    var.dims(),
+                    a.dims()
+                );
+            }
             if is_buffer(&name) {
                 buffers.push((var, a));
             } else {

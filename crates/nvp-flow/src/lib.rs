@@ -71,7 +71,7 @@ pub use ema::Ema;
 pub use flow::{Flow, Mode, Sequential};
 pub use mask::{Mask, MaskKind};
 pub use multiscale::RealNvp;
-pub use optim::{Adam, AdamConfig, UpdateMode};
+pub use optim::{Adam, AdamConfig, L2Gradient, UpdateMode};
 pub use params::ParamStore;
 pub use prior::StandardNormal;
 

@@ -23,6 +23,7 @@ use crate::config::RealNvpConfig;
 use crate::coupling::AffineCoupling;
 use crate::flow::{zero_logdet, Flow, Mode};
 use crate::mask::Mask;
+use crate::params::ParamStore;
 use crate::prior::StandardNormal;
 use crate::squeeze::{squeeze, unsqueeze};
 
@@ -437,6 +438,48 @@ impl RealNvp {
             .flat_map(|s| s.checker.iter().chain(&s.channel))
             .flat_map(|st| st.coupling.scale_parameters())
             .collect()
+    }
+
+    /// Each s/t network's packed-parameter group: the flat variable's name and its
+    /// members' names ([`crate::ParamStore::pack`]).
+    pub fn param_groups(&self) -> Vec<(String, Vec<String>)> {
+        self.scales
+            .iter()
+            .flat_map(|s| s.checker.iter().chain(&s.channel))
+            .filter_map(|st| st.coupling.param_group())
+            .collect()
+    }
+
+    /// [`RealNvp::new`] over `store`, with each s/t network's trainable parameters
+    /// packed into one flat variable ([`RealNvp::param_groups`],
+    /// [`ParamStore::pack`]): the same model, values and checkpoint names, with the
+    /// network's parameters as one tensor for autograd and the optimizer, and no
+    /// per-step concatenation for the one-node training ops
+    /// (`nvp_kernels::resnet_train`, `nvp_kernels::resnet_train_ops`). Where those
+    /// ops do not run (f64 on the CPU, a GPU without `NVP_RESNET_OPS`), the layers
+    /// read their parameters through views of the flat variable, and each view's
+    /// gradient is padded to the whole group's size: correct but slower, so pack only
+    /// where they run ([`nvp_kernels::resnet_one_node_enabled`]). Parameters the
+    /// store already holds are kept, as by [`RealNvp::new`]; a store packed before is
+    /// used as it is.
+    pub fn new_packed(
+        cfg: &RealNvpConfig,
+        store: &ParamStore,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let model = Self::new(cfg, store.var_builder(dtype, device))?;
+        let mut packed_any = false;
+        for (group, members) in model.param_groups() {
+            if store.group_members(&group).is_none() {
+                store.pack(&group, &members)?;
+                packed_any = true;
+            }
+        }
+        if !packed_any {
+            return Ok(model);
+        }
+        Self::new(cfg, store.var_builder(dtype, device))
     }
 
     /// Computes every s/t network's weight normalisation once, detached, and uses the

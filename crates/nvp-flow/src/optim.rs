@@ -12,6 +12,8 @@ use std::sync::Mutex;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, TensorId, Var};
 
+use crate::params::{Member, ParamStore};
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamConfig {
     pub lr: f64,
@@ -36,6 +38,8 @@ struct Slot {
     var: Var,
     /// Where this variable's moments start in the flat `m` and `v`.
     offset: usize,
+    /// A packed group's members: the state is saved and loaded under their names.
+    members: Option<Vec<Member>>,
 }
 
 /// How [`Adam::step`] runs its arithmetic; the results are the same to the bit.
@@ -97,7 +101,12 @@ impl Adam {
                 );
             }
             let len = var.elem_count();
-            slots.push(Slot { name, var, offset });
+            slots.push(Slot {
+                name,
+                var,
+                offset,
+                members: None,
+            });
             offset += len;
         }
         Ok(Self {
@@ -109,6 +118,29 @@ impl Adam {
             mode: UpdateMode::Auto,
             flat_grad: Mutex::new(None),
         })
+    }
+
+    /// Adam over the trainable variables of `store` (a packed group is one variable),
+    /// with the moments of a packed group's members saved and loaded under the
+    /// members' own names by [`Adam::state`] and [`Adam::load_state`]: a checkpoint's
+    /// optimizer state does not depend on the packing.
+    pub fn for_store(store: &ParamStore, cfg: AdamConfig) -> Result<Self> {
+        let mut adam = Self::new(store.trainable_vars(), cfg)?;
+        for s in &mut adam.slots {
+            s.members = store.group_members(&s.name);
+        }
+        Ok(adam)
+    }
+
+    /// Each saved tensor of a slot: (name, offset in the flat moments, shape).
+    fn saved_parts(s: &Slot) -> Vec<(String, usize, candle_core::Shape)> {
+        match &s.members {
+            Some(members) => members
+                .iter()
+                .map(|m| (m.name.clone(), s.offset + m.offset, m.shape.clone()))
+                .collect(),
+            None => vec![(s.name.clone(), s.offset, s.var.shape().clone())],
+        }
     }
 
     /// Whether the update runs on the flat moments ([`UpdateMode::Flat`], or off the
@@ -332,16 +364,16 @@ impl Adam {
     /// for a checkpoint: copies, unaffected by later steps.
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
-        for s in &self.slots {
+        for (name, offset, shape) in self.slots.iter().flat_map(Self::saved_parts) {
             for (prefix, flat) in [("m", &self.m), ("v", &self.v)] {
                 let t = flat
                     .as_tensor()
-                    .narrow(0, s.offset, s.var.elem_count())?
-                    .reshape(s.var.shape())?
+                    .narrow(0, offset, shape.elem_count())?
+                    .reshape(&shape)?
                     // A compact copy of this variable's slice: `copy()` would clone the
                     // whole flat vector behind the view, once per variable.
                     .force_contiguous()?;
-                out.insert(format!("{prefix}.{}", s.name), t);
+                out.insert(format!("{prefix}.{name}"), t);
             }
         }
         Ok(out)
@@ -350,24 +382,24 @@ impl Adam {
     /// Restore the moments and the step count saved by [`Adam::state`].
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>, steps: u64) -> Result<()> {
         let mut loaded = Vec::with_capacity(2 * self.slots.len());
-        for s in &self.slots {
+        for (name, offset, shape) in self.slots.iter().flat_map(Self::saved_parts) {
             for (prefix, flat) in [("m", &self.m), ("v", &self.v)] {
-                let key = format!("{prefix}.{}", s.name);
+                let key = format!("{prefix}.{name}");
                 let t = state.get(&key).ok_or_else(|| {
                     candle_core::Error::Msg(format!("optimizer state `{key}` is missing"))
                 })?;
-                if t.dims() != s.var.dims() {
+                if t.dims() != shape.dims() {
                     candle_core::bail!(
                         "optimizer state `{key}` has shape {:?}, the parameter has {:?}",
                         t.dims(),
-                        s.var.dims()
+                        shape.dims()
                     );
                 }
                 let t = t
                     .to_dtype(flat.dtype())?
                     .to_device(flat.device())?
                     .flatten_all()?;
-                loaded.push((flat, t, s.offset));
+                loaded.push((flat, t, offset));
             }
         }
         // Everything checked first: a bad state changes nothing.
@@ -375,6 +407,93 @@ impl Adam {
             flat.as_tensor().slice_set(&t, 0, offset)?;
         }
         self.step = steps;
+        Ok(())
+    }
+}
+
+/// The gradient `2·l2·p` of an L2 penalty `l2 · Σ p²` over some parameters, added to
+/// a [`GradStore`] after the backward pass instead of through the graph: the value
+/// candle's autograd gives through `sqr` and `sum_all`, without their graph nodes
+/// (four per parameter, each a few kernels). A parameter that is a packed group's
+/// member ([`ParamStore::pack`]) gets its gradient in its slice of the group's,
+/// written in place: adjacent members' slices as one (a network's inner gains are
+/// adjacent in its group), a few small kernels per slice.
+pub struct L2Gradient {
+    l2: f64,
+    /// Tensors that are gradient keys themselves (single variables).
+    whole: Vec<Tensor>,
+    /// (group variable, its penalised slices as (offset, length), in order, merged
+    /// where adjacent).
+    sliced: Vec<(Tensor, Vec<(usize, usize)>)>,
+}
+
+impl L2Gradient {
+    /// The penalty `l2 · Σ p²` over `params`, tensors handed out by `store`'s builder
+    /// (a model's [`crate::RealNvp::scale_parameters`]); a tensor `store` does not know
+    /// is taken as a gradient key of its own.
+    pub fn new(store: &ParamStore, params: &[Tensor], l2: f64) -> Result<Self> {
+        let mut whole = Vec::new();
+        let mut ranges: Vec<(String, Vec<(usize, usize)>)> = Vec::new();
+        for p in params {
+            match store.locate(p) {
+                Some((group, offset)) if store.group_members(&group).is_some() => {
+                    let range = (offset, p.elem_count());
+                    match ranges.iter_mut().find(|(g, _)| *g == group) {
+                        Some((_, r)) => r.push(range),
+                        None => ranges.push((group, vec![range])),
+                    }
+                }
+                _ => whole.push(p.clone()),
+            }
+        }
+        let vars: HashMap<String, Var> = store.named_vars().into_iter().collect();
+        let sliced = ranges
+            .into_iter()
+            .map(|(group, mut r)| {
+                r.sort_unstable();
+                r.dedup();
+                let mut merged: Vec<(usize, usize)> = Vec::with_capacity(r.len());
+                for (offset, len) in r {
+                    match merged.last_mut() {
+                        Some((o, l)) if *o + *l == offset => *l += len,
+                        _ => merged.push((offset, len)),
+                    }
+                }
+                (vars[&group].as_tensor().clone(), merged)
+            })
+            .collect();
+        Ok(Self { l2, whole, sliced })
+    }
+
+    /// Adds the penalty's gradient to `grads` (where a parameter has none, it becomes
+    /// its gradient). A packed group's gradient is updated in place (a contiguous
+    /// copy is taken first where it is not contiguous): it must not share storage with
+    /// another tensor, as the gradients autograd makes do not.
+    pub fn add_to(&self, grads: &mut GradStore) -> Result<()> {
+        if self.l2 == 0.0 {
+            return Ok(());
+        }
+        let penalty = |p: &Tensor| p.detach().affine(2.0 * self.l2, 0.0);
+        for p in &self.whole {
+            let total = match grads.remove(p) {
+                Some(d) => (d + penalty(p)?)?,
+                None => penalty(p)?,
+            };
+            grads.insert(p, total);
+        }
+        for (var, slices) in &self.sliced {
+            let grad = match grads.remove(var) {
+                Some(d) if d.is_contiguous() => d,
+                Some(d) => d.copy()?,
+                None => var.zeros_like()?,
+            };
+            for &(offset, len) in slices {
+                let d = grad.narrow(0, offset, len)?;
+                let total = (d + penalty(&var.narrow(0, offset, len)?)?)?;
+                grad.slice_set(&total, 0, offset)?;
+            }
+            grads.insert(var, grad);
+        }
         Ok(())
     }
 }

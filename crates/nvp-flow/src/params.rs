@@ -7,10 +7,19 @@
 //! seeded RNG and registered. Names are stable checkpoint keys.
 //! Batch-norm running statistics are stored beside the parameters (names
 //! ending in `running_mean` / `running_var`) and are not trainable.
+//!
+//! **Packed groups.** [`ParamStore::pack`] moves named parameters into one flat
+//! variable (a *group*, e.g. every parameter of one s/t network), each name then
+//! a view of its slice: a layer built afterwards gets the view (the same values,
+//! updated with the group), a one-node network op takes the group itself, and
+//! autograd, the optimizer and the averaging see one tensor where they saw dozens.
+//! Checkpoints are unchanged: [`ParamStore::tensors`] and
+//! [`ParamStore::load_tensors`] speak in the member names.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::init::{FanInOut, Init, NormalOrUniform};
 use candle_nn::var_builder::SimpleBackend;
@@ -30,8 +39,32 @@ pub fn is_buffer(name: &str) -> bool {
 /// Named tensors with a seeded initialiser; clones share the same storage.
 #[derive(Clone)]
 pub struct ParamStore {
+    /// The variables: single tensors and packed groups.
     map: VarMap,
+    /// Names that are slices of a packed group.
+    views: Arc<Mutex<HashMap<String, View>>>,
+    /// Each packed group's members, in order.
+    groups: Arc<Mutex<HashMap<String, Vec<Member>>>>,
     rng: Arc<Mutex<StdRng>>,
+}
+
+/// A name whose tensor is a slice of a packed group.
+#[derive(Clone)]
+struct View {
+    group: String,
+    offset: usize,
+    /// The slice, shaped: one tensor handed out every time (a stable id, so that
+    /// [`ParamStore::locate`] finds it).
+    tensor: Tensor,
+}
+
+/// One parameter of a packed group: its name, where it starts in the flat variable,
+/// its shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub name: String,
+    pub offset: usize,
+    pub shape: Shape,
 }
 
 impl ParamStore {
@@ -39,8 +72,138 @@ impl ParamStore {
     pub fn new(seed: u64) -> Self {
         Self {
             map: VarMap::new(),
+            views: Arc::default(),
+            groups: Arc::default(),
             rng: Arc::new(Mutex::new(StdRng::seed_from_u64(seed))),
         }
+    }
+
+    /// Moves the parameters `members` (existing, trainable, of one dtype and device)
+    /// into one flat variable named `group`, in that order; each member's name then
+    /// stands for a view of its slice. Values do not change. Build the model again
+    /// over [`ParamStore::var_builder`] afterwards: layers built before keep the old,
+    /// separate tensors, which no longer train.
+    pub fn pack(&self, group: &str, members: &[String]) -> Result<()> {
+        if self.contains_tensor(group) {
+            candle_core::bail!("cannot pack into `{group}`: the name is taken");
+        }
+        // Lock order, here and everywhere: groups, then the variables, then the views.
+        let mut groups = self.groups.lock().expect("param store poisoned");
+        let mut data = self.map.data().lock().expect("param store poisoned");
+        let mut parts = Vec::with_capacity(members.len());
+        let mut layout = Vec::with_capacity(members.len());
+        let mut offset = 0;
+        for (i, name) in members.iter().enumerate() {
+            if members[..i].contains(name) {
+                candle_core::bail!("cannot pack `{name}` into `{group}` twice");
+            }
+            let var = data.get(name).ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "cannot pack `{name}` into `{group}`: no such single parameter"
+                ))
+            })?;
+            if is_buffer(name) {
+                candle_core::bail!("cannot pack `{name}` into `{group}`: it is a buffer");
+            }
+            if let Some(first) = parts.first() {
+                let first: &Tensor = first;
+                if var.dtype() != first.dtype() || !var.device().same_device(first.device()) {
+                    candle_core::bail!(
+                        "cannot pack `{name}` into `{group}`: its dtype or device differs"
+                    );
+                }
+            }
+            parts.push(var.as_tensor().flatten_all()?);
+            layout.push(Member {
+                name: name.clone(),
+                offset,
+                shape: var.shape().clone(),
+            });
+            offset += var.elem_count();
+        }
+        if parts.is_empty() {
+            candle_core::bail!("cannot pack an empty group `{group}`");
+        }
+        // Written in place: no concatenated temporary and no copy of it into a variable.
+        let first: &Tensor = &parts[0];
+        let flat = Var::zeros(offset, first.dtype(), first.device())?;
+        for (part, m) in parts.iter().zip(&layout) {
+            flat.as_tensor().slice_set(part, 0, m.offset)?;
+        }
+        drop(parts);
+        let mut views = self.views.lock().expect("param store poisoned");
+        for m in &layout {
+            let tensor = flat
+                .as_tensor()
+                .narrow(0, m.offset, m.shape.elem_count())?
+                .reshape(m.shape.clone())?;
+            data.remove(&m.name);
+            views.insert(
+                m.name.clone(),
+                View {
+                    group: group.to_string(),
+                    offset: m.offset,
+                    tensor,
+                },
+            );
+        }
+        data.insert(group.to_string(), flat);
+        groups.insert(group.to_string(), layout);
+        Ok(())
+    }
+
+    /// The members of the packed group `group`, or `None` where `group` is not one.
+    pub fn group_members(&self, group: &str) -> Option<Vec<Member>> {
+        self.groups
+            .lock()
+            .expect("param store poisoned")
+            .get(group)
+            .cloned()
+    }
+
+    /// The gradients in `grads` of the trainable tensors, by their own names (a
+    /// packed group's split into its members', as views); a variable without a
+    /// gradient is left out.
+    pub fn grads_by_name(&self, grads: &GradStore) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (name, var) in self.trainable_vars() {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            match self.group_members(&name) {
+                Some(members) => {
+                    for m in members {
+                        let t = g
+                            .narrow(0, m.offset, m.shape.elem_count())?
+                            .reshape(m.shape)?;
+                        out.insert(m.name, t);
+                    }
+                }
+                None => {
+                    out.insert(name, g.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Where a tensor handed out by this store's builder lives: a variable's own
+    /// tensor gives `(its name, 0)`, a packed member's view `(its group, its
+    /// offset)`; `None` for any other tensor.
+    pub fn locate(&self, t: &Tensor) -> Option<(String, usize)> {
+        if let Some(v) = self
+            .views
+            .lock()
+            .expect("param store poisoned")
+            .values()
+            .find(|v| v.tensor.id() == t.id())
+        {
+            return Some((v.group.clone(), v.offset));
+        }
+        let data = self.map.data().lock().expect("param store poisoned");
+        data.iter()
+            .find(|(_, v)| v.as_tensor().id() == t.id())
+            .map(|(k, _)| (k.clone(), 0))
     }
 
     /// A [`VarBuilder`] over this store.
@@ -55,11 +218,14 @@ impl ParamStore {
     /// equivalent of PyTorch's `no_grad`. Build the model over
     /// [`ParamStore::var_builder`] first, so every tensor exists.
     pub fn frozen_var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        let ts = self
+        let mut ts = self
             .named_vars()
             .into_iter()
             .map(|(k, v)| (k, v.as_tensor().detach()))
             .collect::<HashMap<_, _>>();
+        for (name, view) in self.views.lock().expect("param store poisoned").iter() {
+            ts.insert(name.clone(), view.tensor.detach());
+        }
         VarBuilder::from_tensors(ts, dtype, device)
     }
 
@@ -68,7 +234,8 @@ impl ParamStore {
         &self.map
     }
 
-    /// All (name, variable) pairs, sorted by name.
+    /// All (name, variable) pairs, sorted by name: single tensors and packed groups
+    /// (not the groups' members: see [`ParamStore::tensors`]).
     pub fn named_vars(&self) -> Vec<(String, Var)> {
         let data = self.map.data().lock().expect("param store poisoned");
         let mut v: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -101,45 +268,62 @@ impl ParamStore {
             .sum()
     }
 
-    /// A snapshot of every tensor, by name (for saving).
+    /// Every tensor by its own name (a packed group's members, not the group): what a
+    /// checkpoint holds. The tensors share the store's storage.
     pub fn tensors(&self) -> HashMap<String, Tensor> {
-        self.named_vars()
+        let groups = self.groups.lock().expect("param store poisoned");
+        let mut out: HashMap<String, Tensor> = self
+            .named_vars()
             .into_iter()
+            .filter(|(k, _)| !groups.contains_key(k))
             .map(|(k, v)| (k, v.as_tensor().clone()))
-            .collect()
+            .collect();
+        for (name, view) in self.views.lock().expect("param store poisoned").iter() {
+            out.insert(name.clone(), view.tensor.clone());
+        }
+        out
     }
 
     /// Overwrite every tensor of the store from `src`. Every name of the store
     /// must be present with the same shape; extra names in `src` are an error
     /// too (they mean the checkpoint belongs to another architecture).
     pub fn load_tensors(&self, src: &HashMap<String, Tensor>) -> Result<()> {
-        let vars = self.named_vars();
-        for (name, var) in &vars {
-            let t = src.get(name).ok_or_else(|| {
+        let own = self.tensors();
+        let mut names: Vec<&String> = own.keys().collect();
+        names.sort();
+        for name in &names {
+            let want = &own[*name];
+            let t = src.get(*name).ok_or_else(|| {
                 candle_core::Error::Msg(format!(
                     "tensor `{name}` (shape {:?}) is missing from the checkpoint",
-                    var.dims()
+                    want.dims()
                 ))
             })?;
-            if t.dims() != var.dims() {
+            if t.dims() != want.dims() {
                 candle_core::bail!(
                     "tensor `{name}`: the checkpoint has shape {:?}, the model expects {:?}",
                     t.dims(),
-                    var.dims()
+                    want.dims()
                 );
             }
         }
-        if let Some(extra) = src
-            .keys()
-            .filter(|k| !vars.iter().any(|(n, _)| n == *k))
-            .min()
-        {
+        if let Some(extra) = src.keys().filter(|k| !own.contains_key(*k)).min() {
             candle_core::bail!(
                 "tensor `{extra}` in the checkpoint is not a parameter of the model"
             );
         }
-        for (name, var) in &vars {
-            let t = &src[name];
+        let groups = self.groups.lock().expect("param store poisoned").clone();
+        for (name, var) in self.named_vars() {
+            let t = match groups.get(&name) {
+                Some(members) => {
+                    let parts = members
+                        .iter()
+                        .map(|m| src[&m.name].flatten_all())
+                        .collect::<Result<Vec<_>>>()?;
+                    Tensor::cat(&parts, 0)?
+                }
+                None => src[&name].clone(),
+            };
             var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
         }
         Ok(())
@@ -183,6 +367,16 @@ impl ParamStore {
 
 impl SimpleBackend for ParamStore {
     fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        if let Some(v) = self.views.lock().expect("param store poisoned").get(name) {
+            if v.tensor.shape() != &s {
+                candle_core::bail!(
+                    "parameter `{name}` exists with shape {:?}, requested {:?}",
+                    v.tensor.dims(),
+                    s.dims()
+                );
+            }
+            return v.tensor.to_dtype(dtype);
+        }
         {
             let data = self.map.data().lock().expect("param store poisoned");
             if let Some(v) = data.get(name) {
@@ -209,6 +403,9 @@ impl SimpleBackend for ParamStore {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, _dev: &Device) -> Result<Tensor> {
+        if let Some(v) = self.views.lock().expect("param store poisoned").get(name) {
+            return v.tensor.to_dtype(dtype);
+        }
         let data = self.map.data().lock().expect("param store poisoned");
         match data.get(name) {
             Some(v) => v.as_tensor().to_dtype(dtype),
@@ -217,11 +414,16 @@ impl SimpleBackend for ParamStore {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.map
-            .data()
+        self.views
             .lock()
             .expect("param store poisoned")
             .contains_key(name)
+            || self
+                .map
+                .data()
+                .lock()
+                .expect("param store poisoned")
+                .contains_key(name)
     }
 }
 

@@ -70,7 +70,9 @@ pub use cudnn::{batch_norm_cudnn, blend_cudnn, conv2d_3x3_cudnn};
 pub use cuda_pool::keep_freed_cuda_memory;
 pub use weight_norm::{weight_norm, weight_norm_reference};
 
-pub use resnet::{resnet_train, resnet_train_applies, ResNetShape, ResNetTrainOutput};
+pub use resnet::{
+    resnet_one_node_enabled, resnet_train, resnet_train_applies, ResNetShape, ResNetTrainOutput,
+};
 pub use resnet_ops::{resnet_train_ops, resnet_train_ops_applies};
 
 pub use conv::{
@@ -118,6 +120,7 @@ static CUDA_KEEP_FREED: AtomicU8 = AtomicU8::new(0);
 /// Same states, for the s/t networks as one node built from the device's ops
 /// (environment variable `NVP_RESNET_OPS`; see [`resnet_ops_enabled`]).
 static RESNET_OPS: AtomicU8 = AtomicU8::new(0);
+static PACK_PARAMS: AtomicU8 = AtomicU8::new(0);
 
 /// A process-wide switch: on unless `var` is `0`, `false`, `off` or `no` (read once,
 /// on first use, unless set before).
@@ -260,6 +263,17 @@ pub fn weight_norm_op_cpu_enabled() -> bool {
 /// `true`, `on` or `yes`, or after [`tuning::set_resnet_ops`].
 pub fn resnet_ops_enabled() -> bool {
     switch_with_default(&RESNET_OPS, "NVP_RESNET_OPS", false)
+}
+
+/// Whether a model built for training packs each s/t network's parameters into one
+/// variable where the network trains as one node ([`resnet_one_node_enabled`]; the
+/// `nvp` binary's builder, `RealNvp::new_packed`): the same values, checkpoints and
+/// results, with no per-step copy of the parameters into the op and one tensor per
+/// network for autograd and the optimizer. Defaults to true unless the environment
+/// variable `NVP_PACK_PARAMS` is `0`, `false`, `off` or `no`; see
+/// [`tuning::set_pack_params`].
+pub fn pack_params_enabled() -> bool {
+    switch_with_default(&PACK_PARAMS, "NVP_PACK_PARAMS", true)
 }
 
 /// Batch normalisation with affine by cuDNN (`batch_norm_cudnn`, feature `cudnn`)
@@ -424,6 +438,13 @@ pub mod tuning {
     /// (false, the default); see [`crate::resnet_ops_enabled`].
     pub fn set_resnet_ops(on: bool) {
         crate::RESNET_OPS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    /// Pack each s/t network's parameters into one variable where it trains as one
+    /// node (true, the default) or keep them as separate tensors (false); see
+    /// [`crate::pack_params_enabled`].
+    pub fn set_pack_params(on: bool) {
+        crate::PACK_PARAMS.store(if on { 1 } else { 2 }, Ordering::Relaxed);
     }
 
     /// Byte budget of one Winograd block's transformed input and product buffers.

@@ -518,6 +518,21 @@ pub fn resnet_train_applies(x: &Tensor, params: &Tensor) -> bool {
         && params.dtype() == DType::F32
 }
 
+/// Whether an s/t network of parameters in `dtype` on `device` trains as one autograd
+/// node under the present switches: [`resnet_train`] (f32 on the CPU) or
+/// [`crate::resnet_train_ops`] (`NVP_RESNET_OPS=1`). Where it does, packing the
+/// network's parameters into one flat variable pays; where not, the layer-by-layer
+/// network reads them through views, each of whose gradients is padded to the whole
+/// vector.
+pub fn resnet_one_node_enabled(device: &candle_core::Device, dtype: DType) -> bool {
+    let one_node_cpu = crate::fast_cpu_enabled()
+        && crate::fused_resnet_enabled()
+        && device.is_cpu()
+        && dtype == DType::F32;
+    let ops = crate::resnet_ops_enabled() && matches!(dtype, DType::F32 | DType::F64);
+    one_node_cpu || ops
+}
+
 /// The residual s/t network in train mode (batch statistics in every batch norm, with
 /// ReLU after each), forward as one op and backward as one op. `x`: `(N, C, H, W)`;
 /// `params`: the packed `(P)` raw vector of [`ResNetShape::param_len_weight_norm`]

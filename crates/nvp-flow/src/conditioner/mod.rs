@@ -21,6 +21,13 @@ pub trait Conditioner: Send + Sync {
         Vec::new()
     }
 
+    /// The name of a flat variable that may hold this network's trainable
+    /// parameters, and their names in its order (see [`crate::ParamStore::pack`]);
+    /// `None` (the default) for a network that gains nothing from one.
+    fn param_group(&self) -> Option<(String, Vec<String>)> {
+        None
+    }
+
     /// Computes derived weights (weight normalisation) once, for a network whose
     /// parameters no longer change; see [`crate::RealNvp::fix_weights`]. Nothing by
     /// default.

@@ -62,18 +62,31 @@ impl ResBlock {
     }
 }
 
+/// The name of a network's packed parameters, under its prefix.
+const PACKED: &str = "packed";
+
 /// A train-mode network as one op: `(x, packed parameters, shape, eps)`.
 type Fused =
     fn(&Tensor, &Tensor, nvp_kernels::ResNetShape, f64) -> Result<nvp_kernels::ResNetTrainOutput>;
 
 /// The residual s/t network. Parameter names: `inp.{v,g,bias}`,
 /// `blocks.{i}.{bn1,conv1,bn2,conv2}.*`, `bn_out.*`, `out.{v,g,bias}`.
+///
+/// Its trainable parameters can live in one flat variable, `packed` under the
+/// network's prefix ([`ResNet::param_group`], [`crate::ParamStore::pack`]): built over
+/// such a store, the network hands that variable to its one-node training op as it
+/// is, where it would otherwise concatenate the ~90 tensors in every step, and
+/// autograd and the optimizer see one tensor.
 #[derive(Debug, Clone)]
 pub struct ResNet {
     inp: WnConv2d,
     blocks: Vec<ResBlock>,
     bn_out: BatchNorm,
     out: WnConv2d,
+    /// The builder's prefix (this network's parameter names start with it).
+    prefix: String,
+    /// The packed variable, where the store holds one.
+    packed: Option<Tensor>,
 }
 
 impl ResNet {
@@ -95,12 +108,57 @@ impl ResNet {
             WnConvConfig { zero_init: true },
             vb.pp("out"),
         )?;
-        Ok(Self {
+        let mut net = Self {
             inp,
             blocks,
             bn_out,
             out,
-        })
+            prefix: vb.prefix(),
+            packed: None,
+        };
+        if vb.contains_tensor(PACKED) {
+            net.packed = Some(vb.get(net.shape().param_len_weight_norm(), PACKED)?);
+        }
+        Ok(net)
+    }
+
+    fn shape(&self) -> nvp_kernels::ResNetShape {
+        nvp_kernels::ResNetShape {
+            cin: self.inp.in_channels(),
+            features: self.inp.bias().dims()[0],
+            blocks: self.blocks.len(),
+            cout: self.out.bias().dims()[0],
+        }
+    }
+
+    /// The packed variable's name and its members' names, in the packed order of
+    /// `nvp_kernels::ResNetShape::param_len_weight_norm` (see
+    /// [`crate::ParamStore::pack`]).
+    pub fn param_group(&self) -> (String, Vec<String>) {
+        let name = |s: &str| {
+            if self.prefix.is_empty() {
+                s.to_string()
+            } else {
+                format!("{}.{s}", self.prefix)
+            }
+        };
+        let conv = |c: &str, p: &str| name(&format!("{c}.{p}"));
+        let inner: Vec<String> = (0..self.blocks.len())
+            .flat_map(|i| [format!("blocks.{i}.conv1"), format!("blocks.{i}.conv2")])
+            .collect();
+        let norms: Vec<String> = (0..self.blocks.len())
+            .flat_map(|i| [format!("blocks.{i}.bn1"), format!("blocks.{i}.bn2")])
+            .chain(std::iter::once("bn_out".to_string()))
+            .collect();
+        let mut members = vec![conv("inp", "v"), conv("inp", "g"), conv("inp", "bias")];
+        for p in ["v", "g", "bias"] {
+            members.extend(inner.iter().map(|c| conv(c, p)));
+        }
+        for n in &norms {
+            members.extend([conv(n, "weight"), conv(n, "bias")]);
+        }
+        members.extend([conv("out", "v"), conv("out", "g"), conv("out", "bias")]);
+        (name(PACKED), members)
     }
 
     /// All parameters in the weight-normalised packed order of
@@ -154,25 +212,23 @@ impl ResNet {
         let eps = self.bn_out.config().eps;
         // The packed vector has the parameters' device and dtype (those of `inp.bias`).
         let params = self.inp.bias();
-        let (run, packed): (Fused, fn(&Self) -> Result<Tensor>) =
-            if nvp_kernels::resnet_train_applies(x, params) {
-                (nvp_kernels::resnet_train, Self::packed_raw_params)
-            } else if nvp_kernels::resnet_train_ops_applies(x, params) {
-                (nvp_kernels::resnet_train_ops, Self::packed_raw_params)
-            } else {
-                return Ok(None);
-            };
+        let run: Fused = if nvp_kernels::resnet_train_applies(x, params) {
+            nvp_kernels::resnet_train
+        } else if nvp_kernels::resnet_train_ops_applies(x, params) {
+            nvp_kernels::resnet_train_ops
+        } else {
+            return Ok(None);
+        };
         if self.batch_norms().any(|n| n.config().eps != eps) {
             return Ok(None);
         }
         let (n, _, h, w) = x.dims4()?;
-        let shape = nvp_kernels::ResNetShape {
-            cin: self.inp.in_channels(),
-            features: self.bn_out.affine().0.dim(0)?,
-            blocks: self.blocks.len(),
-            cout: self.out.bias().dim(0)?,
+        let packed = match &self.packed {
+            Some(p) => p.clone(),
+            None => self.packed_raw_params()?,
         };
-        let out = run(x, &packed(self)?, shape, eps)?;
+        let shape = self.shape();
+        let out = run(x, &packed, shape, eps)?;
         for (bn, (mean, var)) in self.batch_norms().zip(&out.stats) {
             bn.record_batch_stats(mean, var, n * h * w)?;
         }
@@ -201,6 +257,10 @@ impl Conditioner for ResNet {
             b.conv2.fix_weight()?;
         }
         self.out.fix_weight()
+    }
+
+    fn param_group(&self) -> Option<(String, Vec<String>)> {
+        Some(ResNet::param_group(self))
     }
 
     fn scale_parameters(&self) -> Vec<Tensor> {
