@@ -57,11 +57,21 @@ fn cfg() -> RealNvpConfig {
 
 /// The same randomised parameters on `device` in `dtype`.
 fn model(device: &Device, dtype: DType) -> (ParamStore, RealNvp) {
+    model_packed(device, dtype, false)
+}
+
+/// [`model`], each s/t network's parameters packed into one variable where `packed`
+/// (`RealNvp::new_packed`).
+fn model_packed(device: &Device, dtype: DType, packed: bool) -> (ParamStore, RealNvp) {
     let cpu = ParamStore::new(5);
     let _ = RealNvp::new(&cfg(), cpu.var_builder(DType::F64, &Device::Cpu)).unwrap();
     randomise(&cpu, 6);
     let store = ParamStore::new(5);
-    let m = RealNvp::new(&cfg(), store.var_builder(dtype, device)).unwrap();
+    let m = if packed {
+        RealNvp::new_packed(&cfg(), &store, dtype, device).unwrap()
+    } else {
+        RealNvp::new(&cfg(), store.var_builder(dtype, device)).unwrap()
+    };
     store.load_tensors(&cpu.tensors()).unwrap();
     (store, m)
 }
@@ -253,43 +263,58 @@ fn f64_and_f32_with_the_resnet_ops_match_cpu() {
         &on_gpu,
     );
     nvp_kernels::set_tf32(true);
-    check_gradients_with("CUDA f64 train gradients, resnet ops", &on_gpu);
+    check_gradients_with("CUDA f64 train gradients, resnet ops", &on_gpu, false);
+    // The networks' parameters packed on the GPU (as `nvp train` builds them there
+    // with NVP_RESNET_OPS=1), against the unpacked layer-by-layer CPU model.
+    check_gradients_with(
+        "CUDA f64 train gradients, resnet ops, packed parameters",
+        &on_gpu,
+        true,
+    );
     tuning::set_cudnn_bias(true);
     tuning::set_weight_norm_op(true);
     check_gradients_with(
         "CUDA f64 train gradients, resnet ops + cuDNN bias + weight-norm op",
         &on_gpu,
+        false,
     );
 }
 
 /// Gradients of the train-mode mean log-likelihood for every parameter, CUDA f64
 /// against CPU f64, under `what`.
 fn check_gradients(what: &str) {
-    check_gradients_with(what, &|_| ())
+    check_gradients_with(what, &|_| (), false)
 }
 
-/// [`check_gradients`], calling `on_gpu` as [`check_forward_with`] does.
-fn check_gradients_with(what: &str, on_gpu: &dyn Fn(bool)) {
+/// [`check_gradients`], calling `on_gpu` as [`check_forward_with`] does; the GPU
+/// model's s/t networks' parameters packed where `packed_gpu`. Gradients by parameter
+/// name (a packed group's split into its members').
+fn check_gradients_with(what: &str, on_gpu: &dyn Fn(bool), packed_gpu: bool) {
     let x = input();
-    let grads = |dev: &Device| {
-        let (store, m) = model(dev, DType::F64);
+    let grads = |dev: &Device, packed: bool| {
+        let (store, m) = model_packed(dev, DType::F64, packed);
         let lp = m.log_prob(&x.to_device(dev).unwrap(), Mode::Train).unwrap();
         let g = lp.mean_all().unwrap().backward().unwrap();
-        store
-            .trainable_vars()
-            .into_iter()
-            .map(|(n, v)| {
-                let t = g
-                    .get(v.as_tensor())
+        let by_name = store.grads_by_name(&g).unwrap();
+        let mut out: Vec<_> = store
+            .tensors()
+            .into_keys()
+            .filter(|n| !nvp::flow::params::is_buffer(n))
+            .map(|n| {
+                let t = by_name
+                    .get(&n)
                     .unwrap_or_else(|| panic!("no gradient for {n}"));
-                (n, t.to_device(&Device::Cpu).unwrap())
+                let t = t.to_device(&Device::Cpu).unwrap();
+                (n, t)
             })
-            .collect::<Vec<_>>()
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     };
     on_gpu(false);
-    let want = grads(&Device::Cpu);
+    let want = grads(&Device::Cpu, false);
     on_gpu(true);
-    let got = grads(&gpu());
+    let got = grads(&gpu(), packed_gpu);
     on_gpu(false);
     assert_eq!(want.len(), got.len());
     // The bias of a convolution followed by a train-mode batch norm (every convolution
