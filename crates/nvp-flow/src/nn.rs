@@ -8,7 +8,7 @@ use candle_nn::init::Init;
 use candle_nn::VarBuilder;
 
 use crate::flow::Mode;
-use crate::params::as_var;
+use crate::params::{as_var, set_in_place};
 
 /// The axes that batch statistics reduce over: all but the feature axis 1.
 pub(crate) fn stat_dims(rank: usize) -> Vec<usize> {
@@ -369,7 +369,7 @@ fn update_running_scaled(
         (batch * scale)?
     };
     let new = ((running.detach() * (1.0 - momentum))? + (batch * momentum)?)?;
-    as_var(running)?.set(&new)
+    set_in_place(running, &new)
 }
 
 /// A dense layer `y = x Wᵀ + b` (weights `weight` (out, in), `bias` (out)).

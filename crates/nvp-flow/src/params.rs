@@ -428,7 +428,61 @@ impl SimpleBackend for ParamStore {
 }
 
 /// The [`Var`] behind a tensor handed out by a [`ParamStore`] builder, so a
-/// layer can update it in place (running statistics, data-dependent init).
+/// layer can update it in place (data-dependent init). An error for a tensor that is
+/// not a variable (a packed group's view, a frozen builder's detached tensor), where
+/// `Var::from_tensor` would update a copy and lose the update.
 pub(crate) fn as_var(t: &Tensor) -> Result<Var> {
+    if !t.is_variable() {
+        candle_core::bail!(
+            "a tensor of shape {:?} is not a variable: it cannot be updated through one",
+            t.dims()
+        );
+    }
     Var::from_tensor(t)
+}
+
+/// Overwrites `t`, a tensor handed out by a [`ParamStore`] builder, with `new` (its
+/// shape), in place: through its variable, or, for a view of one (a packed group's
+/// member, a frozen builder's detached tensor), in the storage it shares.
+pub(crate) fn set_in_place(t: &Tensor, new: &Tensor) -> Result<()> {
+    if t.is_variable() {
+        return as_var(t)?.set(new);
+    }
+    if new.dims() != t.dims() {
+        candle_core::bail!("set_in_place: shape {:?} into {:?}", new.dims(), t.dims());
+    }
+    let new = new.to_dtype(t.dtype())?.force_contiguous()?;
+    t.slice_set(&new, 0, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An update through a view (a packed member, a frozen builder's detached tensor)
+    /// reaches the store; a view is refused as a variable, where `Var::from_tensor`
+    /// would update a copy.
+    #[test]
+    fn in_place_updates_reach_the_store_through_views() {
+        let store = ParamStore::new(0);
+        let vb = store.var_builder(DType::F64, &Device::Cpu);
+        vb.get(2, "a").unwrap();
+        vb.get(3, "b").unwrap();
+        store
+            .pack("g", &["a".to_string(), "b".to_string()])
+            .unwrap();
+        let b = vb.get(3, "b").unwrap();
+        assert!(as_var(&b).is_err());
+        let new = Tensor::new(&[1.0f64, 2.0, 3.0], &Device::Cpu).unwrap();
+        set_in_place(&b, &new).unwrap();
+        let frozen = store.frozen_var_builder(DType::F64, &Device::Cpu);
+        let a = frozen.get(2, "a").unwrap();
+        set_in_place(&a, &Tensor::new(&[4.0f64, 5.0], &Device::Cpu).unwrap()).unwrap();
+        let (_, g) = store.named_vars().pop().unwrap();
+        assert_eq!(
+            g.as_tensor().to_vec1::<f64>().unwrap(),
+            [4.0, 5.0, 1.0, 2.0, 3.0]
+        );
+        assert!(set_in_place(&b, &Tensor::zeros(2, DType::F64, &Device::Cpu).unwrap()).is_err());
+    }
 }
