@@ -289,6 +289,10 @@ run_part d_bench_small_new 60 env "${ALL_ON[@]}" "$NVP" bench --config configs/c
 for v in "${SWITCHES[@]}"; do
   run_part "d_bench_paper_only_$v" 60 env "$v=1" "$NVP" bench --config configs/cifar10.toml "${AB_ARGS[@]}"
 done
+# NVP_RESNET_OPS=1 also packs each s/t network's parameters into one variable (20
+# parameter tensors for cifar10 instead of 890); this run keeps them separate, so that
+# the packing's own share shows against d_bench_paper_only_NVP_RESNET_OPS.
+run_part d_bench_paper_ops_unpacked 60 env NVP_RESNET_OPS=1 NVP_PACK_PARAMS=0 "$NVP" bench --config configs/cifar10.toml "${AB_ARGS[@]}"
 # The defaults again, after the others (the machine's drift shows against the first).
 run_part d_bench_paper_again 60 "$NVP" bench --config configs/cifar10.toml "${AB_ARGS[@]}"
 if [ "${GPU_CHECK_B256:-0}" = 1 ]; then
@@ -453,6 +457,7 @@ changes = {}
 for name, label in (("d_bench_paper", "cifar10, batch 64, defaults"),
                     ("d_bench_paper_new", "cifar10, batch 64, the five opt-in switches on"),
                     ("d_bench_paper_only_NVP_RESNET_OPS", "cifar10, batch 64, NVP_RESNET_OPS=1"),
+                    ("d_bench_paper_ops_unpacked", "cifar10, batch 64, the same, NVP_PACK_PARAMS=0"),
                     ("d_bench_paper_only_NVP_CUDA_KEEP_FREED", "cifar10, batch 64, NVP_CUDA_KEEP_FREED=1"),
                     ("d_bench_paper_only_NVP_CUDNN_BIAS", "cifar10, batch 64, NVP_CUDNN_BIAS=1"),
                     ("d_bench_paper_only_NVP_WEIGHT_NORM_OP", "cifar10, batch 64, NVP_WEIGHT_NORM_OP=1"),
@@ -472,6 +477,7 @@ for name, label in (("d_bench_paper", "cifar10, batch 64, defaults"),
         changes[name + "_gpu_mem_mib"] = mem
         print(f"training {label:<45}: {o.get('train_img_per_s'):9.1f} img/s"
               + (f", {nodes} graph nodes" if nodes else "")
+              + (f", {o.get('param_tensors')} parameter tensors" if o.get('param_tensors') else "")
               + (f", GPU memory up to {mem} MiB" if mem else ""))
 summary["opt_in_switches"] = changes
 tests = {}
