@@ -30,7 +30,9 @@
 //!     ..RealNvpConfig::cifar10()
 //! };
 //! let store = ParamStore::new(0); // seeded initialisation; stable checkpoint keys
-//! let model = RealNvp::new(&cfg, store.var_builder(DType::F32, &device))?;
+//! // Each s/t network's parameters in one flat variable (the same values and names;
+//! // fewer tensors for autograd and the optimizer; `RealNvp::new` keeps them apart).
+//! let model = RealNvp::new_packed(&cfg, &store, DType::F32, &device)?;
 //!
 //! // A batch of 8-bit images (N × C × H × W, planar), dequantised with uniform noise
 //! // and mapped to logit space; `ld_pre` is that map's log-determinant per image.
@@ -48,7 +50,7 @@
 //! // One training step: minimise the batch's bits/dim (`ld_pre` is a constant here;
 //! // batch norm in train mode normalises by the batch's statistics and updates its
 //! // running averages).
-//! let mut adam = Adam::new(store.trainable_vars(), AdamConfig::default())?;
+//! let mut adam = Adam::for_store(&store, AdamConfig::default())?;
 //! let log_p = model.log_prob(&y, Mode::Train)?; // (N,) nats, logit space
 //! let loss = (log_p.mean_all()? * (-1.0 / (dims as f64 * std::f64::consts::LN_2)))?;
 //! let grads = loss.backward()?;
