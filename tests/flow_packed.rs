@@ -331,3 +331,20 @@ fn ema_over_packed_stores() {
         }
     }
 }
+
+/// The L2 gradient refuses the tensors of a model built before its store was packed
+/// (their gradients would never reach the optimizer), and takes the rebuilt model's.
+#[test]
+fn l2_gradient_refuses_tensors_the_store_no_longer_holds() {
+    let cfg = small_model_config();
+    let store = ParamStore::new(61);
+    let before = RealNvp::new(&cfg, store.var_builder(DType::F32, &Device::Cpu)).unwrap();
+    assert!(L2Gradient::new(&store, &before.scale_parameters(), 1e-3).is_ok());
+    let after = RealNvp::new_packed(&cfg, &store, DType::F32, &Device::Cpu).unwrap();
+    let err = L2Gradient::new(&store, &before.scale_parameters(), 1e-3)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("packed"), "{err}");
+    assert!(L2Gradient::new(&store, &after.scale_parameters(), 1e-3).is_ok());
+}

@@ -429,8 +429,9 @@ pub struct L2Gradient {
 
 impl L2Gradient {
     /// The penalty `l2 · Σ p²` over `params`, tensors handed out by `store`'s builder
-    /// (a model's [`crate::RealNvp::scale_parameters`]); a tensor `store` does not know
-    /// is taken as a gradient key of its own.
+    /// (a model's [`crate::RealNvp::scale_parameters`]). A tensor `store` did not hand
+    /// out is an error: its gradient would not reach the optimizer (a model built over
+    /// the store before it was packed holds such tensors).
     pub fn new(store: &ParamStore, params: &[Tensor], l2: f64) -> Result<Self> {
         let mut whole = Vec::new();
         let mut ranges: Vec<(String, Vec<(usize, usize)>)> = Vec::new();
@@ -443,7 +444,12 @@ impl L2Gradient {
                         None => ranges.push((group, vec![range])),
                     }
                 }
-                _ => whole.push(p.clone()),
+                Some(_) => whole.push(p.clone()),
+                None => candle_core::bail!(
+                    "L2Gradient: a tensor of shape {:?} is not one of the store's (a model \
+                     built before the store was packed?)",
+                    p.dims()
+                ),
             }
         }
         let vars: HashMap<String, Var> = store.named_vars().into_iter().collect();
