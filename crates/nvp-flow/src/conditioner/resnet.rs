@@ -135,63 +135,71 @@ impl ResNet {
     /// `nvp_kernels::ResNetShape::param_len_weight_norm` (see
     /// [`crate::ParamStore::pack`]).
     pub fn param_group(&self) -> (String, Vec<String>) {
-        let name = |s: &str| {
-            if self.prefix.is_empty() {
-                s.to_string()
-            } else {
-                format!("{}.{s}", self.prefix)
-            }
-        };
-        let conv = |c: &str, p: &str| name(&format!("{c}.{p}"));
-        let inner: Vec<String> = (0..self.blocks.len())
-            .flat_map(|i| [format!("blocks.{i}.conv1"), format!("blocks.{i}.conv2")])
-            .collect();
-        let norms: Vec<String> = (0..self.blocks.len())
-            .flat_map(|i| [format!("blocks.{i}.bn1"), format!("blocks.{i}.bn2")])
-            .chain(std::iter::once("bn_out".to_string()))
-            .collect();
-        let mut members = vec![conv("inp", "v"), conv("inp", "g"), conv("inp", "bias")];
-        for p in ["v", "g", "bias"] {
-            members.extend(inner.iter().map(|c| conv(c, p)));
-        }
-        for n in &norms {
-            members.extend([conv(n, "weight"), conv(n, "bias")]);
-        }
-        members.extend([conv("out", "v"), conv("out", "g"), conv("out", "bias")]);
-        (name(PACKED), members)
+        let names = self.raw_params().into_iter().map(|(n, _)| n).collect();
+        (self.full_name(PACKED), names)
     }
 
-    /// All parameters in the weight-normalised packed order of
-    /// `nvp_kernels::ResNetShape::param_len_weight_norm`: each convolution's `v`, `g`
-    /// and bias, the inner convolutions' grouped (all `v`, all `g`, all biases), and
-    /// the batch norms' weights and biases.
-    /// Both one-node training paths take it (`nvp_kernels::resnet_train`,
-    /// `nvp_kernels::resnet_train_ops`); each normalises the weights itself.
-    fn packed_raw_params(&self) -> Result<Tensor> {
-        let raw = |c: &WnConv2d| -> Result<[Tensor; 3]> {
-            Ok([
-                c.direction().flatten_all()?,
-                c.gain().clone(),
-                c.bias().clone(),
-            ])
-        };
-        let inner: Vec<&WnConv2d> = self
+    /// `name` under this network's prefix.
+    fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// The trainable parameters by full name, in the weight-normalised packed order of
+    /// `nvp_kernels::ResNetShape::param_len_weight_norm`: the input convolution's `v`,
+    /// `g` and bias; the inner convolutions' grouped (all `v`, all `g`, all biases);
+    /// the batch norms' weights and biases; the output convolution's `v`, `g`, bias.
+    /// The one layout both of [`ResNet::param_group`] and
+    /// [`ResNet::packed_raw_params`].
+    fn raw_params(&self) -> Vec<(String, &Tensor)> {
+        fn conv<'a>(name: &str, c: &'a WnConv2d) -> [(String, &'a Tensor); 3] {
+            [
+                (format!("{name}.v"), c.direction()),
+                (format!("{name}.g"), c.gain()),
+                (format!("{name}.bias"), c.bias()),
+            ]
+        }
+        let inner: Vec<[(String, &Tensor); 3]> = self
             .blocks
             .iter()
-            .flat_map(|b| [&b.conv1, &b.conv2])
+            .enumerate()
+            .flat_map(|(i, b)| {
+                [
+                    conv(&format!("blocks.{i}.conv1"), &b.conv1),
+                    conv(&format!("blocks.{i}.conv2"), &b.conv2),
+                ]
+            })
             .collect();
-        let mut parts = Vec::with_capacity(6 + 10 * self.blocks.len());
-        parts.extend(raw(&self.inp)?);
-        for c in &inner {
-            parts.push(c.direction().flatten_all()?);
+        let norm_names = (0..self.blocks.len())
+            .flat_map(|i| [format!("blocks.{i}.bn1"), format!("blocks.{i}.bn2")])
+            .chain(std::iter::once("bn_out".to_string()));
+        let mut out: Vec<(String, &Tensor)> = Vec::with_capacity(6 + 10 * self.blocks.len());
+        out.extend(conv("inp", &self.inp));
+        for k in 0..3 {
+            out.extend(inner.iter().map(|c| c[k].clone()));
         }
-        parts.extend(inner.iter().map(|c| c.gain().clone()));
-        parts.extend(inner.iter().map(|c| c.bias().clone()));
-        for n in self.batch_norms() {
+        for (name, n) in norm_names.zip(self.batch_norms()) {
             let (w, b) = n.affine();
-            parts.extend([w.clone(), b.clone()]);
+            out.extend([(format!("{name}.weight"), w), (format!("{name}.bias"), b)]);
         }
-        parts.extend(raw(&self.out)?);
+        out.extend(conv("out", &self.out));
+        out.into_iter()
+            .map(|(n, t)| (self.full_name(&n), t))
+            .collect()
+    }
+
+    /// All parameters concatenated in [`ResNet::raw_params`]' order, directions
+    /// flattened. Both one-node training paths take it (`nvp_kernels::resnet_train`,
+    /// `nvp_kernels::resnet_train_ops`); each normalises the weights itself.
+    fn packed_raw_params(&self) -> Result<Tensor> {
+        let parts = self
+            .raw_params()
+            .into_iter()
+            .map(|(_, t)| t.flatten_all())
+            .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&parts, 0)
     }
 
