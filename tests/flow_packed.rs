@@ -238,28 +238,41 @@ fn checkpoints_move_between_packed_and_unpacked_stores() {
 }
 
 /// A model built over the store's frozen (graph-free) views sees the packed values and
-/// their later updates; evaluation gives the unpacked model's bits.
+/// their later updates; evaluation gives the unpacked model's bits, in f64 (candle's
+/// ops) and in f32 (the fast CPU kernels reading the views at their offsets), with the
+/// weights normalised once (`fix_weights`, as `nvp eval` does) or in every batch; and
+/// the inverse too.
 #[test]
 fn frozen_models_over_a_packed_store_follow_it() {
     let cfg = small_model_config();
-    let (plain, _) = build(&cfg, DType::F64, 41, false);
-    let (packed, _) = build(&cfg, DType::F64, 41, true);
-    randomise(&plain, 42);
-    randomise(&packed, 42);
-    let frozen = |s: &ParamStore| {
-        RealNvp::new(&cfg, s.frozen_var_builder(DType::F64, &Device::Cpu)).unwrap()
-    };
-    let (fa, fb) = (frozen(&plain), frozen(&packed));
-    let x = randn(&[3, 3, 8, 8], 1.0, DType::F64, &mut rng(43));
-    let lp = |m: &RealNvp| m.log_prob(&x, Mode::Eval).unwrap();
-    assert!(bits(&lp(&fa)) == bits(&lp(&fb)));
-    randomise(&plain, 44);
-    randomise(&packed, 44);
-    assert!(
-        bits(&lp(&fa)) == bits(&lp(&fb)),
-        "after an update of the stores"
-    );
-    assert!(!lp(&fb).track_op(), "no graph");
+    for dtype in [DType::F64, DType::F32] {
+        let (plain, _) = build(&cfg, dtype, 41, false);
+        let (packed, _) = build(&cfg, dtype, 41, true);
+        randomise(&plain, 42);
+        randomise(&packed, 42);
+        let frozen = |s: &ParamStore| {
+            RealNvp::new(&cfg, s.frozen_var_builder(dtype, &Device::Cpu)).unwrap()
+        };
+        let (fa, fb) = (frozen(&plain), frozen(&packed));
+        let x = randn(&[3, 3, 8, 8], 1.0, dtype, &mut rng(43));
+        let lp = |m: &RealNvp| m.log_prob(&x, Mode::Eval).unwrap();
+        assert!(bits(&lp(&fa)) == bits(&lp(&fb)), "{dtype:?}");
+        let (za, _) = fa.encode(&x, Mode::Eval).unwrap();
+        let (zb, _) = fb.encode(&x, Mode::Eval).unwrap();
+        let back = |m: &RealNvp, z: &[Tensor]| m.decode(z).unwrap();
+        assert!(bits(&back(&fa, &za)) == bits(&back(&fb, &zb)), "{dtype:?}: inverse");
+        randomise(&plain, 44);
+        randomise(&packed, 44);
+        assert!(
+            bits(&lp(&fa)) == bits(&lp(&fb)),
+            "{dtype:?}: after an update of the stores"
+        );
+        assert!(!lp(&fb).track_op(), "no graph");
+        let (mut fa, mut fb) = (frozen(&plain), frozen(&packed));
+        fa.fix_weights().unwrap();
+        fb.fix_weights().unwrap();
+        assert!(bits(&lp(&fa)) == bits(&lp(&fb)), "{dtype:?}: fixed weights");
+    }
 }
 
 #[test]
