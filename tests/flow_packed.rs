@@ -250,9 +250,8 @@ fn frozen_models_over_a_packed_store_follow_it() {
         let (packed, _) = build(&cfg, dtype, 41, true);
         randomise(&plain, 42);
         randomise(&packed, 42);
-        let frozen = |s: &ParamStore| {
-            RealNvp::new(&cfg, s.frozen_var_builder(dtype, &Device::Cpu)).unwrap()
-        };
+        let frozen =
+            |s: &ParamStore| RealNvp::new(&cfg, s.frozen_var_builder(dtype, &Device::Cpu)).unwrap();
         let (fa, fb) = (frozen(&plain), frozen(&packed));
         let x = randn(&[3, 3, 8, 8], 1.0, dtype, &mut rng(43));
         let lp = |m: &RealNvp| m.log_prob(&x, Mode::Eval).unwrap();
@@ -260,7 +259,10 @@ fn frozen_models_over_a_packed_store_follow_it() {
         let (za, _) = fa.encode(&x, Mode::Eval).unwrap();
         let (zb, _) = fb.encode(&x, Mode::Eval).unwrap();
         let back = |m: &RealNvp, z: &[Tensor]| m.decode(z).unwrap();
-        assert!(bits(&back(&fa, &za)) == bits(&back(&fb, &zb)), "{dtype:?}: inverse");
+        assert!(
+            bits(&back(&fa, &za)) == bits(&back(&fb, &zb)),
+            "{dtype:?}: inverse"
+        );
         randomise(&plain, 44);
         randomise(&packed, 44);
         assert!(

@@ -259,7 +259,7 @@ pub fn load_model(
     settings: &Settings,
     device: &Device,
 ) -> Result<(ParamStore, RealNvp)> {
-    let (store, _trainable) = crate::model::build(settings, device)?;
+    let (store, _trainable) = crate::model::build_for_inference(settings, device)?;
     load_into(&store, path, device)?;
     let mut frozen = crate::model::frozen(settings, &store, device)?;
     frozen.fix_weights()?;

@@ -6,15 +6,26 @@ use nvp_flow::{ParamStore, RealNvp};
 
 use crate::settings::Settings;
 
-/// A freshly initialised model (seeded by `train.seed`). Each s/t network's
-/// parameters are packed into one flat variable where its training runs as one op
-/// (`nvp_kernels::resnet_one_node_enabled`: f32 on the CPU by default; on a GPU with
-/// `NVP_RESNET_OPS=1`; `NVP_PACK_PARAMS=0` never packs); checkpoints hold the same
+/// A freshly initialised model for training (seeded by `train.seed`). Each s/t
+/// network's parameters are packed into one flat variable where its training runs as
+/// one op (`nvp_kernels::resnet_one_node_enabled`: f32 on the CPU by default; on a GPU
+/// with `NVP_RESNET_OPS=1`; `NVP_PACK_PARAMS=0` never packs); checkpoints hold the same
 /// names either way.
 pub fn build(s: &Settings, device: &Device) -> Result<(ParamStore, RealNvp)> {
-    let store = ParamStore::new(s.train.seed);
     let pack = nvp_kernels::pack_params_enabled()
         && nvp_kernels::resnet_one_node_enabled(device, DType::F32);
+    build_with(s, device, pack)
+}
+
+/// A freshly initialised model for evaluation and sampling only: its parameters are
+/// never packed (packing serves a training step; here it would only copy them once
+/// more at load time).
+pub fn build_for_inference(s: &Settings, device: &Device) -> Result<(ParamStore, RealNvp)> {
+    build_with(s, device, false)
+}
+
+fn build_with(s: &Settings, device: &Device, pack: bool) -> Result<(ParamStore, RealNvp)> {
+    let store = ParamStore::new(s.train.seed);
     let model = if pack {
         RealNvp::new_packed(&s.model, &store, DType::F32, device)
     } else {
