@@ -63,15 +63,31 @@ fn packing_keeps_names_and_initial_values_and_leaves_one_variable_per_network() 
     let (plain, model) = build(&cfg, DType::F32, 5, false);
     let (packed, _) = build(&cfg, DType::F32, 5, true);
     assert_same("initial values", &plain.tensors(), &packed.tensors());
-    let groups = model.param_groups();
-    assert_eq!(groups.len(), model.num_couplings());
-    // Each network: inp and out (3 tensors each), per block two batch norms (2 each)
-    // and two convolutions (3 each), and the output batch norm.
-    for (g, members) in &groups {
-        assert!(g.ends_with(".packed"), "{g}");
-        assert_eq!(members.len(), 6 + 10 * cfg.res_blocks + 2, "{g}");
+    let all_groups = model.param_groups();
+    assert_eq!(all_groups.len(), 3 * model.num_couplings());
+    // Each network: its trainable parameters — inp and out (3 tensors each), per block
+    // two batch norms (2 each) and two convolutions (3 each), and the output batch norm
+    // — and its 2·blocks + 1 batch norms' running means and running variances.
+    let norms = 2 * cfg.res_blocks + 1;
+    for (g, members) in &all_groups {
+        let want = if g.ends_with(".packed") {
+            6 + 10 * cfg.res_blocks + 2
+        } else {
+            assert!(g.ends_with(".packed_running_mean") || g.ends_with(".packed_running_var"));
+            assert!(is_buffer(g) && members.iter().all(|m| is_buffer(m)), "{g}");
+            norms
+        };
+        assert_eq!(members.len(), want, "{g}");
         assert_eq!(packed.group_members(g).unwrap().len(), members.len());
     }
+    let groups: Vec<_> = all_groups.iter().filter(|(g, _)| !is_buffer(g)).collect();
+    // Buffer variables: each network's two groups, and each coupling-output batch
+    // norm's own two, left single.
+    let buffer_vars = packed
+        .named_vars()
+        .into_iter()
+        .filter(|(n, _)| is_buffer(n));
+    assert_eq!(buffer_vars.count(), 4 * model.num_couplings());
     // What stays single: the couplings' tanh scales and output batch norms' learned
     // affine — nothing of a network.
     let singles: Vec<String> = packed
@@ -99,7 +115,7 @@ fn packing_keeps_names_and_initial_values_and_leaves_one_variable_per_network() 
     assert_eq!(packed.num_buffers(), plain.num_buffers());
     // Packing an already packed store changes nothing.
     let again = RealNvp::new_packed(&cfg, &packed, DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(again.param_groups(), groups);
+    assert_eq!(again.param_groups(), all_groups);
     assert_same("packed twice", &plain.tensors(), &packed.tensors());
 }
 
@@ -287,7 +303,8 @@ fn pack_refuses_what_cannot_be_packed() {
     let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let err = |g: &str, m: &[&str]| store.pack(g, &names(m)).unwrap_err().to_string();
     assert!(err("g", &["a", "c"]).contains("`c`"));
-    assert!(err("g", &["a", "bn.running_mean"]).contains("buffer"));
+    assert!(err("g", &["a", "bn.running_mean"]).contains("a buffer"));
+    assert!(err("g.running_mean", &["a"]).contains("trainable"));
     assert!(err("g", &["a", "a"]).contains("twice"));
     assert!(err("b", &["a"]).contains("taken"));
     assert!(err("g", &[]).contains("empty"));

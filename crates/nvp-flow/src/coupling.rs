@@ -137,9 +137,9 @@ impl<N: Conditioner> AffineCoupling<N> {
         self.net.fix_weights()
     }
 
-    /// The conditioner's packable parameters ([`Conditioner::param_group`]).
-    pub fn param_group(&self) -> Option<(String, Vec<String>)> {
-        self.net.param_group()
+    /// The conditioner's packable groups ([`Conditioner::param_groups`]).
+    pub fn param_groups(&self) -> Vec<(String, Vec<String>)> {
+        self.net.param_groups()
     }
 
     /// The learned tanh scale and the conditioner's weight-norm gains.

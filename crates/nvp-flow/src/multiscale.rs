@@ -440,22 +440,24 @@ impl RealNvp {
             .collect()
     }
 
-    /// Each s/t network's packed-parameter group: the flat variable's name and its
+    /// Each s/t network's packed groups — its trainable parameters, its batch norms'
+    /// running means, their running variances: the flat variable's name and its
     /// members' names ([`crate::ParamStore::pack`]).
     pub fn param_groups(&self) -> Vec<(String, Vec<String>)> {
         self.scales
             .iter()
             .flat_map(|s| s.checker.iter().chain(&s.channel))
-            .filter_map(|st| st.coupling.param_group())
+            .flat_map(|st| st.coupling.param_groups())
             .collect()
     }
 
     /// [`RealNvp::new`] over `store`, with each s/t network's trainable parameters
-    /// packed into one flat variable ([`RealNvp::param_groups`],
-    /// [`ParamStore::pack`]): the same model, values and checkpoint names, with the
-    /// network's parameters as one tensor for autograd and the optimizer, and no
-    /// per-step concatenation for the one-node training ops
-    /// (`nvp_kernels::resnet_train`, `nvp_kernels::resnet_train_ops`). Where those
+    /// packed into one flat variable, and its running statistics into two more
+    /// ([`RealNvp::param_groups`], [`ParamStore::pack`]): the same model, values and
+    /// checkpoint names, with the network's parameters as one tensor for autograd and
+    /// the optimizer, no per-step concatenation for the one-node training ops
+    /// (`nvp_kernels::resnet_train`, `nvp_kernels::resnet_train_ops`), and one update
+    /// of the network's running averages per step. Where those
     /// ops do not run (f64 on the CPU, a GPU without `NVP_RESNET_OPS`), the layers
     /// read their parameters through views of the flat variable, and each view's
     /// gradient is padded to the whole group's size: correct but slower, so pack only

@@ -233,10 +233,13 @@ impl BatchNorm {
     /// the running averages towards the batch `mean` and biased `var` (`(C)`) of `count`
     /// values per channel, with the unbiased variance as PyTorch does.
     pub fn record_batch_stats(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
-        let unbiased = count as f64 / (count.max(2) - 1) as f64;
-        let m = self.cfg.momentum;
-        update_running(&self.running_mean, mean, m)?;
-        update_running_scaled(&self.running_var, var, m, unbiased)
+        record_running(
+            (&self.running_mean, &self.running_var),
+            mean,
+            var,
+            count,
+            self.cfg.momentum,
+        )
     }
 
     /// Whether the fused kernels of `nvp-kernels` take `x` and these parameters.
@@ -344,6 +347,21 @@ impl BatchNorm {
         let shift = (self.bias.reshape(fs)? - mean.broadcast_mul(&scale)?)?;
         x.broadcast_mul(&scale)?.broadcast_add(&shift)
     }
+}
+
+/// [`BatchNorm::record_batch_stats`] into the running averages `running` (`(mean,
+/// var)`): of one batch norm, or of several side by side (their batch statistics
+/// likewise, each norm's over the same `count` values).
+pub(crate) fn record_running(
+    running: (&Tensor, &Tensor),
+    mean: &Tensor,
+    var: &Tensor,
+    count: usize,
+    momentum: f64,
+) -> Result<()> {
+    let unbiased = count as f64 / (count.max(2) - 1) as f64;
+    update_running(running.0, mean, momentum)?;
+    update_running_scaled(running.1, var, momentum, unbiased)
 }
 
 /// `running ← (1 − m)·running + m·batch`, in place, outside the graph.

@@ -78,11 +78,13 @@ impl ParamStore {
         }
     }
 
-    /// Moves the parameters `members` (existing, trainable, of one dtype and device)
-    /// into one flat variable named `group`, in that order; each member's name then
-    /// stands for a view of its slice. Values do not change. Build the model again
-    /// over [`ParamStore::var_builder`] afterwards: layers built before keep the old,
-    /// separate tensors, which no longer train.
+    /// Moves the tensors `members` (existing, of one dtype and device) into one flat
+    /// variable named `group`, in that order; each member's name then stands for a
+    /// view of its slice. Values do not change. The members are all trainable, or all
+    /// buffers (running statistics) under a group name that is a buffer's too
+    /// ([`is_buffer`]), so that the group is classed as they are. Build the model
+    /// again over [`ParamStore::var_builder`] afterwards: layers built before keep the
+    /// old, separate tensors, which no longer train or update the store.
     pub fn pack(&self, group: &str, members: &[String]) -> Result<()> {
         if self.contains_tensor(group) {
             candle_core::bail!("cannot pack into `{group}`: the name is taken");
@@ -102,8 +104,13 @@ impl ParamStore {
                     "cannot pack `{name}` into `{group}`: no such single parameter"
                 ))
             })?;
-            if is_buffer(name) {
-                candle_core::bail!("cannot pack `{name}` into `{group}`: it is a buffer");
+            if is_buffer(name) != is_buffer(group) {
+                let (kind, other) = if is_buffer(name) {
+                    ("a buffer", "a trainable group")
+                } else {
+                    ("trainable", "a buffer group")
+                };
+                candle_core::bail!("cannot pack `{name}` ({kind}) into `{group}` ({other})");
             }
             if let Some(first) = parts.first() {
                 let first: &Tensor = first;

@@ -21,11 +21,11 @@ pub trait Conditioner: Send + Sync {
         Vec::new()
     }
 
-    /// The name of a flat variable that may hold this network's trainable
-    /// parameters, and their names in its order (see [`crate::ParamStore::pack`]);
-    /// `None` (the default) for a network that gains nothing from one.
-    fn param_group(&self) -> Option<(String, Vec<String>)> {
-        None
+    /// Flat variables that may hold this network's tensors: each one's name and its
+    /// members' names in its order (see [`crate::ParamStore::pack`]); none (the
+    /// default) for a network that gains nothing from them.
+    fn param_groups(&self) -> Vec<(String, Vec<String>)> {
+        Vec::new()
     }
 
     /// Computes derived weights (weight normalisation) once, for a network whose

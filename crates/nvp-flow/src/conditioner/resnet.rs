@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 
 use super::Conditioner;
 use crate::flow::Mode;
-use crate::nn::{BatchNorm, BatchNormConfig, WnConv2d, WnConvConfig};
+use crate::nn::{record_running, BatchNorm, BatchNormConfig, WnConv2d, WnConvConfig};
 
 /// Shape of a [`ResNet`].
 #[derive(Debug, Clone, Copy)]
@@ -62,8 +62,11 @@ impl ResBlock {
     }
 }
 
-/// The name of a network's packed parameters, under its prefix.
+/// The names of a network's packed variables, under its prefix: the trainable
+/// parameters, and the batch norms' running means and variances (buffers).
 const PACKED: &str = "packed";
+const PACKED_MEAN: &str = "packed_running_mean";
+const PACKED_VAR: &str = "packed_running_var";
 
 /// A train-mode network as one op: `(x, packed parameters, shape, eps)`.
 type Fused =
@@ -73,10 +76,12 @@ type Fused =
 /// `blocks.{i}.{bn1,conv1,bn2,conv2}.*`, `bn_out.*`, `out.{v,g,bias}`.
 ///
 /// Its trainable parameters can live in one flat variable, `packed` under the
-/// network's prefix ([`ResNet::param_group`], [`crate::ParamStore::pack`]): built over
-/// such a store, the network hands that variable to its one-node training op as it
-/// is, where it would otherwise concatenate the ~90 tensors in every step, and
-/// autograd and the optimizer see one tensor.
+/// network's prefix, and its batch norms' running means and variances in two more
+/// (`packed_running_mean`, `packed_running_var`; [`ResNet::param_groups`],
+/// [`crate::ParamStore::pack`]). Built over such a store, the network hands the first
+/// to its one-node training op as it is, where it would otherwise concatenate the ~90
+/// tensors in every step (autograd and the optimizer see one tensor), and moves all
+/// its running averages in one update per step instead of one per batch norm.
 #[derive(Debug, Clone)]
 pub struct ResNet {
     inp: WnConv2d,
@@ -87,6 +92,8 @@ pub struct ResNet {
     prefix: String,
     /// The packed variable, where the store holds one.
     packed: Option<Tensor>,
+    /// The packed running means and variances, where the store holds them.
+    running: Option<(Tensor, Tensor)>,
 }
 
 impl ResNet {
@@ -115,9 +122,14 @@ impl ResNet {
             out,
             prefix: vb.prefix(),
             packed: None,
+            running: None,
         };
         if vb.contains_tensor(PACKED) {
             net.packed = Some(vb.get(net.shape().param_len_weight_norm(), PACKED)?);
+        }
+        if vb.contains_tensor(PACKED_MEAN) && vb.contains_tensor(PACKED_VAR) {
+            let len = net.norm_names().len() * f;
+            net.running = Some((vb.get(len, PACKED_MEAN)?, vb.get(len, PACKED_VAR)?));
         }
         Ok(net)
     }
@@ -131,12 +143,32 @@ impl ResNet {
         }
     }
 
-    /// The packed variable's name and its members' names, in the packed order of
-    /// `nvp_kernels::ResNetShape::param_len_weight_norm` (see
-    /// [`crate::ParamStore::pack`]).
-    pub fn param_group(&self) -> (String, Vec<String>) {
+    /// The packed variables' names and their members' names (see
+    /// [`crate::ParamStore::pack`]): the trainable parameters in the packed order of
+    /// `nvp_kernels::ResNetShape::param_len_weight_norm`, then the batch norms'
+    /// running means and running variances, each in the order of the batch statistics
+    /// the one-node ops return.
+    pub fn param_groups(&self) -> Vec<(String, Vec<String>)> {
         let names = self.raw_params().into_iter().map(|(n, _)| n).collect();
-        (self.full_name(PACKED), names)
+        let running = |stat: &str| -> Vec<String> {
+            self.norm_names()
+                .iter()
+                .map(|n| self.full_name(&format!("{n}.{stat}")))
+                .collect()
+        };
+        vec![
+            (self.full_name(PACKED), names),
+            (self.full_name(PACKED_MEAN), running("running_mean")),
+            (self.full_name(PACKED_VAR), running("running_var")),
+        ]
+    }
+
+    /// The batch norms' names under this network, in [`ResNet::batch_norms`]' order.
+    fn norm_names(&self) -> Vec<String> {
+        (0..self.blocks.len())
+            .flat_map(|i| [format!("blocks.{i}.bn1"), format!("blocks.{i}.bn2")])
+            .chain(std::iter::once("bn_out".to_string()))
+            .collect()
     }
 
     /// `name` under this network's prefix.
@@ -173,15 +205,12 @@ impl ResNet {
                 ]
             })
             .collect();
-        let norm_names = (0..self.blocks.len())
-            .flat_map(|i| [format!("blocks.{i}.bn1"), format!("blocks.{i}.bn2")])
-            .chain(std::iter::once("bn_out".to_string()));
         let mut out: Vec<(String, &Tensor)> = Vec::with_capacity(6 + 10 * self.blocks.len());
         out.extend(conv("inp", &self.inp));
         for k in 0..3 {
             out.extend(inner.iter().map(|c| c[k].clone()));
         }
-        for (name, n) in norm_names.zip(self.batch_norms()) {
+        for (name, n) in self.norm_names().into_iter().zip(self.batch_norms()) {
             let (w, b) = n.affine();
             out.extend([(format!("{name}.weight"), w), (format!("{name}.bias"), b)]);
         }
@@ -237,8 +266,20 @@ impl ResNet {
         };
         let shape = self.shape();
         let out = run(x, &packed, shape, eps)?;
-        for (bn, (mean, var)) in self.batch_norms().zip(&out.stats) {
-            bn.record_batch_stats(mean, var, n * h * w)?;
+        let momentum = self.bn_out.config().momentum;
+        match &self.running {
+            // One update of all the running averages, side by side as in the store.
+            Some((rm, rv)) if self.batch_norms().all(|b| b.config().momentum == momentum) => {
+                let (means, vars): (Vec<&Tensor>, Vec<&Tensor>) =
+                    out.stats.iter().map(|(m, v)| (m, v)).unzip();
+                let (means, vars) = (Tensor::cat(&means, 0)?, Tensor::cat(&vars, 0)?);
+                record_running((rm, rv), &means, &vars, n * h * w, momentum)?;
+            }
+            _ => {
+                for (bn, (mean, var)) in self.batch_norms().zip(&out.stats) {
+                    bn.record_batch_stats(mean, var, n * h * w)?;
+                }
+            }
         }
         Ok(Some(out.y))
     }
@@ -267,8 +308,8 @@ impl Conditioner for ResNet {
         self.out.fix_weight()
     }
 
-    fn param_group(&self) -> Option<(String, Vec<String>)> {
-        Some(ResNet::param_group(self))
+    fn param_groups(&self) -> Vec<(String, Vec<String>)> {
+        ResNet::param_groups(self)
     }
 
     fn scale_parameters(&self) -> Vec<Tensor> {
