@@ -290,8 +290,9 @@ for v in "${SWITCHES[@]}"; do
   run_part "d_bench_paper_only_$v" 60 env "$v=1" "$NVP" bench --config configs/cifar10.toml "${AB_ARGS[@]}"
 done
 # NVP_RESNET_OPS=1 also packs each s/t network's parameters into one variable (20
-# parameter tensors for cifar10 instead of 890); this run keeps them separate, so that
-# the packing's own share shows against d_bench_paper_only_NVP_RESNET_OPS.
+# parameter tensors for cifar10 instead of 890) and its running statistics into two
+# (40 buffer tensors instead of 360); this run keeps them separate, so that the
+# packing's own share shows against d_bench_paper_only_NVP_RESNET_OPS.
 run_part d_bench_paper_ops_unpacked 60 env NVP_RESNET_OPS=1 NVP_PACK_PARAMS=0 "$NVP" bench --config configs/cifar10.toml "${AB_ARGS[@]}"
 # The defaults again, after the others (the machine's drift shows against the first).
 run_part d_bench_paper_again 60 "$NVP" bench --config configs/cifar10.toml "${AB_ARGS[@]}"
