@@ -471,15 +471,20 @@ impl RealNvp {
         device: &Device,
     ) -> Result<Self> {
         let model = Self::new(cfg, store.var_builder(dtype, device))?;
-        let mut packed_any = false;
-        for (group, members) in model.param_groups() {
-            if store.group_members(&group).is_none() {
-                store.pack(&group, &members)?;
-                packed_any = true;
-            }
-        }
-        if !packed_any {
+        let groups: Vec<_> = model
+            .param_groups()
+            .into_iter()
+            .filter(|(g, _)| store.group_members(g).is_none())
+            .collect();
+        if groups.is_empty() {
             return Ok(model);
+        }
+        // The first build's separate tensors are freed group by group as they are
+        // packed (the store then holds the only other reference), so that each
+        // group's memory can serve the next rather than all of it lingering.
+        drop(model);
+        for (group, members) in groups {
+            store.pack(&group, &members)?;
         }
         Self::new(cfg, store.var_builder(dtype, device))
     }
