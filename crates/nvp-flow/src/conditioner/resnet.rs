@@ -184,7 +184,7 @@ impl ResNet {
     /// `nvp_kernels::ResNetShape::param_len_weight_norm`: the input convolution's `v`,
     /// `g` and bias; the inner convolutions' grouped (all `v`, all `g`, all biases);
     /// the batch norms' weights and biases; the output convolution's `v`, `g`, bias.
-    /// The one layout both of [`ResNet::param_group`] and
+    /// The one layout both of [`ResNet::param_groups`] and
     /// [`ResNet::packed_raw_params`].
     fn raw_params(&self) -> Vec<(String, &Tensor)> {
         fn conv<'a>(name: &str, c: &'a WnConv2d) -> [(String, &'a Tensor); 3] {
