@@ -67,11 +67,7 @@ fn model_packed(device: &Device, dtype: DType, packed: bool) -> (ParamStore, Rea
     let _ = RealNvp::new(&cfg(), cpu.var_builder(DType::F64, &Device::Cpu)).unwrap();
     randomise(&cpu, 6);
     let store = ParamStore::new(5);
-    let m = if packed {
-        RealNvp::new_packed(&cfg(), &store, dtype, device).unwrap()
-    } else {
-        RealNvp::new(&cfg(), store.var_builder(dtype, device)).unwrap()
-    };
+    let m = build_model(&cfg(), &store, dtype, device, packed);
     store.load_tensors(&cpu.tensors()).unwrap();
     (store, m)
 }

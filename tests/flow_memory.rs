@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use candle_core::{DType, Device};
 use common::*;
-use nvp::flow::{Mode, ParamStore, RealNvp, RealNvpConfig};
+use nvp::flow::{Mode, ParamStore, RealNvpConfig};
 use nvp_kernels::tuning;
 
 /// Bytes allocated and not yet freed.
@@ -84,11 +84,7 @@ fn step(dtype: DType, packed: bool) -> Step {
         ..RealNvpConfig::cifar10()
     };
     let store = ParamStore::new(41);
-    let model = if packed {
-        RealNvp::new_packed(&cfg, &store, dtype, &Device::Cpu).unwrap()
-    } else {
-        RealNvp::new(&cfg, store.var_builder(dtype, &Device::Cpu)).unwrap()
-    };
+    let model = build_model(&cfg, &store, dtype, &Device::Cpu, packed);
     randomise(&store, 42);
     let x = randn(&[2, 3, 8, 8], 1.0, dtype, &mut rng(43));
     let loss = || model.log_prob(&x, Mode::Train).unwrap().mean_all().unwrap();

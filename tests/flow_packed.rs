@@ -46,11 +46,7 @@ fn assert_same(what: &str, a: &HashMap<String, Tensor>, b: &HashMap<String, Tens
 
 fn build(cfg: &RealNvpConfig, dtype: DType, seed: u64, packed: bool) -> (ParamStore, RealNvp) {
     let store = ParamStore::new(seed);
-    let model = if packed {
-        RealNvp::new_packed(cfg, &store, dtype, &Device::Cpu).unwrap()
-    } else {
-        RealNvp::new(cfg, store.var_builder(dtype, &Device::Cpu)).unwrap()
-    };
+    let model = build_model(cfg, &store, dtype, &Device::Cpu, packed);
     (store, model)
 }
 
@@ -177,32 +173,26 @@ fn adam_steps_and_state_do_not_depend_on_the_packing() {
         (store, adam, seen)
     };
     // The flat update is the GPU's (the gradients concatenated); on the CPU, in place.
+    // The in-place run's stores and optimizers are kept for the state checks below.
+    let mut last = None;
     for mode in [UpdateMode::Flat, UpdateMode::Auto] {
-        let (plain, _, steps_plain) = run(false, mode);
-        let (packed, _, steps_packed) = run(true, mode);
+        let (plain, adam_plain, steps_plain) = run(false, mode);
+        let (packed, adam_packed, steps_packed) = run(true, mode);
+        assert!(packed.trainable_vars().len() < plain.trainable_vars().len());
         for (i, ((na, ta), (nb, tb))) in steps_plain.iter().zip(&steps_packed).enumerate() {
+            // The norm sums the squares per variable, so a packed group's differs in
+            // the order of its additions: to rounding (the update, unclipped here,
+            // does not use it).
             assert!(
                 (na - nb).abs() <= 1e-14 * na,
-                "{mode:?}, step {i}: {na} vs {nb}"
+                "{mode:?}, step {i}: gradient norm {na} vs {nb}"
             );
             assert!(ta == tb, "{mode:?}, step {i}: parameters differ");
         }
         assert_same("after 3 steps", &plain.tensors(), &packed.tensors());
+        last = Some((adam_plain, adam_packed));
     }
-    let (plain, adam_plain, steps_plain) = run(false, UpdateMode::Auto);
-    let (packed, adam_packed, steps_packed) = run(true, UpdateMode::Auto);
-    assert!(packed.trainable_vars().len() < plain.trainable_vars().len());
-    for (i, ((na, ta), (nb, tb))) in steps_plain.iter().zip(&steps_packed).enumerate() {
-        // The norm sums the squares per variable, so a packed group's differs in
-        // the order of its additions: to rounding (the update, unclipped here, does
-        // not use it).
-        assert!(
-            (na - nb).abs() <= 1e-14 * na,
-            "step {i}: gradient norm {na} vs {nb}"
-        );
-        assert!(ta == tb, "step {i}: parameters differ");
-    }
-    assert_same("after 3 steps", &plain.tensors(), &packed.tensors());
+    let (adam_plain, adam_packed) = last.unwrap();
     let (state_plain, state_packed) = (adam_plain.state().unwrap(), adam_packed.state().unwrap());
     assert_same("Adam state", &state_plain, &state_packed);
     // The saved state is by member name, so it loads into the other packing.

@@ -290,15 +290,27 @@ pub fn train_pass(cfg: &RealNvpConfig, dtype: DType, seed: u64) -> TrainRun {
     train_pass_packed(cfg, dtype, seed, false)
 }
 
+/// `cfg` built over `store` in `dtype` on `device`, each s/t network's parameters
+/// packed into flat variables (`RealNvp::new_packed`) where `packed`.
+pub fn build_model(
+    cfg: &RealNvpConfig,
+    store: &ParamStore,
+    dtype: DType,
+    device: &Device,
+    packed: bool,
+) -> RealNvp {
+    if packed {
+        RealNvp::new_packed(cfg, store, dtype, device).unwrap()
+    } else {
+        RealNvp::new(cfg, store.var_builder(dtype, device)).unwrap()
+    }
+}
+
 /// [`train_pass`], with each s/t network's parameters packed into one variable
 /// (`RealNvp::new_packed`) where `packed`; the gradients by member name either way.
 pub fn train_pass_packed(cfg: &RealNvpConfig, dtype: DType, seed: u64, packed: bool) -> TrainRun {
     let store = ParamStore::new(seed);
-    let model = if packed {
-        RealNvp::new_packed(cfg, &store, dtype, &Device::Cpu).unwrap()
-    } else {
-        RealNvp::new(cfg, store.var_builder(dtype, &Device::Cpu)).unwrap()
-    };
+    let model = build_model(cfg, &store, dtype, &Device::Cpu, packed);
     randomise(&store, seed + 1);
     let dims = [4, cfg.channels, cfg.height, cfg.width];
     let x = randn(&dims, 1.0, dtype, &mut rng(seed + 2));

@@ -510,12 +510,7 @@ pub struct ResNetTrainOutput {
 /// Whether [`resnet_train`] takes these tensors: the fast CPU path is on (and the
 /// fused network, [`crate::tuning::set_fused_resnet`]), both are f32 on the CPU.
 pub fn resnet_train_applies(x: &Tensor, params: &Tensor) -> bool {
-    crate::fast_cpu_enabled()
-        && crate::fused_resnet_enabled()
-        && x.device().is_cpu()
-        && params.device().is_cpu()
-        && x.dtype() == DType::F32
-        && params.dtype() == DType::F32
+    fused_cpu_takes(x.device(), x.dtype()) && fused_cpu_takes(params.device(), params.dtype())
 }
 
 /// Whether an s/t network of parameters in `dtype` on `device` trains as one autograd
@@ -525,12 +520,16 @@ pub fn resnet_train_applies(x: &Tensor, params: &Tensor) -> bool {
 /// network reads them through views, each of whose gradients is padded to the whole
 /// vector.
 pub fn resnet_one_node_enabled(device: &candle_core::Device, dtype: DType) -> bool {
-    let one_node_cpu = crate::fast_cpu_enabled()
+    fused_cpu_takes(device, dtype) || crate::resnet_ops::ops_take(dtype)
+}
+
+/// Whether [`resnet_train`] takes tensors of `dtype` on `device` under the present
+/// switches.
+fn fused_cpu_takes(device: &candle_core::Device, dtype: DType) -> bool {
+    crate::fast_cpu_enabled()
         && crate::fused_resnet_enabled()
         && device.is_cpu()
-        && dtype == DType::F32;
-    let ops = crate::resnet_ops_enabled() && matches!(dtype, DType::F32 | DType::F64);
-    one_node_cpu || ops
+        && dtype == DType::F32
 }
 
 /// The residual s/t network in train mode (batch statistics in every batch norm, with

@@ -119,10 +119,13 @@ impl ResNetShape {
 /// ([`crate::resnet_ops_enabled`]), `x` and the packed parameters of one dtype (f32 or
 /// f64) on one device.
 pub fn resnet_train_ops_applies(x: &Tensor, params: &Tensor) -> bool {
-    crate::resnet_ops_enabled()
-        && x.dtype() == params.dtype()
-        && matches!(x.dtype(), DType::F32 | DType::F64)
-        && x.device().same_device(params.device())
+    ops_take(x.dtype()) && x.dtype() == params.dtype() && x.device().same_device(params.device())
+}
+
+/// Whether [`resnet_train_ops`] takes tensors of `dtype` (on any device) under the
+/// present switches.
+pub(crate) fn ops_take(dtype: DType) -> bool {
+    crate::resnet_ops_enabled() && matches!(dtype, DType::F32 | DType::F64)
 }
 
 /// The residual s/t network in train mode, on any device and in f32 or f64: `x` `(N,
