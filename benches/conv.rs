@@ -6,7 +6,7 @@
 //!
 //! Usage: `conv_bench [--reps N] [--ref-reps N] [--no-ref] [--shape N,C,K,H,W]...
 //! [--tile BYTES] [--tile-wgrad BYTES] [--no-split] [--no-winograd] [--wino-block BYTES]
-//! [--wgrad-factor F]` (default shapes: 64,64,64,32,32; 64,128,128,16,16; 64,32,64,32,32;
+//! [--wgrad-factor F] [--wgrad-always]` (default shapes: 64,64,64,32,32; 64,128,128,16,16; 64,32,64,32,32;
 //! the other flags set the hidden tuning knobs).
 
 use std::time::Instant;
@@ -172,6 +172,7 @@ pub fn main() {
                 nvp_kernels::tuning::set_winograd_wgrad_factor(f);
             }
             "--no-winograd" => nvp_kernels::tuning::set_winograd(false),
+            "--wgrad-always" => nvp_kernels::tuning::set_winograd_wgrad_always(true),
             "--tile" => {
                 let b = args
                     .next()

@@ -1542,16 +1542,36 @@ pub(crate) fn grad_weight_supported(d: ConvDims) -> bool {
 
 /// Whether the Winograd weight gradient is worth it: each block of tiles ends with
 /// `36·k·c` sums into the gradient, so it needs blocks of at least 32 tiles (few
-/// channels), and at least 4 of them to keep the threads busy. Otherwise im2col +
-/// GEMM is faster. Measured with `cargo bench --bench conv`, weight gradient, ms,
-/// Winograd / im2col: (N, C=K, H=W) = (64, 512, 8) 436 / 201 (16-tile blocks),
-/// (64, 512, 4) 324 / 72, (16, 256, 8) 21.5 / 12.4 (2 blocks), (64, 256, 4) 21.0 /
-/// 17.6, (64, 128, 8) 6.7 / 13.9 (4 blocks of 64), (64, 64, 12) 6.8 / 7.8.
+/// channels), and at least 4 of them to keep the threads busy
+/// ([`wgrad_block_tiles`]). Otherwise im2col + GEMM is faster. Measured with `cargo
+/// bench --bench conv`, weight gradient, ms, Winograd / im2col: (N, C=K, H=W) = (64,
+/// 512, 8) 436 / 201 (16-tile blocks), (64, 512, 4) 324 / 72, (16, 256, 8) 21.5 / 12.4
+/// (2 blocks), (64, 256, 4) 21.0 / 17.6, (64, 128, 8) 6.7 / 13.9 (4 blocks of 64),
+/// (64, 64, 12) 6.8 / 7.8.
 fn wgrad_pays(d: ConvDims) -> bool {
     let total = Tiles::of(d).total(d);
+    let nb = wgrad_block_tiles(d, total);
+    nb >= 32 && total >= 4 * nb
+}
+
+/// Tiles per block of the Winograd weight gradient: what its byte budget
+/// ([`WGRAD_BLOCK_FACTOR`] × [`BLOCK_BYTES`]) holds, or fewer where that leaves fewer
+/// than 4 blocks, so that the threads share the work. Before session 14 such sizes
+/// went to im2col + GEMM. Measured on a 2-vCPU Zen 4 (`cargo bench --bench conv --
+/// --no-ref --reps 11 --shape N,C,K,H,W [--no-winograd]`), weight gradient, ms, these
+/// blocks / im2col, (N, C, K, H=W): `cifar10-small`'s 16×16 networks (64, 32, 32, 16)
+/// 0.96 / 3.75, (64, 12, 32, 16) 0.41 / 1.38, (64, 32, 24, 16) 0.71 / 3.40;
+/// `imagenet32`'s and the 64×64 models' 8×8 ones (64, 64, 64, 8) 0.85 / 2.94, (64, 128,
+/// 24, 8) 0.83 / 4.01, (64, 24, 64, 8) 0.49 / 1.27, (64, 64, 48, 8) 0.68 / 2.60, (64,
+/// 12, 128, 8) 0.62 / 0.99, (64, 128, 96, 8) 2.24 / 7.20, (64, 48, 128, 8) 1.14 / 3.19.
+fn wgrad_block_tiles(d: ConvDims, total: usize) -> usize {
     let budget = BLOCK_BYTES.load(Ordering::Relaxed) * WGRAD_BLOCK_FACTOR.load(Ordering::Relaxed);
     let nb = block_tiles_for(budget, d.c, d.k, total);
-    nb >= 32 && total >= 4 * nb
+    if total >= 4 * nb {
+        nb
+    } else {
+        (total / 4 / NR * NR).clamp(NR, nb)
+    }
 }
 
 /// Weight gradient by Winograd F(4×4, 3×3): `dU[ξ] = Σ_tiles (A dY Aᵀ)[ξ] ·
@@ -1573,8 +1593,7 @@ pub(crate) fn conv3x3_grad_weight(
     let tiles = Tiles::of(d);
     let total = tiles.total(d);
     // Larger blocks than the forward's: each block ends with 36·k·c horizontal sums.
-    let budget = BLOCK_BYTES.load(Ordering::Relaxed) * WGRAD_BLOCK_FACTOR.load(Ordering::Relaxed);
-    let nb = block_tiles_for(budget, d.c, d.k, total);
+    let nb = wgrad_block_tiles(d, total);
     let blocks = total.div_ceil(nb);
     let threads = rayon::current_num_threads().max(1).min(blocks);
     let per = blocks.div_ceil(threads);
@@ -1849,6 +1868,36 @@ mod tests {
             }
         }
         out
+    }
+
+    /// The weight gradient's blocks (default budgets): the budget's where it leaves at
+    /// least 4 blocks, fewer tiles (a multiple of `NR`) where it would not, and
+    /// im2col + GEMM only where that would make blocks of under 32 tiles.
+    #[test]
+    fn weight_gradient_blocks_leave_work_for_the_threads() {
+        let d = |n, c, k, h| ConvDims { n, c, k, h, w: h };
+        let case = |d: ConvDims| {
+            let total = Tiles::of(d).total(d);
+            (total, wgrad_block_tiles(d, total), wgrad_pays(d))
+        };
+        // The budget's blocks: 2.5 MiB / (36 · 128 · 4 B) = 142 tiles → 128 (16 blocks).
+        assert_eq!(case(d(64, 64, 64, 32)), (4096, 128, true));
+        // `cifar10-small`'s 16×16 networks: 272 tiles a block would leave 3.8 blocks.
+        assert_eq!(case(d(64, 32, 32, 16)), (1024, 256, true));
+        // `imagenet32`'s 8×8 networks: 128-tile blocks would leave 2.
+        assert_eq!(case(d(64, 64, 64, 8)), (256, 64, true));
+        // 4×4 images: 64 tiles, blocks of 16: im2col (or the GEMM form) instead.
+        assert_eq!(case(d(64, 128, 96, 4)), (64, 16, false));
+        // Many channels: the budget holds only 16 tiles.
+        assert_eq!(case(d(64, 512, 512, 8)), (256, 16, false));
+        for dd in [d(64, 32, 32, 16), d(64, 64, 64, 8), d(7, 12, 32, 16)] {
+            let (total, nb, pays) = case(dd);
+            assert_eq!(nb % NR, 0);
+            assert!(
+                !pays || total.div_ceil(nb) >= 4,
+                "{dd:?}: {total} tiles, blocks of {nb}"
+            );
+        }
     }
 
     /// The weight gradient's back-transform, which sums the partial `dU`s as it reads

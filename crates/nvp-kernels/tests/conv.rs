@@ -428,6 +428,34 @@ fn real_shape_128_channels_16x16() {
     check_case(real_batch() / 2, 128, 128, 16, 16, 10);
 }
 
+/// `cifar10-small`'s inner 16×16 convolution, where the Winograd weight gradient pays
+/// only with blocks smaller than its byte budget (4 blocks of 256 tiles, not 3.8 of
+/// 272), taken by the kernels' own choice (not forced) and checked against f64.
+#[test]
+fn winograd_weight_gradient_in_short_blocks() {
+    let _guard = lock();
+    tuning::set_winograd_wgrad_always(false);
+    let (n, c, k, h, w) = (real_batch(), 32, 32, 16, 16);
+    let mut rng = StdRng::seed_from_u64(70);
+    let x = rand_tensor(&mut rng, &[n, c, h, w]);
+    let wt = rand_tensor(&mut rng, &[k, c, 3, 3]);
+    let r = rand_tensor(&mut rng, &[n, k, h, w]);
+    let fast = run(conv2d_3x3, &x, &wt, None, &r, DType::F32);
+    let want = run(conv2d_3x3_reference, &x, &wt, None, &r, DType::F64);
+    assert_close(
+        "(64, 32, 32, 16, 16) dw",
+        &fast.gw,
+        &want.gw,
+        REL_TOL_WINOGRAD,
+    );
+    assert_close(
+        "(64, 32, 32, 16, 16) dx",
+        &fast.gx,
+        &want.gx,
+        REL_TOL_WINOGRAD,
+    );
+}
+
 #[test]
 fn non_contiguous_inputs() {
     let mut rng = StdRng::seed_from_u64(11);
