@@ -504,31 +504,57 @@ fn backward_into(
                     .zip(xi.chunks_exact(hw).zip(di.chunks_exact(hw)))
                     .enumerate()
                 {
-                    let (m, a, s) = p.prologue().channel(ch);
-                    let (k1, k2) = k[ch];
                     let off = ((ci * per + ii) * c + ch) * hw;
-                    match add.get(off..off + hw) {
-                        Some(ar) => {
-                            for ((o, (&xv, &dv)), &av) in
-                                orow.iter_mut().zip(xr.iter().zip(dr)).zip(ar)
-                            {
-                                let xm = xv - m;
-                                let g = if !relu || xm * a + s >= 0.0 { dv } else { 0.0 };
-                                o.write(a * (g - k1 - xm * k2) + av);
-                            }
-                        }
-                        None => {
-                            for (o, (&xv, &dv)) in orow.iter_mut().zip(xr.iter().zip(dr)) {
-                                let xm = xv - m;
-                                let g = if !relu || xm * a + s >= 0.0 { dv } else { 0.0 };
-                                o.write(a * (g - k1 - xm * k2));
-                            }
-                        }
-                    }
+                    let row = DxRow {
+                        prologue: p.prologue().channel(ch),
+                        k: k[ch],
+                        relu,
+                    };
+                    bwd_dx_row(orow, xr, dr, add.get(off..off + hw), row);
                 }
             }
         });
     (dw, db)
+}
+
+/// One channel's constants for [`bwd_dx_row`]: the prologue `(centre, mult, shift)`,
+/// `(k1, k2)` and whether a ReLU follows.
+#[derive(Clone, Copy)]
+struct DxRow {
+    prologue: (f32, f32, f32),
+    k: (f32, f32),
+    relu: bool,
+}
+
+crate::util::multiversion! {
+    /// One row of [`backward_into`]'s input gradient: `mult·(dz − k1 − (x − centre)·k2)
+    /// (+ add)`, `dz` the output gradient masked by the ReLU. (Compiled twice, for the
+    /// baseline and for AVX2: the same operations, so the same bits.)
+    fn bwd_dx_row(
+        orow: &mut [MaybeUninit<f32>],
+        xr: &[f32],
+        dr: &[f32],
+        add: Option<&[f32]>,
+        row: DxRow
+    ) -> () {
+        let DxRow { prologue: (m, a, s), k: (k1, k2), relu } = row;
+        match add {
+            Some(ar) => {
+                for ((o, (&xv, &dv)), &av) in orow.iter_mut().zip(xr.iter().zip(dr)).zip(ar) {
+                    let xm = xv - m;
+                    let g = if !relu || xm * a + s >= 0.0 { dv } else { 0.0 };
+                    o.write(a * (g - k1 - xm * k2) + av);
+                }
+            }
+            None => {
+                for (o, (&xv, &dv)) in orow.iter_mut().zip(xr.iter().zip(dr)) {
+                    let xm = xv - m;
+                    let g = if !relu || xm * a + s >= 0.0 { dv } else { 0.0 };
+                    o.write(a * (g - k1 - xm * k2));
+                }
+            }
+        }
+    }
 }
 
 /// Batch-mode statistics of a slice (`n × c × hw`) with affine `(w, b)`, for a fused
