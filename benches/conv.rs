@@ -6,8 +6,8 @@
 //!
 //! Usage: `conv_bench [--reps N] [--ref-reps N] [--no-ref] [--shape N,C,K,H,W]...
 //! [--tile BYTES] [--tile-wgrad BYTES] [--no-split] [--no-winograd] [--wino-block BYTES]
-//! [--wgrad-factor F] [--wgrad-always]` (default shapes: 64,64,64,32,32; 64,128,128,16,16; 64,32,64,32,32;
-//! the other flags set the hidden tuning knobs).
+//! [--wgrad-factor F] [--wgrad-always]` (default shapes: 64,64,64,32,32; 64,128,128,16,16;
+//! 64,32,64,32,32; the other flags set the hidden tuning knobs).
 
 use std::time::Instant;
 

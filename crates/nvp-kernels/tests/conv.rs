@@ -226,7 +226,7 @@ fn winograd_partial_tiles_and_small_blocks() {
 fn winograd_weight_gradient_by_gemm_for_few_tiles() {
     let _guard = lock();
     tuning::set_winograd_wgrad_always(false);
-    for (i, &(n, c, k, h, w)) in [
+    for (i, &shape) in [
         (64, 128, 128, 4, 4),
         (4, 160, 128, 15, 13),
         (1, 256, 200, 32, 32),
@@ -234,16 +234,22 @@ fn winograd_weight_gradient_by_gemm_for_few_tiles() {
     .iter()
     .enumerate()
     {
-        let mut rng = StdRng::seed_from_u64(60 + i as u64);
-        let x = rand_tensor(&mut rng, &[n, c, h, w]);
-        let wt = rand_tensor(&mut rng, &[k, c, 3, 3]);
-        let r = rand_tensor(&mut rng, &[n, k, h, w]);
-        let fast = run(conv2d_3x3, &x, &wt, None, &r, DType::F32);
-        let want = run(conv2d_3x3_reference, &x, &wt, None, &r, DType::F64);
-        let tag = format!("(n={n}, c={c}, k={k}, h={h}, w={w})");
-        assert_close(&format!("{tag} dw"), &fast.gw, &want.gw, REL_TOL_WINOGRAD);
-        assert_close(&format!("{tag} dx"), &fast.gx, &want.gx, REL_TOL_WINOGRAD);
+        check_unforced_winograd(shape, 60 + i as u64);
     }
+}
+
+/// The weight and input gradients at `(n, c, k, h, w)`, by the algorithm the kernels
+/// choose themselves, against candle in f64 within the Winograd tolerance.
+fn check_unforced_winograd((n, c, k, h, w): (usize, usize, usize, usize, usize), seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let x = rand_tensor(&mut rng, &[n, c, h, w]);
+    let wt = rand_tensor(&mut rng, &[k, c, 3, 3]);
+    let r = rand_tensor(&mut rng, &[n, k, h, w]);
+    let fast = run(conv2d_3x3, &x, &wt, None, &r, DType::F32);
+    let want = run(conv2d_3x3_reference, &x, &wt, None, &r, DType::F64);
+    let tag = format!("(n={n}, c={c}, k={k}, h={h}, w={w})");
+    assert_close(&format!("{tag} dw"), &fast.gw, &want.gw, REL_TOL_WINOGRAD);
+    assert_close(&format!("{tag} dx"), &fast.gx, &want.gx, REL_TOL_WINOGRAD);
 }
 
 /// The residual form `conv2d_3x3_add`: without a graph the addition is fused into the
@@ -435,25 +441,7 @@ fn real_shape_128_channels_16x16() {
 fn winograd_weight_gradient_in_short_blocks() {
     let _guard = lock();
     tuning::set_winograd_wgrad_always(false);
-    let (n, c, k, h, w) = (real_batch(), 32, 32, 16, 16);
-    let mut rng = StdRng::seed_from_u64(70);
-    let x = rand_tensor(&mut rng, &[n, c, h, w]);
-    let wt = rand_tensor(&mut rng, &[k, c, 3, 3]);
-    let r = rand_tensor(&mut rng, &[n, k, h, w]);
-    let fast = run(conv2d_3x3, &x, &wt, None, &r, DType::F32);
-    let want = run(conv2d_3x3_reference, &x, &wt, None, &r, DType::F64);
-    assert_close(
-        "(64, 32, 32, 16, 16) dw",
-        &fast.gw,
-        &want.gw,
-        REL_TOL_WINOGRAD,
-    );
-    assert_close(
-        "(64, 32, 32, 16, 16) dx",
-        &fast.gx,
-        &want.gx,
-        REL_TOL_WINOGRAD,
-    );
+    check_unforced_winograd((real_batch(), 32, 32, 16, 16), 70);
 }
 
 #[test]
