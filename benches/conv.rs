@@ -6,8 +6,9 @@
 //!
 //! Usage: `conv_bench [--reps N] [--ref-reps N] [--no-ref] [--shape N,C,K,H,W]...
 //! [--tile BYTES] [--tile-wgrad BYTES] [--no-split] [--no-winograd] [--wino-block BYTES]
-//! [--wgrad-factor F] [--wgrad-always]` (default shapes: 64,64,64,32,32; 64,128,128,16,16;
-//! 64,32,64,32,32; the other flags set the hidden tuning knobs).
+//! [--wgrad-factor F] [--wgrad-always] [--bf16]` (default shapes: 64,64,64,32,32; 64,128,128,16,16;
+//! 64,32,64,32,32; the other flags set the hidden tuning knobs; `--bf16`: bf16 products in the
+//! forward and input gradient, where the CPU has AVX512-BF16).
 
 use std::time::Instant;
 
@@ -138,6 +139,8 @@ pub fn main() {
     let mut reps = 9;
     let mut ref_reps = 5;
     let mut shapes: Vec<[usize; 5]> = Vec::new();
+    // Held to the end of `main`: the switch is per thread, and the ops run on this one.
+    let mut bf16_scope = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -172,6 +175,7 @@ pub fn main() {
                 nvp_kernels::tuning::set_winograd_wgrad_factor(f);
             }
             "--no-winograd" => nvp_kernels::tuning::set_winograd(false),
+            "--bf16" => bf16_scope.push(nvp_kernels::Bf16Products::enable()),
             "--wgrad-always" => nvp_kernels::tuning::set_winograd_wgrad_always(true),
             "--tile" => {
                 let b = args

@@ -39,6 +39,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 
 mod adam;
+mod bf16;
 mod bn;
 mod conv;
 mod coupling;
@@ -55,6 +56,7 @@ mod winograd;
 pub use adam::{
     adam_update, adam_update_applies, ema_update, sum_squares_f64, AdamParam, AdamScalars,
 };
+pub use bf16::{bf16_products_available, Bf16Products};
 pub use bn::{
     batch_norm, batch_norm_blended, batch_norm_inverse, batch_norm_reference,
     batch_norm_uses_fast_path, BatchNormAffine, BatchNormOutput, BatchNormPlain, BatchVar,

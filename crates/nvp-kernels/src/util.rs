@@ -151,6 +151,8 @@ thread_local! {
     /// The calling thread's buffer of Winograd-transformed weights (one convolution's
     /// at a time), kept between calls likewise.
     static WEIGHT_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The same weights packed in bf16 pairs, when the products run in bf16.
+    static BF16_WEIGHT_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` with a scratch slice of `len` floats (contents unspecified).
@@ -166,6 +168,17 @@ pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
 /// a convolution holds while its blocks use [`with_scratch`].
 pub(crate) fn with_weight_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     with_local(&WEIGHT_SCRATCH, len, f)
+}
+
+/// [`with_weight_scratch`] for the bf16-packed weights: `len` `u32`s (a third buffer,
+/// held together with the f32 weights').
+pub(crate) fn with_bf16_weight_scratch<R>(len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
+    with_local(&BF16_WEIGHT_SCRATCH, len, |s| {
+        // SAFETY: `f32` and `u32` have the same size and alignment and every bit
+        // pattern is valid for both; the slice is borrowed exclusively for `f`.
+        let u = unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u32>(), s.len()) };
+        f(u)
+    })
 }
 
 fn with_local<R>(

@@ -283,6 +283,9 @@ struct Job<'a> {
     /// Applied to `x` while it is padded (AVX2 transforms only; see `conv3x3_fwd`).
     pro: Option<Prologue<'a>>,
     u: &'a [f32],
+    /// `u` packed in bf16 pairs when the block's products run in bf16
+    /// ([`crate::bf16`]).
+    ub: Option<&'a [u32]>,
     ep: Epilogue<'a>,
     d: ConvDims,
     tiles: Tiles,
@@ -1091,7 +1094,7 @@ mod avx {
     /// `panel[j][t] = v[t][j]` for the `cw ≤ PW` rows of `v` (row stride `nbp`, a
     /// multiple of 8), zero for `t ≥ cw`.
     #[inline(always)]
-    unsafe fn pack_panel(v: *const f32, cw: usize, nbp: usize, panel: *mut f32) {
+    pub(super) unsafe fn pack_panel(v: *const f32, cw: usize, nbp: usize, panel: *mut f32) {
         let z = _mm256_setzero_ps();
         for h in 0..PW / 8 {
             let t0 = h * 8;
@@ -1234,7 +1237,7 @@ unsafe fn block(job: &Job<'_>, span: (usize, usize), nbp: usize, scratch: &mut [
     input_transform(x, job.pro, d, tiles, span, v, nbp);
     #[cfg(target_arch = "x86_64")]
     if avx2 {
-        products_avx2(u, v, m, d.c, kpad, nbp);
+        products_fast(job, v, m, kpad, nbp);
     } else {
         products_generic(u, v, m, d.c, kpad, nbp);
     }
@@ -1256,20 +1259,42 @@ unsafe fn block(job: &Job<'_>, span: (usize, usize), nbp: usize, scratch: &mut [
 #[target_feature(enable = "avx2,fma")]
 unsafe fn block_avx2(job: &Job<'_>, span: (usize, usize), nbp: usize, scratch: &mut [f32]) {
     let Job {
-        x,
-        pro,
-        u,
-        d,
-        tiles,
-        ..
+        x, pro, d, tiles, ..
     } = *job;
     let kpad = d.k.div_ceil(MR) * MR;
     let (v, rest) = scratch.split_at_mut(36 * xs(d.c, nbp));
     let (m, pads) = rest.split_at_mut(36 * xs(kpad, nbp));
     let pad = avx::Pad::new(tiles);
     avx::input_transform(x, pro, d, tiles, span, v, nbp, pads, &pad);
-    products_avx2(u, v, m, d.c, kpad, nbp);
+    products_fast(job, v, m, kpad, nbp);
     avx::output_transform(m, kpad, job, span, nbp);
+}
+
+/// The products of a block on a CPU with AVX2/FMA: bf16 where the job carries packed
+/// bf16 weights (the CPU then has AVX512-BF16), else f32.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA, and AVX512-BF16 when `job.ub` is set; `v` and
+/// `m` as [`products_avx2`] takes them.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn products_fast(job: &Job<'_>, v: &mut [f32], m: &mut [f32], kpad: usize, nbp: usize) {
+    let c = job.d.c;
+    match job.ub {
+        Some(ub) => {
+            assert!(v.len() >= 36 * xs(c, nbp) && m.len() >= 36 * xs(kpad, nbp));
+            crate::bf16::pack_v(v.as_mut_ptr(), c, nbp, xs(c, nbp));
+            crate::bf16::products(
+                ub,
+                v.as_ptr(),
+                xs(c, nbp),
+                m.as_mut_ptr(),
+                xs(kpad, nbp),
+                (c, kpad, nbp),
+            );
+        }
+        None => products_avx2(job.u, v, m, c, kpad, nbp),
+    }
 }
 
 /// [`block`] compiled with AVX2/FMA enabled (odd `tw`): portable transforms that
@@ -1309,6 +1334,7 @@ unsafe fn wgrad_blocks_avx2(
     (b0, b1, nb, total): (usize, usize, usize, usize),
     scratch: &mut [f32],
     du: &mut [f32],
+    bf16: bool,
 ) {
     let even = tiles.tw.is_multiple_of(2);
     let pad = avx::Pad::new(tiles);
@@ -1327,10 +1353,66 @@ unsafe fn wgrad_blocks_avx2(
             input_transform(x, pro, d, tiles, span, v, nbp);
             grad_output_transform(dy, d, tiles, span, dm, nbp);
         }
-        if outer {
+        if bf16 {
+            wgrad_products_bf16(dm, v, du, (d.k, d.c, nbp), &mut panel);
+        } else if outer {
             avx::wgrad_products_outer(dm, v, du, (d.k, d.c, nbp), &mut panel);
         } else {
             avx::wgrad_products(dm, v, du, d.k, d.c, nbp);
+        }
+    }
+}
+
+/// The weight gradient's products `dU[ξ] += dM[ξ] · V[ξ]ᵀ` with bf16 operands and f32
+/// sums ([`crate::bf16`]), in outer-product form: each `dM[ξ]` rounded in place to
+/// pairs of tiles, each run of 16 input channels of `V[ξ]` transposed into `panel` and
+/// paired the same way, then 12 (4, 1) rows of `dM[ξ]` at a time against it.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and AVX-512 F/BW/VL/BF16; `nbp` a multiple of 16;
+/// the slices as [`avx::wgrad_products_outer`] takes them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn wgrad_products_bf16(
+    dm: &mut [f32],
+    v: &[f32],
+    du: &mut [f32],
+    (k, c, nbp): (usize, usize, usize),
+    panel: &mut [f32],
+) {
+    use crate::bf16::outer_tile;
+    assert!(dm.len() >= 36 * xs(k, nbp) && v.len() >= 36 * xs(c, nbp) && du.len() >= 36 * k * c);
+    assert!(panel.len() >= nbp * avx::PW && nbp.is_multiple_of(NR));
+    let (mp, vp, up, pp) = (
+        dm.as_mut_ptr(),
+        v.as_ptr(),
+        du.as_mut_ptr(),
+        panel.as_mut_ptr(),
+    );
+    for xi in 0..36 {
+        let m = mp.add(xi * xs(k, nbp));
+        crate::bf16::pack_rows(m, k, nbp);
+        let vv = vp.add(xi * xs(c, nbp));
+        let u = up.add(xi * k * c);
+        let mut q = 0;
+        while q < c {
+            let cw = avx::PW.min(c - q);
+            avx::pack_panel(vv.add(q * nbp), cw, nbp, pp);
+            crate::bf16::pair_panel(pp, nbp);
+            let mut r = 0;
+            while r + 12 <= k {
+                outer_tile::<12>(m.add(r * nbp), nbp, pp, u.add(r * c + q), c, cw);
+                r += 12;
+            }
+            while r + 4 <= k {
+                outer_tile::<4>(m.add(r * nbp), nbp, pp, u.add(r * c + q), c, cw);
+                r += 4;
+            }
+            while r < k {
+                outer_tile::<1>(m.add(r * nbp), nbp, pp, u.add(r * c + q), c, cw);
+                r += 1;
+            }
+            q += avx::PW;
         }
     }
 }
@@ -1599,6 +1681,8 @@ pub(crate) fn conv3x3_grad_weight(
     let per = blocks.div_ceil(threads);
     let scratch_len = 36 * (xs(d.c, nb) + xs(d.k, nb)) + pad_len(tiles, nb);
     let du_len = 36 * d.k * d.c;
+    // Read here, on the calling thread (the switch is per thread).
+    let bf16 = crate::bf16::active();
     let parts: Vec<Vec<f32>> = (0..blocks.div_ceil(per))
         .into_par_iter()
         .map(|ti| {
@@ -1609,7 +1693,16 @@ pub(crate) fn conv3x3_grad_weight(
                 // SAFETY: AVX2/FMA checked by `grad_weight_supported`; the scratch is
                 // sized for blocks of `nb` tiles.
                 unsafe {
-                    wgrad_blocks_avx2((x, pro), dy, d, tiles, (b0, b1, nb, total), s, &mut du)
+                    wgrad_blocks_avx2(
+                        (x, pro),
+                        dy,
+                        d,
+                        tiles,
+                        (b0, b1, nb, total),
+                        s,
+                        &mut du,
+                        bf16,
+                    )
                 };
                 #[cfg(not(target_arch = "x86_64"))]
                 let _ = (s, b0, b1);
@@ -1672,7 +1765,15 @@ pub(crate) fn conv3x3_fwd(
     // many channels (512 at 4×4: 38 MB) a fresh one cost its page faults every call.
     with_weight_scratch(transformed_len(d.k, d.c), |u| {
         transform_weights_into(wmat, d.k, d.c, u);
-        conv3x3_fwd_blocks(x, pro, u, (bias, skip), d)
+        if have_avx2() && crate::bf16::active() {
+            let kpad = d.k.div_ceil(MR) * MR;
+            let len = crate::bf16::packed_weights_len(kpad, d.c);
+            return crate::util::with_bf16_weight_scratch(len, |ub| {
+                crate::bf16::pack_weights(u, kpad, d.c, MR, ub);
+                conv3x3_fwd_blocks(x, pro, u, Some(ub), (bias, skip), d)
+            });
+        }
+        conv3x3_fwd_blocks(x, pro, u, None, (bias, skip), d)
     })
 }
 
@@ -1681,6 +1782,7 @@ fn conv3x3_fwd_blocks(
     x: &[f32],
     pro: Option<Prologue<'_>>,
     u: &[f32],
+    ub: Option<&[u32]>,
     (bias, skip): (Option<&[f32]>, Option<&[f32]>),
     d: ConvDims,
 ) -> Vec<f32> {
@@ -1696,6 +1798,7 @@ fn conv3x3_fwd_blocks(
         x,
         pro,
         u,
+        ub,
         ep: Epilogue { bias, skip },
         d,
         tiles,
@@ -1868,6 +1971,57 @@ mod tests {
             }
         }
         out
+    }
+
+    /// The weight gradient's bf16 products equal, up to f32 summation order, the f64
+    /// sums over tiles of the bf16-rounded `dM` and `V`: pairs of tiles, the 16-tile
+    /// tail of a row, channel runs that end part-way (`c` = 3, 21), row groups of 12, 4
+    /// and 1 (`k` = 1, 7, 17), and `dU` accumulated onto what it held.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn weight_gradient_bf16_products_are_the_rounded_operands_summed() {
+        use crate::bf16::{round, widen};
+        if !(crate::bf16::bf16_products_available() && crate::util::have_avx2()) {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+        };
+        for (k, c, nbp) in [(1, 3, 16), (7, 21, 48), (17, 16, 32), (12, 2, 64)] {
+            let dm: Vec<f32> = (0..36 * xs(k, nbp)).map(|_| rand()).collect();
+            let v: Vec<f32> = (0..36 * xs(c, nbp)).map(|_| rand()).collect();
+            let du0: Vec<f32> = (0..36 * k * c).map(|_| rand()).collect();
+            let (mut dmb, mut du) = (dm.clone(), du0.clone());
+            let mut panel = vec![0.0f32; nbp * avx::PW];
+            // SAFETY: AVX2/FMA and AVX512-BF16 are present (checked above); the
+            // buffers have the sizes the strides say, `nbp` is a multiple of 16.
+            unsafe { wgrad_products_bf16(&mut dmb, &v, &mut du, (k, c, nbp), &mut panel) };
+            for xi in 0..36 {
+                for ko in 0..k {
+                    for ci in 0..c {
+                        let at = (xi * k + ko) * c + ci;
+                        let (mut want, mut mag) = (du0[at] as f64, du0[at].abs() as f64);
+                        for t in 0..nbp {
+                            let a = dm[xi * xs(k, nbp) + ko * nbp + t];
+                            let b = v[xi * xs(c, nbp) + ci * nbp + t];
+                            let p = widen(round(a)) as f64 * widen(round(b)) as f64;
+                            want += p;
+                            mag += p.abs();
+                        }
+                        let got = du[at] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-6 * mag,
+                            "k={k} c={c} nbp={nbp} ξ={xi} ({ko}, {ci}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// The weight gradient's blocks (default budgets): the budget's where it leaves at

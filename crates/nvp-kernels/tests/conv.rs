@@ -31,9 +31,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use std::sync::{Mutex, MutexGuard};
 
 use nvp_kernels::{
-    batch_norm, bn_relu_conv2d_3x3, bn_relu_conv_fuses, conv2d_3x3, conv2d_3x3_add,
-    conv2d_3x3_dx_as_conv, conv2d_3x3_reference, dx_as_conv_enabled, tuning, uses_fast_path,
-    BnReluPrologue,
+    batch_norm, bf16_products_available, bn_relu_conv2d_3x3, bn_relu_conv_fuses, conv2d_3x3,
+    conv2d_3x3_add, conv2d_3x3_dx_as_conv, conv2d_3x3_reference, dx_as_conv_enabled, tuning,
+    uses_fast_path, Bf16Products, BnReluPrologue,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -626,4 +626,76 @@ fn dx_as_conv_switch_routes_conv2d_3x3() {
     assert_eq!(rel_err(&plain, &want.y), 0.0);
     tuning::set_dx_as_conv(false);
     assert!(!dx_as_conv_enabled());
+}
+
+/// bf16 products ([`Bf16Products`], where the CPU has AVX512-BF16): the forward pass and
+/// the input and weight gradients within `REL_TOL_BF16` of the f64 reference — and
+/// farther from it than f32 Winograd's `REL_TOL_WINOGRAD`, so the bf16 kernels did run;
+/// once the guard is dropped, the f32 path again, bit for bit. Odd channel counts (a
+/// channel pair half empty), partial tiles and blocks, 16-tile tails, channel runs of
+/// the weight gradient's panels that end part-way (130 = 8 · 16 + 2).
+///
+/// `REL_TOL_BF16` = 0.1: with both operands of the 36 products rounded to bf16 (relative
+/// error up to 2⁻⁹ each), the output transform's constants (up to 8) amplify the
+/// rounding to 2.2e-2 of the result's norm and 6.7e-2 of its largest value
+/// (`scripts/winograd_precision.py`); observed here up to 2.4e-2.
+#[test]
+fn bf16_products_within_their_rounding_error() {
+    const REL_TOL_BF16: f32 = 0.1;
+    if !bf16_products_available() {
+        eprintln!("skipped: this CPU has no AVX512-BF16");
+        return;
+    }
+    let _guard = lock();
+    tuning::set_winograd_wgrad_always(true);
+    for (i, (n, c, k, h, w)) in [
+        (4, 32, 32, 16, 16),
+        (3, 7, 13, 9, 10),
+        (2, 3, 64, 32, 32),
+        (5, 130, 20, 8, 8),
+        (1, 1, 1, 4, 4),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut rng = StdRng::seed_from_u64(300 + i as u64);
+        let x = rand_tensor(&mut rng, &[n, c, h, w]);
+        let wt = rand_tensor(&mut rng, &[k, c, 3, 3]);
+        let b = rand_tensor(&mut rng, &[k]);
+        let r = rand_tensor(&mut rng, &[n, k, h, w]);
+        let want = run(conv2d_3x3_reference, &x, &wt, Some(&b), &r, DType::F64);
+        let f32_before = run(conv2d_3x3, &x, &wt, Some(&b), &r, DType::F32);
+        let bf = {
+            let _bf16 = Bf16Products::enable();
+            run(conv2d_3x3, &x, &wt, Some(&b), &r, DType::F32)
+        };
+        let f32_after = run(conv2d_3x3, &x, &wt, Some(&b), &r, DType::F32);
+        let tag = format!("[bf16] (n={n}, c={c}, k={k}, h={h}, w={w})");
+        for (what, got, f32v, f32again, want) in [
+            ("y", &bf.y, &f32_before.y, &f32_after.y, &want.y),
+            ("dx", &bf.gx, &f32_before.gx, &f32_after.gx, &want.gx),
+            ("dw", &bf.gw, &f32_before.gw, &f32_after.gw, &want.gw),
+        ] {
+            assert_close(
+                &format!("{tag} {what} vs candle f64"),
+                got,
+                want,
+                REL_TOL_BF16,
+            );
+            let e = rel_err(got, want);
+            assert!(
+                e > REL_TOL_WINOGRAD,
+                "{tag} {what}: error {e:e}: the bf16 products did not run"
+            );
+            let (a, z): (Vec<f32>, Vec<f32>) = (
+                f32v.flatten_all().unwrap().to_vec1().unwrap(),
+                f32again.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert!(
+                a.iter().zip(&z).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{tag} {what}: f32 after the bf16 scope differs from f32 before it"
+            );
+        }
+    }
+    tuning::set_winograd_wgrad_always(false);
 }
