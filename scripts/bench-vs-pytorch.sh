@@ -12,6 +12,8 @@
 #
 # AUTOCAST = none (PyTorch FP32 eager, default) or bf16 (PyTorch's AMX path:
 # torch.autocast('cpu', dtype=torch.bfloat16) around the s/t networks).
+# PRECISION = f32 (default) or bf16: nvp's training precision (`nvp bench
+# --precision`; bf16 needs a CPU with AVX512-BF16; evaluation and sampling stay f32).
 # Needs: a release build of nvp (cargo build --release -p nvp-cli) and a Python
 # with torch, numpy and pillow: PY=/path/to/venv/bin/python (default python3).
 # Not run in CI.
@@ -24,6 +26,7 @@ PY=${PY:-python3}
 PEER=${PEER:-../shared/reference/realnvp_torch.py}
 DATA=${DATA:-../shared/data/cifar10}
 NVP=${NVP:-target/release/nvp}
+PRECISION=${PRECISION:-f32}
 PEER_CMD=("$PY" "$PEER")
 case "$CFG" in
   small) TOML=configs/cifar10-small.toml ;;
@@ -41,9 +44,9 @@ mkdir -p "$OUT"
 # batch 256 evaluation (64 for the 64x64 model), 64 samples; medians.
 WARM=${WARM:-3}; STEPS=${STEPS:-20}; EREPS=${EREPS:-3}; SREPS=${SREPS:-3}
 for i in $(seq 1 "$RUNS"); do
-  echo "== run $i/$RUNS: nvp"
+  echo "== run $i/$RUNS: nvp ($PRECISION)"
   "$NVP" bench --config "$TOML" --batch 64 --warmup "$WARM" --steps "$STEPS" --eval-batch "$EBATCH" \
-    --eval-reps "$EREPS" --sample-n 64 --sample-reps "$SREPS" --json | tee "$OUT/nvp-$i.json"
+    --eval-reps "$EREPS" --sample-n 64 --sample-reps "$SREPS" --precision "$PRECISION" --json | tee "$OUT/nvp-$i.json"
   echo "== run $i/$RUNS: pytorch ($AUTOCAST)"
   env MALLOC_MMAP_THRESHOLD_=34359738368 MALLOC_TRIM_THRESHOLD_=34359738368 \
     "${PEER_CMD[@]}" --threads 2 --autocast "$AUTOCAST" --data "$DATA" bench --config "$CFG" \

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::settings::Precision;
+
 /// Real NVP normalizing flows: train, evaluate, sample, walk latent manifolds, compress
 /// and relabel images, benchmark.
 #[derive(Debug, Parser)]
@@ -60,6 +62,10 @@ pub struct TrainArgs {
     /// Images per training batch.
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// `f32`, or `bf16`: the convolutions' Winograd products in bf16 in training
+    /// (CPUs with AVX512-BF16; evaluation and samples stay f32).
+    #[arg(long)]
+    pub precision: Option<Precision>,
     /// Continue the run in --out from its last checkpoint, with its saved config
     /// (--max-steps, --minutes, --data and --device may change; a --config given
     /// again must match it).
@@ -261,6 +267,9 @@ pub struct BenchArgs {
     /// `cpu` or `cuda` (`cuda:N`).
     #[arg(long)]
     pub device: Option<String>,
+    /// Training precision, as `train --precision` (default: the config's).
+    #[arg(long)]
+    pub precision: Option<Precision>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,

@@ -11,7 +11,7 @@ use nvp_data::{Batch, Logit};
 use nvp_flow::{Adam, AdamConfig, Ema, L2Gradient, Mode, ParamStore, RealNvp};
 use rand::Rng;
 
-use crate::settings::Settings;
+use crate::settings::{Precision, Settings};
 
 /// A model with its optimizer.
 pub struct Trainer {
@@ -27,6 +27,9 @@ pub struct Trainer {
     clip: f64,
     /// The L2 penalty's gradient (on the weight-norm gains and tanh scales).
     l2_gradient: L2Gradient,
+    /// `train.precision = "bf16"`: the step's forward and backward passes run with
+    /// [`nvp_kernels::Bf16Products`] in scope.
+    bf16: bool,
 }
 
 /// A moving average of the trained parameters, as a model of its own.
@@ -50,6 +53,20 @@ pub struct StepOutcome {
 
 impl Trainer {
     pub fn new(store: ParamStore, model: RealNvp, s: &Settings) -> Result<Self> {
+        let bf16 = s.train.precision == Precision::Bf16;
+        if bf16 && !model.device().is_cpu() {
+            bail!(
+                "train.precision = \"bf16\" is a CPU option (bf16 products in the CPU's \
+                 Winograd convolutions); on {} use \"f32\"",
+                s.train.device
+            );
+        }
+        if bf16 && !nvp_kernels::bf16_products_available() {
+            bail!(
+                "train.precision = \"bf16\" needs a CPU with AVX512-BF16 (its bf16 dot \
+                 products), and this one has none: use \"f32\""
+            );
+        }
         let adam = Adam::for_store(
             &store,
             AdamConfig {
@@ -79,6 +96,7 @@ impl Trainer {
             lr_warmup: s.train.lr_warmup,
             clip: s.train.clip,
             l2_gradient,
+            bf16,
         })
     }
 
@@ -107,6 +125,7 @@ impl Trainer {
                 Ok((v, saved))
             })
             .collect::<Result<Vec<_>>>()?;
+        let bf16 = self.bf16.then(nvp_kernels::Bf16Products::enable);
         let (log_p, loss) = self.forward_loss(batch)?;
         mark(Phase::Forward, &loss)?;
         // The backward pass is queued before anything is read back: on a GPU, reading
@@ -114,6 +133,7 @@ impl Trainer {
         // yet queued. A non-finite loss makes non-finite gradients; the guard below
         // skips such a step either way.
         let grads = self.backward(&loss)?;
+        drop(bf16);
         mark(Phase::Backward, &loss)?;
         // The one wait of the step: the gradient norm; the loss and bits/dim are
         // computed by then.

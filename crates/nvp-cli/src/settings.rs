@@ -142,6 +142,31 @@ pub struct TrainSettings {
     pub workers: usize,
     /// Evaluation batch size.
     pub eval_batch_size: usize,
+    /// Arithmetic of the training step's convolutions: `f32`, or `bf16` — the
+    /// Winograd products of the forward pass and input gradients in bf16 with f32
+    /// sums (CPUs with AVX512-BF16; a training option like PyTorch's autocast:
+    /// evaluation, sampling and the reported test bits/dim stay f32).
+    pub precision: Precision,
+}
+
+/// See [`TrainSettings::precision`].
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            _ => bail!("precision must be `f32` or `bf16`, got `{s}`"),
+        }
+    }
 }
 
 impl Default for TrainSettings {
@@ -164,6 +189,7 @@ impl Default for TrainSettings {
             device: "cpu".into(),
             workers: 1,
             eval_batch_size: 256,
+            precision: Precision::F32,
         }
     }
 }
@@ -177,6 +203,7 @@ pub struct Overrides {
     pub seed: Option<u64>,
     pub device: Option<String>,
     pub batch_size: Option<usize>,
+    pub precision: Option<Precision>,
 }
 
 impl Settings {
@@ -221,6 +248,9 @@ impl Settings {
         }
         if let Some(v) = o.batch_size {
             self.train.batch_size = v;
+        }
+        if let Some(v) = o.precision {
+            self.train.precision = v;
         }
     }
 

@@ -1387,3 +1387,78 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// `precision = "bf16"` under `[train]` (or `--precision bf16`): where the CPU has
+/// AVX512-BF16, a run trains with it, saves it in its config, resumes with it, and
+/// `bench` reports it; elsewhere a clear error. Bad values name the choices.
+#[test]
+fn bf16_precision_trains_or_says_why_not() {
+    let d = tmp("bf16");
+    let cfg = write(&d, "c.toml", TINY);
+    let err = fails(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&d.join("x")),
+        "--precision",
+        "fp16",
+    ]);
+    assert!(err.contains("`f32` or `bf16`"), "{err}");
+    let bad = write(
+        &d,
+        "bad.toml",
+        &TINY.replace("seed = 3", "seed = 3\nprecision = \"fp16\""),
+    );
+    let err = fails(&["train", "--config", s(&bad), "--out", s(&d.join("y"))]);
+    assert!(
+        err.contains("bad.toml") && err.contains("fp16") && err.contains("bf16"),
+        "{err}"
+    );
+    let run = d.join("run");
+    let args = [
+        "train",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&run),
+        "--max-steps",
+        "2",
+        "--precision",
+        "bf16",
+    ];
+    if nvp_kernels::bf16_products_available() {
+        ok(&args);
+        let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+        assert!(saved.contains("precision = \"bf16\""), "{saved}");
+        ok(&["train", "--out", s(&run), "--resume", "--max-steps", "4"]);
+        let state = std::fs::read_to_string(run.join("last/state.toml")).unwrap();
+        assert!(state.contains("step = 4"), "{state}");
+        let out = ok(&[
+            "bench",
+            "--config",
+            s(&cfg),
+            "--json",
+            "--batch",
+            "2",
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--eval-reps",
+            "0",
+            "--sample-reps",
+            "0",
+            "--phase-steps",
+            "0",
+            "--precision",
+            "bf16",
+        ]);
+        assert!(out.contains("\"precision\":\"bf16\""), "{out}");
+    } else {
+        eprintln!("this CPU has no AVX512-BF16: checking the error instead");
+        let err = fails(&args);
+        assert!(err.contains("AVX512-BF16"), "{err}");
+    }
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -76,3 +76,6 @@ pub use params::ParamStore;
 pub use prior::StandardNormal;
 
 pub use candle_core::{DType, Device, Result, Tensor};
+/// bf16 products in the CPU's convolutions for a scope (training only; see
+/// [`Bf16Products`]), and whether this CPU has them.
+pub use nvp_kernels::{bf16_products_available, Bf16Products};

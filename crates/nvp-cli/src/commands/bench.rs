@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::cli::BenchArgs;
 use crate::engine::{self, Trainer};
-use crate::settings::{open_device, Settings};
+use crate::settings::{open_device, Precision, Settings};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -104,6 +104,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         s.train.device = d.clone();
     }
     s.train.batch_size = a.batch;
+    if let Some(p) = a.precision {
+        s.train.precision = p;
+    }
     s.validate().or_else(|e| {
         // The dataset is not read: a missing data path does not matter here.
         if e.to_string().contains("data.path") {
@@ -222,6 +225,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         _ => "candle",
     };
     let train_ips = a.batch as f64 / train_step_s;
+    let precision = match s.train.precision {
+        Precision::F32 => "f32",
+        Precision::Bf16 => "bf16",
+    };
     let eval_ips = eval_s.map(|t| a.eval_batch as f64 / t);
     let sample_ips = sample_s.map(|t| a.sample_n as f64 / t);
     // JSON has no NaN: a figure that was not measured is `null`.
@@ -236,10 +243,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let ips = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:8.2} img/s"));
     if a.json {
         println!(
-            "{{\"config\":\"{}\",\"device\":\"{}\",\"params\":{params},\"param_tensors\":{param_tensors},\"batch\":{},\"train_step_s\":{train_step_s:.4},\"train_img_per_s\":{train_ips:.3},\"eval_batch\":{},\"eval_img_per_s\":{},\"sample_n\":{},\"sample_img_per_s\":{},\"peak_rss_mib\":{},\"peak_rss_train_mib\":{},\"rss_before_train_mib\":{},\"skipped_steps\":{skipped},\"threads\":{},\"conv\":\"{conv}\",\"batch_norm\":\"{bn}\",\"train_forward_s\":{},\"train_backward_s\":{},\"train_update_s\":{},\"graph_nodes\":{}}}",
+            "{{\"config\":\"{}\",\"device\":\"{}\",\"params\":{params},\"param_tensors\":{param_tensors},\"batch\":{},\"precision\":\"{}\",\"train_step_s\":{train_step_s:.4},\"train_img_per_s\":{train_ips:.3},\"eval_batch\":{},\"eval_img_per_s\":{},\"sample_n\":{},\"sample_img_per_s\":{},\"peak_rss_mib\":{},\"peak_rss_train_mib\":{},\"rss_before_train_mib\":{},\"skipped_steps\":{skipped},\"threads\":{},\"conv\":\"{conv}\",\"batch_norm\":\"{bn}\",\"train_forward_s\":{},\"train_backward_s\":{},\"train_update_s\":{},\"graph_nodes\":{}}}",
             s.name,
             s.train.device,
             a.batch,
+            precision,
             a.eval_batch,
             jo(eval_ips, 3),
             a.sample_n,
@@ -259,7 +267,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             s.name, s.train.device
         );
         println!(
-            "train   batch {:>4}: {train_ips:8.2} img/s (median step {:.3} s over {} steps)",
+            "train   batch {:>4}: {train_ips:8.2} img/s (median step {:.3} s over {} steps, {precision})",
             a.batch, train_step_s, a.steps
         );
         println!(

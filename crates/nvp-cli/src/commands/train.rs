@@ -29,6 +29,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         seed: a.seed,
         device: a.device.clone(),
         batch_size: a.batch_size,
+        precision: a.precision,
     };
     let mut settings = match &a.config {
         Some(p) => Settings::load(p)?,
