@@ -33,9 +33,11 @@ thread_local! {
     static ON: Cell<bool> = const { Cell::new(false) };
 }
 
-/// While alive, the Winograd convolutions run on this thread (forward and input
-/// gradient) use bf16 products where the CPU has AVX512-BF16 ([`bf16_products_available`]);
-/// elsewhere they stay f32. Dropping it restores the previous setting. Scopes nest.
+/// While alive, the Winograd convolutions called on this thread (forward, input
+/// gradient, weight gradient) take bf16 products where the CPU has AVX512-BF16
+/// ([`bf16_products_available`]); elsewhere they stay f32. Dropping it restores the
+/// previous setting; scopes nest. Only the calling thread matters: the kernels read
+/// the switch before they hand their blocks to the rayon pool.
 ///
 /// ```
 /// let _bf16 = nvp_kernels::Bf16Products::enable();
@@ -288,8 +290,11 @@ pub(crate) unsafe fn outer_tile<const R: usize>(
 /// `m[ξ] (kpad × nbp) = U[ξ] · V[ξ]` from the packed `ub` and `vb` (in the f32 `V`
 /// buffer at `v`, ξ stride `xs_v` floats); `m`'s ξ stride `xs_m` floats.
 ///
-/// Register tiles of `MR` (= 6) rows × 32 tiles (12 accumulators of 16 lanes), a
-/// 6 × 16 tile for the last 16 tiles when `nbp` is an odd multiple of 16.
+/// Register tiles of two blocks of `MR` (= 6) rows × 32 tiles (24 accumulators of 16
+/// lanes), narrower or shorter at the edges: one block where `kpad / MR` is odd, 16
+/// tiles where `nbp` is an odd multiple of 16 (as it is for many channels, whose
+/// blocks hold 16 tiles — where a 6 × 16 tile's 6 accumulators would leave the
+/// multiply-adds waiting on their latency).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/BF16; the buffers must hold what the strides and
@@ -310,45 +315,66 @@ pub(crate) unsafe fn products(
     assert!(ub.len() >= 36 * kpad * cp && nbp.is_multiple_of(16) && kpad.is_multiple_of(MR));
     for xi in 0..36 {
         let vx = v.add(xi * xs_v).cast::<u32>();
-        for kb in 0..kbn {
+        let mut kb = 0;
+        while kb < kbn {
             let u = ub.as_ptr().add((xi * kbn + kb) * cp * MR);
             let mrow = m.add(xi * xs_m + kb * MR * nbp);
+            let two = kb + 2 <= kbn;
             let mut j = 0;
             while j + 32 <= nbp {
-                tile::<2>(u, vx.add(j), nbp, cp, mrow.add(j));
+                if two {
+                    tile::<2, 2>(u, vx.add(j), nbp, cp, mrow.add(j));
+                } else {
+                    tile::<1, 2>(u, vx.add(j), nbp, cp, mrow.add(j));
+                }
                 j += 32;
             }
             if j < nbp {
-                tile::<1>(u, vx.add(j), nbp, cp, mrow.add(j));
+                if two {
+                    tile::<2, 1>(u, vx.add(j), nbp, cp, mrow.add(j));
+                } else {
+                    tile::<1, 1>(u, vx.add(j), nbp, cp, mrow.add(j));
+                }
             }
+            kb += if two { 2 } else { 1 };
         }
     }
 }
 
-/// One `6 × 16·W` register tile of [`products`].
+/// One register tile of [`products`]: `KB` blocks of `MR` rows × `16·W` tiles.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[inline]
-unsafe fn tile<const W: usize>(u: *const u32, vb: *const u32, nbp: usize, cp: usize, m: *mut f32) {
+unsafe fn tile<const KB: usize, const W: usize>(
+    u: *const u32,
+    vb: *const u32,
+    nbp: usize,
+    cp: usize,
+    m: *mut f32,
+) {
     use std::arch::x86_64::*;
     const MR: usize = 6;
-    let mut acc = [[_mm512_setzero_ps(); W]; MR];
-    let (mut uc, mut vc) = (u, vb);
-    for _ in 0..cp {
+    let mut acc = [[[_mm512_setzero_ps(); W]; MR]; KB];
+    let mut vc = vb;
+    for p in 0..cp {
         let vv: [__m512bh; W] =
             std::array::from_fn(|w| std::mem::transmute(_mm512_loadu_si512(vc.add(16 * w).cast())));
-        for (r, row) in acc.iter_mut().enumerate() {
-            let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(*uc.add(r) as i32));
-            for w in 0..W {
-                row[w] = _mm512_dpbf16_ps(row[w], a, vv[w]);
+        for (b, block) in acc.iter_mut().enumerate() {
+            let uc = u.add((b * cp + p) * MR);
+            for (r, row) in block.iter_mut().enumerate() {
+                let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(*uc.add(r) as i32));
+                for w in 0..W {
+                    row[w] = _mm512_dpbf16_ps(row[w], a, vv[w]);
+                }
             }
         }
-        uc = uc.add(MR);
         vc = vc.add(nbp);
     }
-    for (r, row) in acc.iter().enumerate() {
-        for (w, a) in row.iter().enumerate() {
-            _mm512_storeu_ps(m.add(r * nbp + 16 * w), *a);
+    for (b, block) in acc.iter().enumerate() {
+        for (r, row) in block.iter().enumerate() {
+            for (w, a) in row.iter().enumerate() {
+                _mm512_storeu_ps(m.add((b * MR + r) * nbp + 16 * w), *a);
+            }
         }
     }
 }
@@ -396,8 +422,9 @@ mod tests {
             (1, 6, 16),
             (2, 6, 32),
             (3, 12, 48),
-            (7, 6, 16),
+            (7, 18, 16),
             (32, 36, 80),
+            (9, 30, 64),
         ] {
             let xs_v = c * nbp + 16;
             let xs_m = kpad * nbp + 16;
