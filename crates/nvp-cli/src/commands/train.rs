@@ -15,7 +15,7 @@ use crate::checkpoint::{self, Checkpoint, RunState};
 use crate::cli::TrainArgs;
 use crate::engine::{self, Trainer};
 use crate::report::{self, MetricsRow};
-use crate::settings::{open_device, Overrides, Settings};
+use crate::settings::{open_device, Overrides, Precision, Settings};
 
 /// Seed stream of the periodic sample grids (the same latents every time,
 /// so the grids show the model improving).
@@ -132,7 +132,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let eval_loader = Loader::from_source(test_set.clone(), ecfg)?;
 
     eprintln!(
-        "nvp train: {} — {} parameters, {} training / {} test images of {}×{}×{}, batch {}, device {}; run folder {}",
+        "nvp train: {} — {} parameters, {} training / {} test images of {}×{}×{}, batch {}, device {}{}; run folder {}",
         settings.name,
         trainer.store.num_trainable(),
         train_set.len(),
@@ -142,6 +142,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         settings.model.width,
         t.batch_size,
         t.device,
+        match t.precision {
+            Precision::F32 => "",
+            Precision::Bf16 => " (bf16 products in training; evaluation f32)",
+        },
         out.display()
     );
     if resume_dir.is_some() {
