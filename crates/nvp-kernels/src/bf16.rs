@@ -139,6 +139,13 @@ pub(crate) fn pack_weights(u: &[f32], kpad: usize, c: usize, mr: usize, ub: &mut
             for kb in 0..kbn {
                 let s = &src[kb * c * mr..][..c * mr];
                 let d = &mut dst[kb * cp * mr..][..cp * mr];
+                #[cfg(target_arch = "x86_64")]
+                if mr == 6 && bf16_products_available() {
+                    // SAFETY: AVX512-BF16 was detected; `s` holds `c` rows of 6 and `d`
+                    // `pairs(c)` rows of 6.
+                    unsafe { pack_weight_rows(s, d, c) };
+                    continue;
+                }
                 for p in 0..cp {
                     for r in 0..mr {
                         let lo = round(s[2 * p * mr + r]);
@@ -152,6 +159,29 @@ pub(crate) fn pack_weights(u: &[f32], kpad: usize, c: usize, mr: usize, ub: &mut
                 }
             }
         });
+}
+
+/// One `(ξ, kb)` block of [`pack_weights`] by the hardware conversion: `c` rows of 6
+/// f32 → `pairs(c)` rows of 6 pairs (rows `2p` and `2p + 1` are 12 consecutive floats).
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL/BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn pack_weight_rows(s: &[f32], d: &mut [u32], c: usize) {
+    use std::arch::x86_64::*;
+    const MR: usize = 6;
+    assert!(s.len() >= c * MR && d.len() >= pairs(c) * MR);
+    // Lanes 2r and 2r + 1 of the result: value r of row 2p and of row 2p + 1.
+    let idx = _mm256_setr_epi16(0, 6, 1, 7, 2, 8, 3, 9, 4, 10, 5, 11, 12, 13, 14, 15);
+    for p in 0..pairs(c) {
+        // A missing odd row reads as zeros.
+        let mask: __mmask16 = if 2 * p + 1 < c { 0x0fff } else { 0x003f };
+        let x = _mm512_maskz_loadu_ps(mask, s.as_ptr().add(2 * p * MR));
+        let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(x));
+        let z = _mm256_permutexvar_epi16(idx, h);
+        _mm256_mask_storeu_epi16(d.as_mut_ptr().add(p * MR).cast(), 0x0fff, z);
+    }
 }
 
 /// Packs each ξ's `V` (`c` rows of `nbp` f32, ξ stride `xs` floats, at `v`) into
@@ -398,6 +428,59 @@ mod tests {
         assert_eq!(round(-1e-40), 0x8000);
         // The largest finite f32 rounds to infinity, as in the hardware conversion.
         assert_eq!(widen(round(f32::MAX)), f32::INFINITY);
+    }
+
+    /// The packed weights are [`round`] of each value, bit for bit, in the pair layout:
+    /// the hardware conversion agrees with the scalar one on ties, denormals, NaN,
+    /// infinities and overflow, and a missing odd channel is zero.
+    #[test]
+    fn packed_weights_are_the_rounded_values_in_pairs() {
+        const MR: usize = 6;
+        let special = [
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            -1e-40,
+            1e-40,
+            f32::NAN,
+            -f32::INFINITY,
+            f32::MAX,
+            0.0,
+            -0.0,
+            3.0e38,
+        ];
+        let mut s = 0x1234_5678u64;
+        for (kpad, c) in [(6, 1), (12, 7), (18, 10)] {
+            let u: Vec<f32> = (0..36 * kpad * c)
+                .map(|i| {
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    if i % 7 == 0 {
+                        special[(s >> 60) as usize % special.len()]
+                    } else {
+                        f32::from_bits((s >> 32) as u32)
+                    }
+                })
+                .collect();
+            let mut ub = vec![0u32; packed_weights_len(kpad, c)];
+            pack_weights(&u, kpad, c, MR, &mut ub);
+            let (kbn, cp) = (kpad / MR, pairs(c));
+            for blk in 0..36 * kbn {
+                for p in 0..cp {
+                    for r in 0..MR {
+                        let at = |ci: usize| u[(blk * c + ci) * MR + r];
+                        let lo = round(at(2 * p)) as u32;
+                        let hi = if 2 * p + 1 < c {
+                            round(at(2 * p + 1)) as u32
+                        } else {
+                            0
+                        };
+                        let got = ub[(blk * cp + p) * MR + r];
+                        assert_eq!(got, lo | (hi << 16), "c={c} block {blk} pair {p} row {r}");
+                    }
+                }
+            }
+        }
     }
 
     /// The packed products equal, up to f32 summation order, the f64 sums of the
