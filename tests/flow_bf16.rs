@@ -27,7 +27,7 @@ use nvp::data::Dequantize;
 use nvp::flow::conditioner::ResNetConfig;
 use nvp::flow::{
     bf16_products_available, Adam, AdamConfig, AffineCoupling, Bf16Products, Flow, Mask, Mode,
-    ParamStore, RealNvpConfig,
+    ParamStore,
 };
 
 /// |bits/dim (bf16) − bits/dim (f32)|, mean over the batch, at most this. Observed
@@ -71,15 +71,7 @@ fn bf16_training_pass_is_close_to_f32_and_scoped() {
         eprintln!("skipped: this CPU has no AVX512-BF16");
         return;
     }
-    let cfg = RealNvpConfig {
-        channels: 3,
-        height: 16,
-        width: 16,
-        scales: 2,
-        res_blocks: 2,
-        features: 16,
-        ..RealNvpConfig::cifar10()
-    };
+    let cfg = model_16x16();
     let store = ParamStore::new(3);
     // Packed, as `nvp train` builds it: each s/t network one fused op.
     let model = build_model(&cfg, &store, DType::F32, &Device::Cpu, true);

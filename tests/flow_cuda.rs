@@ -44,15 +44,7 @@ fn gpu() -> Device {
 }
 
 fn cfg() -> RealNvpConfig {
-    RealNvpConfig {
-        channels: 3,
-        height: 16,
-        width: 16,
-        scales: 2,
-        res_blocks: 2,
-        features: 16,
-        ..RealNvpConfig::cifar10()
-    }
+    model_16x16()
 }
 
 /// The same randomised parameters on `device` in `dtype`.

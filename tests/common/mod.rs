@@ -248,6 +248,20 @@ pub fn small_model_config() -> RealNvpConfig {
     }
 }
 
+/// A 16×16 whole model with 16-feature s/t networks: enough tiles and channels for the
+/// convolution kernels' blocked paths, small enough for a test.
+pub fn model_16x16() -> RealNvpConfig {
+    RealNvpConfig {
+        channels: 3,
+        height: 16,
+        width: 16,
+        scales: 2,
+        res_blocks: 2,
+        features: 16,
+        ..RealNvpConfig::cifar10()
+    }
+}
+
 /// A train-mode pass: its output, the gradients by name and every variable after it.
 pub type TrainRun = (Tensor, HashMap<String, Tensor>, HashMap<String, Tensor>);
 
