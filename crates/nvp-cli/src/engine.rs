@@ -67,6 +67,12 @@ impl Trainer {
                  products), and this one has none: use \"f32\""
             );
         }
+        if bf16 && !(nvp_kernels::fast_cpu_enabled() && nvp_kernels::winograd_enabled()) {
+            bail!(
+                "train.precision = \"bf16\" runs in the fast Winograd kernels, which \
+                 NVP_FAST_CPU=0 or NVP_WINOGRAD=0 turns off: unset it, or use \"f32\""
+            );
+        }
         let adam = Adam::for_store(
             &store,
             AdamConfig {
