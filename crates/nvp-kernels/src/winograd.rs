@@ -15,8 +15,11 @@
 //! transformed input `V` (36 × C × nb) and product `M` (36 × K × nb) stay in L2.
 //! Blocks are spread over rayon's pool; each writes a disjoint set of output tiles.
 //! The products use an AVX2/FMA 6 × 16 register-blocked micro-kernel where the CPU
-//! has it (detected at run time) and a portable loop elsewhere. The transforms work
-//! on groups of 8 tiles at once so that they vectorise.
+//! has it (detected at run time) and a portable loop elsewhere; with a
+//! [`crate::Bf16Products`] guard alive on the calling thread and a CPU with
+//! AVX512-BF16, the products of all three convolutions take bf16 operands instead
+//! ([`crate::bf16`]). The transforms work on groups of 8 tiles at once so that they
+//! vectorise.
 
 // The transforms index small fixed-size arrays by position; loops over indices read
 // closer to the formulas than iterator chains.
