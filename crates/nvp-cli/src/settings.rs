@@ -158,14 +158,23 @@ pub enum Precision {
     Bf16,
 }
 
+impl Precision {
+    /// The name in the config file and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
+
 impl std::str::FromStr for Precision {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "f32" => Ok(Self::F32),
-            "bf16" => Ok(Self::Bf16),
-            _ => bail!("precision must be `f32` or `bf16`, got `{s}`"),
-        }
+        [Self::F32, Self::Bf16]
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| anyhow::anyhow!("precision must be `f32` or `bf16`, got `{s}`"))
     }
 }
 

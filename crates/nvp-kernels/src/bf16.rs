@@ -27,7 +27,11 @@
 
 use std::cell::Cell;
 
+#[cfg(target_arch = "x86_64")]
 use rayon::prelude::*;
+
+// Rows of `U`/`M` per block, as the f32 kernels pack them.
+use crate::winograd::MR;
 
 thread_local! {
     static ON: Cell<bool> = const { Cell::new(false) };
@@ -98,7 +102,9 @@ pub(crate) fn active() -> bool {
 }
 
 /// `x` rounded to bf16, nearest even, as `VCVTNE2PS2BF16` does: NaNs stay NaN (quiet),
-/// denormals become zero of the same sign.
+/// denormals become zero of the same sign. (The kernels convert with the instruction;
+/// this is the tests' reference.)
+#[cfg(test)]
 pub(crate) fn round(x: f32) -> u16 {
     let b = x.to_bits();
     if x.is_nan() {
@@ -127,42 +133,33 @@ pub(crate) fn packed_weights_len(kpad: usize, c: usize) -> usize {
     36 * kpad * pairs(c)
 }
 
-/// `U` (`[ξ][kb][c][mr]` f32) → `Ub` (`[ξ][kb][p][mr]` pairs), one task per ξ.
-pub(crate) fn pack_weights(u: &[f32], kpad: usize, c: usize, mr: usize, ub: &mut [u32]) {
-    let kbn = kpad / mr;
+/// `U` (`[ξ][kb][c][MR]` f32) → `Ub` (`[ξ][kb][p][MR]` pairs), one task per ξ.
+///
+/// # Panics
+/// Where the CPU lacks AVX512-BF16 (only the bf16 path, which requires it, calls this).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn pack_weights(u: &[f32], kpad: usize, c: usize, ub: &mut [u32]) {
+    let kbn = kpad / MR;
     let cp = pairs(c);
+    assert!(bf16_products_available());
     assert_eq!(u.len(), 36 * kpad * c);
     assert_eq!(ub.len(), packed_weights_len(kpad, c));
-    ub.par_chunks_mut(kbn * cp * mr)
-        .zip(u.par_chunks(kbn * c * mr))
+    ub.par_chunks_mut(kbn * cp * MR)
+        .zip(u.par_chunks(kbn * c * MR))
         .for_each(|(dst, src)| {
             for kb in 0..kbn {
-                let s = &src[kb * c * mr..][..c * mr];
-                let d = &mut dst[kb * cp * mr..][..cp * mr];
-                #[cfg(target_arch = "x86_64")]
-                if mr == 6 && bf16_products_available() {
-                    // SAFETY: AVX512-BF16 was detected; `s` holds `c` rows of 6 and `d`
-                    // `pairs(c)` rows of 6.
-                    unsafe { pack_weight_rows(s, d, c) };
-                    continue;
-                }
-                for p in 0..cp {
-                    for r in 0..mr {
-                        let lo = round(s[2 * p * mr + r]);
-                        let hi = if 2 * p + 1 < c {
-                            round(s[(2 * p + 1) * mr + r])
-                        } else {
-                            0
-                        };
-                        d[p * mr + r] = (lo as u32) | ((hi as u32) << 16);
-                    }
-                }
+                let s = &src[kb * c * MR..][..c * MR];
+                let d = &mut dst[kb * cp * MR..][..cp * MR];
+                // SAFETY: AVX512-BF16 was detected; `s` holds `c` rows of `MR` and `d`
+                // `pairs(c)` rows of `MR`.
+                unsafe { pack_weight_rows(s, d, c) };
             }
         });
 }
 
-/// One `(ξ, kb)` block of [`pack_weights`] by the hardware conversion: `c` rows of 6
-/// f32 → `pairs(c)` rows of 6 pairs (rows `2p` and `2p + 1` are 12 consecutive floats).
+/// One `(ξ, kb)` block of [`pack_weights`] by the hardware conversion: `c` rows of
+/// `MR` (= 6) f32 → `pairs(c)` rows of 6 pairs (rows `2p` and `2p + 1` are 12
+/// consecutive floats).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL/BF16.
@@ -170,7 +167,6 @@ pub(crate) fn pack_weights(u: &[f32], kpad: usize, c: usize, mr: usize, ub: &mut
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn pack_weight_rows(s: &[f32], d: &mut [u32], c: usize) {
     use std::arch::x86_64::*;
-    const MR: usize = 6;
     assert!(s.len() >= c * MR && d.len() >= pairs(c) * MR);
     // Lanes 2r and 2r + 1 of the result: value r of row 2p and of row 2p + 1.
     let idx = _mm256_setr_epi16(0, 6, 1, 7, 2, 8, 3, 9, 4, 10, 5, 11, 12, 13, 14, 15);
@@ -339,7 +335,6 @@ pub(crate) unsafe fn products(
     xs_m: usize,
     (c, kpad, nbp): (usize, usize, usize),
 ) {
-    const MR: usize = 6;
     let cp = pairs(c);
     let kbn = kpad / MR;
     assert!(ub.len() >= 36 * kpad * cp && nbp.is_multiple_of(16) && kpad.is_multiple_of(MR));
@@ -383,7 +378,6 @@ unsafe fn tile<const KB: usize, const W: usize>(
     m: *mut f32,
 ) {
     use std::arch::x86_64::*;
-    const MR: usize = 6;
     let mut acc = [[[_mm512_setzero_ps(); W]; MR]; KB];
     let mut vc = vb;
     for p in 0..cp {
@@ -435,7 +429,6 @@ mod tests {
     /// infinities and overflow, and a missing odd channel is zero.
     #[test]
     fn packed_weights_are_the_rounded_values_in_pairs() {
-        const MR: usize = 6;
         let special = [
             1.0 + 1.0 / 256.0,
             1.0 + 3.0 / 256.0,
@@ -463,7 +456,7 @@ mod tests {
                 })
                 .collect();
             let mut ub = vec![0u32; packed_weights_len(kpad, c)];
-            pack_weights(&u, kpad, c, MR, &mut ub);
+            pack_weights(&u, kpad, c, &mut ub);
             let (kbn, cp) = (kpad / MR, pairs(c));
             for blk in 0..36 * kbn {
                 for p in 0..cp {
@@ -493,7 +486,6 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
-        const MR: usize = 6;
         let mut s = 0x9e37_79b9_7f4a_7c15u64;
         let mut rand = move || {
             s ^= s << 13;
@@ -514,7 +506,7 @@ mod tests {
             let u: Vec<f32> = (0..36 * kpad * c).map(|_| rand()).collect();
             let v: Vec<f32> = (0..36 * xs_v).map(|_| rand()).collect();
             let mut ub = vec![0u32; packed_weights_len(kpad, c)];
-            pack_weights(&u, kpad, c, MR, &mut ub);
+            pack_weights(&u, kpad, c, &mut ub);
             let mut vb = v.clone();
             let mut m = vec![f32::NAN; 36 * xs_m];
             // SAFETY: AVX512-BF16 is present (checked above); the buffers have the

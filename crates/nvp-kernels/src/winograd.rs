@@ -33,7 +33,7 @@ use crate::kernels::{ConvDims, Prologue};
 use crate::util::{with_scratch, with_weight_scratch};
 
 /// Rows of `U`/`M` (output channels) per micro-kernel tile.
-const MR: usize = 6;
+pub(crate) const MR: usize = 6;
 /// Columns (tiles) per micro-kernel tile.
 const NR: usize = 16;
 /// Tiles per transform group.
@@ -1764,11 +1764,12 @@ pub(crate) fn conv3x3_fwd(
     // many channels (512 at 4×4: 38 MB) a fresh one cost its page faults every call.
     with_weight_scratch(transformed_len(d.k, d.c), |u| {
         transform_weights_into(wmat, d.k, d.c, u);
+        #[cfg(target_arch = "x86_64")]
         if have_avx2() && crate::bf16::active() {
             let kpad = d.k.div_ceil(MR) * MR;
             let len = crate::bf16::packed_weights_len(kpad, d.c);
             return crate::util::with_bf16_weight_scratch(len, |ub| {
-                crate::bf16::pack_weights(u, kpad, d.c, MR, ub);
+                crate::bf16::pack_weights(u, kpad, d.c, ub);
                 conv3x3_fwd_blocks(x, pro, u, Some(ub), (bias, skip), d)
             });
         }

@@ -628,6 +628,19 @@ fn dx_as_conv_switch_routes_conv2d_3x3() {
     assert!(!dx_as_conv_enabled());
 }
 
+/// `a` and `b` (f32) equal bit for bit.
+fn assert_same_bits(what: &str, a: &Tensor, b: &Tensor) {
+    let (a, b): (Vec<f32>, Vec<f32>) = (
+        a.flatten_all().unwrap().to_vec1().unwrap(),
+        b.flatten_all().unwrap().to_vec1().unwrap(),
+    );
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    assert!(
+        a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+        "{what}: differ"
+    );
+}
+
 /// bf16 products ([`Bf16Products`], where the CPU has AVX512-BF16): the forward pass and
 /// the input and weight gradients within `REL_TOL_BF16` of the f64 reference — and
 /// farther from it than f32 Winograd's `REL_TOL_WINOGRAD`, so the bf16 kernels did run;
@@ -683,14 +696,7 @@ fn bf16_products_within_their_rounding_error() {
         };
         tuning::set_winograd_block_bytes(640 * 1024);
         for (what, a, z) in [("y", &bf.y, &short.y), ("dx", &bf.gx, &short.gx)] {
-            let (a, z): (Vec<f32>, Vec<f32>) = (
-                a.flatten_all().unwrap().to_vec1().unwrap(),
-                z.flatten_all().unwrap().to_vec1().unwrap(),
-            );
-            assert!(
-                a.iter().zip(&z).all(|(p, q)| p.to_bits() == q.to_bits()),
-                "{tag} {what}: blocks of 16 tiles differ"
-            );
+            assert_same_bits(&format!("{tag} {what}: blocks of 16 tiles"), a, z);
         }
         assert_close(&format!("{tag} dw, blocks of 16"), &short.gw, &bf.gw, 1e-5);
         for (what, got, f32v, f32again, want) in [
@@ -709,13 +715,10 @@ fn bf16_products_within_their_rounding_error() {
                 e > REL_TOL_WINOGRAD,
                 "{tag} {what}: error {e:e}: the bf16 products did not run"
             );
-            let (a, z): (Vec<f32>, Vec<f32>) = (
-                f32v.flatten_all().unwrap().to_vec1().unwrap(),
-                f32again.flatten_all().unwrap().to_vec1().unwrap(),
-            );
-            assert!(
-                a.iter().zip(&z).all(|(p, q)| p.to_bits() == q.to_bits()),
-                "{tag} {what}: f32 after the bf16 scope differs from f32 before it"
+            assert_same_bits(
+                &format!("{tag} {what}: f32 after the bf16 scope and before it"),
+                f32v,
+                f32again,
             );
         }
     }

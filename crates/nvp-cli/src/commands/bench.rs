@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::cli::BenchArgs;
 use crate::engine::{self, Trainer};
-use crate::settings::{open_device, Precision, Settings};
+use crate::settings::{open_device, Settings};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -225,10 +225,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         _ => "candle",
     };
     let train_ips = a.batch as f64 / train_step_s;
-    let precision = match s.train.precision {
-        Precision::F32 => "f32",
-        Precision::Bf16 => "bf16",
-    };
+    let precision = s.train.precision.name();
     let eval_ips = eval_s.map(|t| a.eval_batch as f64 / t);
     let sample_ips = sample_s.map(|t| a.sample_n as f64 / t);
     // JSON has no NaN: a figure that was not measured is `null`.
