@@ -6,9 +6,10 @@
 //!
 //! Usage: `conv_bench [--reps N] [--ref-reps N] [--no-ref] [--shape N,C,K,H,W]...
 //! [--tile BYTES] [--tile-wgrad BYTES] [--no-split] [--no-winograd] [--wino-block BYTES]
-//! [--wgrad-factor F] [--wgrad-always] [--bf16]` (default shapes: 64,64,64,32,32; 64,128,128,16,16;
-//! 64,32,64,32,32; the other flags set the hidden tuning knobs; `--bf16`: bf16 products in the
-//! forward and input gradient, where the CPU has AVX512-BF16).
+//! [--wgrad-factor F] [--wgrad-always] [--no-avx512] [--bf16]` (default shapes: 64,64,64,32,32;
+//! 64,128,128,16,16; 64,32,64,32,32; the other flags set the hidden tuning knobs; `--no-avx512`:
+//! the AVX2 compilation of the Winograd blocks also where the CPU has AVX-512; `--bf16`: bf16
+//! products, where the CPU has AVX512-BF16).
 
 use std::time::Instant;
 
@@ -175,6 +176,7 @@ pub fn main() {
                 nvp_kernels::tuning::set_winograd_wgrad_factor(f);
             }
             "--no-winograd" => nvp_kernels::tuning::set_winograd(false),
+            "--no-avx512" => nvp_kernels::tuning::set_winograd_avx512(false),
             "--bf16" => bf16_scope.push(nvp_kernels::Bf16Products::enable()),
             "--wgrad-always" => nvp_kernels::tuning::set_winograd_wgrad_always(true),
             "--tile" => {

@@ -122,6 +122,41 @@ fn fused_resnet_in_the_whole_model() {
     compare(&fused, &plain);
 }
 
+/// The AVX-512 F/VL compilation of the Winograd blocks (`tuning::set_winograd_avx512`,
+/// the default where the CPU has them) runs the AVX2 compilation's instructions with
+/// more registers: a whole 16×16 model's train-mode pass (both scales' convolutions by
+/// Winograd, the batch norms fused into their transforms, all three of each
+/// convolution's kernels) gives the same bits, in f32 and, where the CPU has
+/// AVX512-BF16, with bf16 products. Skipped, and said so, on a CPU without AVX-512.
+#[test]
+fn avx512_compilation_gives_the_avx2_bits() {
+    #[cfg(target_arch = "x86_64")]
+    let wide = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl");
+    #[cfg(not(target_arch = "x86_64"))]
+    let wide = false;
+    if !wide {
+        eprintln!("skipped: this CPU has no AVX-512 F/VL");
+        return;
+    }
+    let _guard = lock();
+    tuning::set_winograd_wgrad_always(true);
+    for bf16 in [false, true] {
+        if bf16 && !nvp::flow::bf16_products_available() {
+            eprintln!("bf16 part skipped: this CPU has no AVX512-BF16");
+            continue;
+        }
+        let run = |avx512: bool| -> Run {
+            tuning::set_winograd_avx512(avx512);
+            let _bf16 = bf16.then(nvp::flow::Bf16Products::enable);
+            train_pass(&model_16x16(), DType::F32, 23)
+        };
+        let (a, b) = (run(true), run(false));
+        tuning::set_winograd_avx512(true);
+        compare(&a, &b);
+    }
+    tuning::set_winograd_wgrad_always(false);
+}
+
 /// The coupling-output batch norm in train mode on the fused f32 kernels
 /// (`nvp_kernels::batch_norm`, and `batch_norm_blended` for Appendix E's variant)
 /// against candle's own ops (`set_fast_cpu(false)`): output, log-det, the input

@@ -459,6 +459,13 @@ pub mod tuning {
         crate::winograd::PORTABLE.store(on, Ordering::Relaxed);
     }
 
+    /// Compile-time twin of the AVX2 Winograd blocks with AVX-512 F/VL enabled (more
+    /// vector registers, the same results bit for bit): used where the CPU has those
+    /// (true, the default) or never (false, for tests and benchmarks).
+    pub fn set_winograd_avx512(on: bool) {
+        crate::winograd::AVX512.store(on, Ordering::Relaxed);
+    }
+
     /// The Winograd weight gradient's block budget as a multiple of the forward's.
     pub fn set_winograd_wgrad_factor(f: usize) {
         crate::winograd::WGRAD_BLOCK_FACTOR.store(f.max(1), Ordering::Relaxed);

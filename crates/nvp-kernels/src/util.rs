@@ -66,6 +66,20 @@ pub(crate) fn have_avx2() -> bool {
     }
 }
 
+/// Whether the CPU has AVX-512 F and VL (std caches the detection).
+#[inline]
+pub(crate) fn have_avx512vl() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Defines `$name` as the `#[inline(always)]` body `$body` compiled twice: once for the
 /// baseline target and once with AVX2/FMA enabled (chosen at run time), so that the
 /// loops vectorise 8-wide where the CPU allows. Both versions perform the same
