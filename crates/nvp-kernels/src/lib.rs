@@ -466,6 +466,12 @@ pub mod tuning {
         crate::winograd::AVX512.store(on, Ordering::Relaxed);
     }
 
+    /// Outputs of at least this many bytes are written by the AVX2 Winograd blocks with
+    /// non-temporal stores (`usize::MAX`: never).
+    pub fn set_winograd_stream_bytes(bytes: usize) {
+        crate::winograd::STREAM_BYTES.store(bytes, Ordering::Relaxed);
+    }
+
     /// The Winograd weight gradient's block budget as a multiple of the forward's.
     pub fn set_winograd_wgrad_factor(f: usize) {
         crate::winograd::WGRAD_BLOCK_FACTOR.store(f.max(1), Ordering::Relaxed);

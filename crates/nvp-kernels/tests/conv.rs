@@ -315,6 +315,52 @@ fn fused_residual_add_is_bit_identical() {
     assert!(conv2d_3x3_add(x.as_tensor(), &wt, None, &bad).is_err());
 }
 
+/// Outputs written with non-temporal stores (`tuning::set_winograd_stream_bytes`: the
+/// default for outputs larger than 1 MiB) hold the same bits as with plain stores: the
+/// forward pass with bias and with a fused residual, and the input gradient (written by
+/// the same blocks); with full and partial (`w = 14`) pairs of tile columns, and odd
+/// tile columns (the portable transforms, which never stream), in f32 and, where the
+/// CPU has AVX512-BF16, with bf16 products.
+#[test]
+fn non_temporal_stores_give_the_same_bits() {
+    let _guard = lock();
+    for (i, &(n, c, k, h, w)) in [
+        (2, 3, 5, 14, 14),
+        (3, 4, 5, 12, 24),
+        (2, 4, 4, 8, 8),
+        (3, 5, 7, 13, 22),
+        (8, 16, 16, 32, 32),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut rng = StdRng::seed_from_u64(80 + i as u64);
+        let x = rand_tensor(&mut rng, &[n, c, h, w]);
+        let wt = rand_tensor(&mut rng, &[k, c, 3, 3]);
+        let b = rand_tensor(&mut rng, &[k]);
+        let skip = rand_tensor(&mut rng, &[n, k, h, w]);
+        let r = rand_tensor(&mut rng, &[n, k, h, w]);
+        for bf16 in [false, true] {
+            if bf16 && !bf16_products_available() {
+                continue;
+            }
+            let pass = |stream_bytes: usize| {
+                tuning::set_winograd_stream_bytes(stream_bytes);
+                let _bf16 = bf16.then(Bf16Products::enable);
+                let out = run(conv2d_3x3, &x, &wt, Some(&b), &r, DType::F32);
+                let added = conv2d_3x3_add(&x, &wt, None, &skip).unwrap();
+                (out, added)
+            };
+            let (plain, streamed) = (pass(usize::MAX), pass(0));
+            tuning::set_winograd_stream_bytes(1 << 20);
+            let tag = format!("({n},{c},{k},{h},{w}) bf16 {bf16}");
+            assert_same_bits(&format!("{tag} y"), &plain.0.y, &streamed.0.y);
+            assert_same_bits(&format!("{tag} dx"), &plain.0.gx, &streamed.0.gx);
+            assert_same_bits(&format!("{tag} y + skip"), &plain.1, &streamed.1);
+        }
+    }
+}
+
 /// `bn_relu_conv2d_3x3`: the eval-mode batch norm + ReLU applied while the convolution
 /// pads its input must equal `batch_norm` (eval, ReLU) followed by `conv2d_3x3` /
 /// `conv2d_3x3_add` bit for bit, for every algorithm, with and without bias and skip,
