@@ -44,7 +44,7 @@ pub struct TrainArgs {
     /// Dataset folder (for CIFAR-10: the folder holding the .bin batches).
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Run folder for checkpoints, samples and metrics (default: runs/<name>).
+    /// Run folder for checkpoints, samples and metrics (default: runs/NAME, NAME the config's name).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Stop after this many optimizer steps.

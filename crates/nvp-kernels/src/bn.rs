@@ -559,7 +559,7 @@ crate::util::multiversion! {
 
 /// Batch-mode statistics of a slice (`n × c × hw`) with affine `(w, b)`, for a fused
 /// network op that applies the normalisation (with ReLU) as a convolution's
-/// [`Prologue`](crate::kernels::Prologue): the same values as [`batch_norm`] computes.
+/// [`Prologue`]: the same values as [`batch_norm`] computes.
 pub(crate) fn train_params(
     x: &[f32],
     dims: (usize, usize, usize),
@@ -576,7 +576,8 @@ pub(crate) fn train_params(
     Ok(Arc::new(core.params(x, dims, Some((w, b)))?))
 }
 
-/// Backward of [`train_forward`] (through the batch statistics): `(dx + add, dw, db)`.
+/// Backward of the training-mode batch norm that [`train_params`] and [`apply`] compute
+/// (through the batch statistics): `(dx + add, dw, db)`.
 pub(crate) fn train_backward(
     p: &Params,
     relu: bool,

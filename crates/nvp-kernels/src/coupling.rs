@@ -73,7 +73,7 @@ fn dims(x: &Shape, h: &Shape, scale_len: usize, keep_len: usize) -> Result<(usiz
 }
 
 /// Forward coupling: inputs `x (N, C, ...)`, `h (N, 2C, ...)`, `scale` (C values);
-/// output `y`. Use [`coupling`] to build it.
+/// output `y`. Use [`coupling()`] to build it.
 #[derive(Debug, Clone)]
 pub struct Coupling {
     keep: Arc<Vec<f32>>,
@@ -569,7 +569,7 @@ pub fn coupling(x: &Tensor, h: &Tensor, scale: &Tensor, mask: &Tensor) -> Result
     Ok((y, ld))
 }
 
-/// Fused coupling inverse `x = (y − t)·exp(−s)` (no gradient), arguments as [`coupling`].
+/// Fused coupling inverse `x = (y − t)·exp(−s)` (no gradient), arguments as [`coupling()`].
 pub fn coupling_inverse(y: &Tensor, h: &Tensor, scale: &Tensor, mask: &Tensor) -> Result<Tensor> {
     if !coupling_uses_fast_path(&[y, h, scale, mask]) {
         bail!("nvp-kernels: coupling_inverse needs f32 CPU tensors and the fast path enabled");
@@ -594,7 +594,7 @@ pub fn mask_mul(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// The candle-op reference of [`coupling`] (the flow's own code): returns `(y, ld)`.
+/// The candle-op reference of [`coupling()`] (the flow's own code): returns `(y, ld)`.
 pub fn coupling_reference(
     x: &Tensor,
     h: &Tensor,

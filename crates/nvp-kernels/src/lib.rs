@@ -12,7 +12,7 @@
 //!
 //! The other training-step hot spots are fused too: batch normalisation with its
 //! batch statistics, affine and ReLU ([`batch_norm`], module `bn`), and the affine
-//! coupling with its log-det and inverse ([`coupling`], [`coupling_inverse`],
+//! coupling with its log-det and inverse ([`coupling()`], [`coupling_inverse`],
 //! [`mask_mul`]). Each has a candle-op `*_reference` that the tests compare with.
 //!
 //! Two larger fusions serve the s/t residual networks: [`resnet_train`] runs a whole
@@ -22,7 +22,7 @@
 //! [`bn_relu_conv2d_3x3`] does the same for eval-mode batch norm in graph-free
 //! inference. Both perform exactly the operations of the separate ops.
 //!
-//! Weight normalisation has a closed-form backward ([`weight_norm`]), the default on
+//! Weight normalisation has a closed-form backward ([`weight_norm()`]), the default on
 //! the CPU ([`weight_norm_op_cpu_enabled`]): candle's autograd would return each
 //! convolution weight's gradient as a graph node that keeps five more tensors of its
 //! size alive.
@@ -234,7 +234,7 @@ pub fn cudnn_bias_enabled() -> bool {
 }
 
 /// Whether the s/t networks' weight normalisation on CUDA tensors takes the
-/// closed-form backward of [`weight_norm`] (true) or candle's autograd through
+/// closed-form backward of [`weight_norm()`] (true) or candle's autograd through
 /// [`weight_norm_reference`]. Off by default (not yet run on a GPU); on where the
 /// environment variable `NVP_WEIGHT_NORM_OP` is `1`, `true`, `on` or `yes`, or after
 /// [`tuning::set_weight_norm_op`].
@@ -243,7 +243,7 @@ pub fn weight_norm_op_enabled() -> bool {
 }
 
 /// Whether weight normalisation on the CPU takes the closed-form backward of
-/// [`weight_norm`] (true, the default) or candle's autograd through
+/// [`weight_norm()`] (true, the default) or candle's autograd through
 /// [`weight_norm_reference`] (the environment variable `NVP_WEIGHT_NORM_OP` set to `0`,
 /// `false`, `off` or `no`, or [`tuning::set_weight_norm_op_cpu`]).
 ///

@@ -19,7 +19,7 @@
 //! [`crate::weight_norm_reference`]'s ops, then one multiplication per element, so the
 //! same bits as the layers), keeps only the factors, multiplies again in its backward
 //! pass, and returns the gradients of `v` and `g` by the closed form
-//! ([`crate::weight_norm`]'s): the graph holds the raw parameters once, not the
+//! ([`crate::weight_norm()`]'s): the graph holds the raw parameters once, not the
 //! normalised weights as well. Activations needed by the backward pass (each block's
 //! input, the two batch-norm outputs and the inner convolution's output) are kept by
 //! the op until the graph is dropped.

@@ -5,7 +5,7 @@
 //! the backward: each op's local gradient, and for every gradient a zero-filled buffer
 //! and an add (candle's gradient store). On a GPU, where every kernel costs a launch,
 //! that is most of the weight norm's cost, and the s/t networks have one per
-//! convolution. [`weight_norm`] computes the same forward (the same candle ops, so the
+//! convolution. [`weight_norm()`] computes the same forward (the same candle ops, so the
 //! same bits) and attaches one backward that uses the closed form, with `u = v / ‖v‖`:
 //!
 //! - `∂L/∂g = ⟨∂L/∂w, u⟩` per output channel,
