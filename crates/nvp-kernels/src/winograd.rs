@@ -598,7 +598,7 @@ unsafe fn products_avx2(u: &[f32], v: &[f32], m: &mut [f32], c: usize, kpad: usi
 ///
 /// A group of 8 tiles is 4 pairs of horizontally adjacent tiles; the 8 floats of a
 /// pair's patch row are one load, and a 4×4 transpose inside each 128-bit lane
-/// ([`avx::tr4`]) turns 4 such loads into the 4 patch columns of the 8 tiles, in the
+/// (`tr4`) turns 4 such loads into the 4 patch columns of the 8 tiles, in the
 /// lane order (p0.0, p1.0, p2.0, p3.0, p0.1, p1.1, p2.1, p3.1). The output transform
 /// applies the same transpose (an involution) to get each pair's 8 output floats of a
 /// row back in place, so that the order never leaves the block.
@@ -1218,9 +1218,12 @@ mod avx {
         }
     }
 
-    /// `du[ξ] (k × c) += dm[ξ] (k × nbp) · v[ξ]ᵀ (nbp × c)` for all 36 ξ.
+    /// `du[ξ] (k × c) += dm[ξ] (k × nbp) · v[ξ]ᵀ (nbp × c)` for all 36 ξ: `KR` rows of
+    /// `dm` at a time (3, or 6 where 32 vector registers hold the 24 accumulators),
+    /// then 3, then 1. Each element of `du` is the same sum in the same order whatever
+    /// `KR`: the same bits.
     #[inline(always)]
-    pub(super) unsafe fn wgrad_products(
+    pub(super) unsafe fn wgrad_products<const KR: usize>(
         dm: &[f32],
         v: &[f32],
         du: &mut [f32],
@@ -1232,12 +1235,17 @@ mod avx {
             dm.len() >= 36 * xs(k, nbp) && v.len() >= 36 * xs(c, nbp) && du.len() >= 36 * k * c
         );
         let (mp, vp, up) = (dm.as_ptr(), v.as_ptr(), du.as_mut_ptr());
-        let k3 = k / 3 * 3;
+        let kr = k / KR * KR;
+        let k3 = kr + (k - kr) / 3 * 3;
         for xi in 0..36 {
             let m = mp.add(xi * xs(k, nbp));
             let vv = vp.add(xi * xs(c, nbp));
             let u = up.add(xi * k * c);
             let mut r = 0;
+            while r < kr {
+                dot_rows::<KR>(m.add(r * nbp), vv, u.add(r * c), c, nbp);
+                r += KR;
+            }
             while r < k3 {
                 dot_rows::<3>(m.add(r * nbp), vv, u.add(r * c), c, nbp);
                 r += 3;
@@ -1381,7 +1389,7 @@ fn pad_len(tiles: Tiles, nb: usize) -> usize {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn wgrad_blocks(
+unsafe fn wgrad_blocks<const KR: usize>(
     (x, pro): (&[f32], Option<Prologue<'_>>),
     dy: &[f32],
     d: ConvDims,
@@ -1413,7 +1421,7 @@ unsafe fn wgrad_blocks(
         } else if outer {
             avx::wgrad_products_outer(dm, v, du, (d.k, d.c, nbp), &mut panel);
         } else {
-            avx::wgrad_products(dm, v, du, d.k, d.c, nbp);
+            avx::wgrad_products::<KR>(dm, v, du, d.k, d.c, nbp);
         }
     }
 }
@@ -1438,7 +1446,7 @@ type WgradArgs<'a, 'b> = (
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn wgrad_blocks_avx2((xp, dy, d, tiles, span, scratch, du, bf16): WgradArgs<'_, '_>) {
-    wgrad_blocks(xp, dy, d, tiles, span, scratch, du, bf16)
+    wgrad_blocks::<3>(xp, dy, d, tiles, span, scratch, du, bf16)
 }
 
 /// [`wgrad_blocks`] compiled with AVX-512 F/VL enabled as well (see [`AVX512`]).
@@ -1451,7 +1459,7 @@ unsafe fn wgrad_blocks_avx2((xp, dy, d, tiles, span, scratch, du, bf16): WgradAr
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
 unsafe fn wgrad_blocks_avx512((xp, dy, d, tiles, span, scratch, du, bf16): WgradArgs<'_, '_>) {
-    wgrad_blocks(xp, dy, d, tiles, span, scratch, du, bf16)
+    wgrad_blocks::<6>(xp, dy, d, tiles, span, scratch, du, bf16)
 }
 
 /// The weight gradient's products `dU[ξ] += dM[ξ] · V[ξ]ᵀ` with bf16 operands and f32
