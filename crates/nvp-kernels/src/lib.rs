@@ -178,6 +178,14 @@ pub fn winograd_enabled() -> bool {
     switch_enabled(&WINOGRAD, "NVP_WINOGRAD")
 }
 
+/// Which compilation of the CPU Winograd kernels runs on this machine now: `"avx512"`
+/// (the AVX2 kernels compiled with AVX-512 F/VL as well: 32 vector registers, the same
+/// results bit for bit), `"avx2"` or `"portable"` (see [`tuning::set_winograd_avx512`]
+/// and [`tuning::set_winograd_portable`]).
+pub fn winograd_kernels() -> &'static str {
+    winograd::kernels()
+}
+
 /// Whether the s/t networks train as one op ([`resnet_train`]) rather than op by op
 /// (same results; fewer passes over memory). Defaults to true unless the environment
 /// variable `NVP_FUSED_RESNET` is `0`, `false`, `off` or `no`; see

@@ -1857,6 +1857,15 @@ fn wide() -> bool {
     AVX512.load(Ordering::Relaxed) && crate::util::have_avx512vl()
 }
 
+/// The name of the kernels' compilation that runs: see [`crate::winograd_kernels`].
+pub(crate) fn kernels() -> &'static str {
+    match (have_avx2(), wide()) {
+        (true, true) => "avx512",
+        (true, false) => "avx2",
+        (false, _) => "portable",
+    }
+}
+
 /// Tiles per block for `c` input and `kpad` output channels: a multiple of [`NR`],
 /// sized so that `V` and `M` fit the byte budget `budget`.
 fn block_tiles_for(budget: usize, c: usize, kpad: usize, total: usize) -> usize {

@@ -281,14 +281,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Which implementation `nvp_kernels::conv2d_3x3` uses for f32 tensors on `d`.
+/// Which implementation `nvp_kernels::conv2d_3x3` uses for f32 tensors on `d` (on the
+/// CPU with the compilation of its Winograd kernels: `nvp-winograd-avx512`, `-avx2` or
+/// `-portable`).
 fn conv_backend(d: &candle_core::Device) -> &'static str {
     match (
         d.is_cpu(),
         nvp_kernels::fast_cpu_enabled(),
         nvp_kernels::cudnn_enabled(),
     ) {
-        (true, true, _) if nvp_kernels::winograd_enabled() => "nvp-winograd",
+        (true, true, _) if nvp_kernels::winograd_enabled() => {
+            match nvp_kernels::winograd_kernels() {
+                "avx512" => "nvp-winograd-avx512",
+                "avx2" => "nvp-winograd-avx2",
+                _ => "nvp-winograd-portable",
+            }
+        }
         (true, true, _) => "nvp-im2col",
         (true, false, _) => "candle",
         (false, _, true) => match (
