@@ -1943,6 +1943,15 @@ fn conv3x3_fwd_blocks(
     // 5.30; (64, 64, 64, 32×32) and (64, 32, 32, 16×16) unchanged; 2.5 MiB no better.
     let budget = BLOCK_BYTES.load(Ordering::Relaxed) * if ub.is_some() { 2 } else { 1 };
     let nb = block_tiles_for(budget, d.c, kpad, total);
+    // With bf16 products, at most 32 tiles a block: the blocks' V and M then stay
+    // well inside L2 at 32 and 64 channels too. Kernels alone, (N, C, K, H=W), ms,
+    // forward / input gradient, two rounds, uncapped → capped: (64, 32, 32, 32)
+    // 2.76 / 2.37, 2.78 / 2.43 → 2.52 / 2.26, 2.54 / 2.32; (64, 64, 64, 32) 6.62 /
+    // 6.06, 6.68 / 5.92 → 6.27 / 5.73, 6.24 / 5.72; (64, 64, 64, 16) 2.03 / 1.74, 2.05 /
+    // 1.69 → 1.74 / 1.72, 1.93 / 1.63; 128 and 256 channels (32 and 16 tiles already)
+    // unchanged. In f32 the cap gained nothing ((64, 32, 32, 32) forward 3.30 / 3.29 →
+    // 3.50 / 3.61).
+    let nb = if ub.is_some() { nb.min(2 * NR) } else { nb };
     let scratch_len = 36 * (xs(d.c, nb) + xs(kpad, nb)) + pad_len(tiles, nb);
     let mut out: Vec<f32> = Vec::with_capacity(y_len);
     let job = Job {
