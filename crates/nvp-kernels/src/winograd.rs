@@ -607,6 +607,8 @@ mod avx {
     use std::arch::x86_64::*;
 
     use super::{xs, Job, Tiles, G8};
+    use crate::kernels::{ConvDims, Prologue};
+
     /// How many output-gradient channels ahead [`grad_output_transform`] prefetches
     /// the rows it will read (its loop visits every channel of a group of tiles, one
     /// plane apart: a stride the hardware prefetcher does not follow). Weight gradient
@@ -615,7 +617,6 @@ mod avx {
     /// products 8.77 / 8.80 → 8.24 / 8.12 → 8.01 / 7.81; (64, 64, 64, 16×16) 2.91 /
     /// 2.89 (2 ahead) → 2.82 / 2.76.
     const PD: usize = 4;
-    use crate::kernels::{ConvDims, Prologue};
 
     /// 4×4 transpose within each 128-bit lane (its own inverse).
     #[inline(always)]
@@ -818,7 +819,8 @@ mod avx {
                     // The next channel's rows, while this one is transformed. Forward
                     // alone, ms, without → with, two rounds: (64, 64, 64, 32×32) 9.69 /
                     // 9.46 → 8.76 / 8.75, with bf16 products 6.90 / 6.88 → 6.58 / 6.52;
-                    // (64, 32, 32, 32×32) 3.51 / 3.51 → 3.35 / 3.29.
+                    // (64, 32, 32, 32×32) 3.51 / 3.51 → 3.35 / 3.29. The addresses are
+                    // rows r0..r1 of plane (img, ci + 1), inside `x`.
                     let r0 = pr0.saturating_sub(1);
                     let r1 = (pr1 - 1).min(d.h);
                     let next = x.as_ptr().add((img * c + ci + 1) * hw + r0 * d.w);
@@ -1010,6 +1012,7 @@ mod avx {
                             let src = yp.add((img * d.k + ko) * hw + (oy + a) * d.w + ox);
                             r[p] = load_part(src, d.w - ox);
                             if ko + PD < d.k {
+                                // The same row of plane (img, ko + PD), inside `dy`.
                                 _mm_prefetch::<_MM_HINT_T0>(src.add(PD * hw) as *const i8);
                             }
                         }
