@@ -486,13 +486,7 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
-        let mut s = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rand = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-        };
+        let mut rand = crate::util::xorshift(0x9e37_79b9_7f4a_7c15, 4.0);
         for (c, kpad, nbp) in [
             (1, 6, 16),
             (2, 6, 32),

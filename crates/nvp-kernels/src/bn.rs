@@ -1069,13 +1069,8 @@ mod tests {
             eprintln!("skipped: no AVX2 on this CPU");
             return;
         }
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-        };
+        // ((s >> 40) / 2^24 − 0.5)·4 equals (s >> 40) / 2^24 · 4 − 2 exactly.
+        let mut next = crate::util::xorshift(0x2545_f491_4f6c_dd1d, 4.0);
         let mut x: Vec<f32> = (0..1024).map(|_| next()).collect();
         let mut d: Vec<f32> = (0..1024).map(|_| next()).collect();
         x[3] = f32::NAN;

@@ -53,6 +53,18 @@ pub(crate) fn build_vec(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) 
     out
 }
 
+/// The unit tests' generator: 64-bit xorshift from `seed`, each value uniform in
+/// `[-span/2, span/2)` with 24 random bits (exact in f32).
+#[cfg(test)]
+pub(crate) fn xorshift(mut seed: u64, span: f32) -> impl FnMut() -> f32 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * span
+    }
+}
+
 /// Whether the CPU has AVX2 and FMA (std caches the detection).
 #[inline]
 pub(crate) fn have_avx2() -> bool {

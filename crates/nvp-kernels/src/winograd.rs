@@ -2064,7 +2064,7 @@ mod tests {
     /// the bit, is within one unit in the last place of the formula with divisions, and its padding rows (output channels past `k`) are zero.
     #[test]
     fn weight_transform_matches_the_formula_bitwise() {
-        let mut s = 0x1234_5678_9abc_def0u64;
+        let mut next = crate::util::xorshift(0x1234_5678_9abc_def0, 3.0);
         for (k, c) in [
             (1, 1),
             (5, 3),
@@ -2074,14 +2074,7 @@ mod tests {
             (32, 17),
             (7, TW_CB + 5),
         ] {
-            let w: Vec<f32> = (0..k * c * 9)
-                .map(|_| {
-                    s ^= s << 13;
-                    s ^= s >> 7;
-                    s ^= s << 17;
-                    ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
-                })
-                .collect();
+            let w: Vec<f32> = (0..k * c * 9).map(|_| next()).collect();
             let u = transform_weights(&w, k, c);
             let kbn = k.div_ceil(MR);
             assert_eq!(u.len(), 36 * kbn * c * MR);
@@ -2154,13 +2147,7 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
-        let mut s = 0x2545_f491_4f6c_dd1du64;
-        let mut rand = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-        };
+        let mut rand = crate::util::xorshift(0x2545_f491_4f6c_dd1d, 4.0);
         for (k, c, nbp) in [(1, 3, 16), (7, 21, 48), (17, 16, 32), (12, 2, 64)] {
             let dm: Vec<f32> = (0..36 * xs(k, nbp)).map(|_| rand()).collect();
             let v: Vec<f32> = (0..36 * xs(c, nbp)).map(|_| rand()).collect();
@@ -2228,17 +2215,8 @@ mod tests {
     /// to the bit, also for channel counts that end a group or a chunk part-way.
     #[test]
     fn weight_gradient_back_transform_matches_the_formula_bitwise() {
-        let mut s = 0x0fed_cba9_8765_4321u64;
-        let mut rand = |len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|_| {
-                    s ^= s << 13;
-                    s ^= s >> 7;
-                    s ^= s << 17;
-                    ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
-                })
-                .collect()
-        };
+        let mut next = crate::util::xorshift(0x0fed_cba9_8765_4321, 3.0);
+        let mut rand = |len: usize| -> Vec<f32> { (0..len).map(|_| next()).collect() };
         for (k, c, nparts) in [
             (1, 1, 1),
             (3, 5, 2),
